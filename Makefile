@@ -1,0 +1,26 @@
+# The two commands of the README quickstart: `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean
+
+setup:
+	@bash scripts/setup_venv.sh
+
+# pytest exit code 5 means no tests ran: a failure, not a pass.
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+
+test-fast: setup
+	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: setup
+	@$(PY) -m pipeline demo
+
+bench: setup
+	@$(PY) -m bench
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Ray actor classes, one role a file; plain classes, heavy imports inside methods (DESIGN.md)."""

@@ -1,0 +1,216 @@
+"""The run configuration: typed pydantic models loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["learner.lr=1e-6", "trainer.steps=2"])
+
+Unknown keys and wrong types raise `ConfigError` with one line naming the key and the file. Every field
+is typed, defaulted and documented; builders take the sub-config they need, not the whole run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    reasoner: str = Field("tiny://reasoner", description="Policy checkpoint: local dir, hub id, or tiny://ROLE "
+                          "(a tiny random Qwen2.5-VL built offline under trainer.output_dir on first use).")
+    listener: str = Field("tiny://listener", description="Frozen listener checkpoint: same forms as reasoner.")
+    trust_remote_code: bool = Field(False, description="Allow checkpoint code to run; off unless asked.")
+    min_pixels: int = Field(3136, gt=0, description="Processor lower bound on image pixels (56x56).")
+    max_pixels: int = Field(12544, gt=0, description="Processor upper bound on image pixels (112x112).")
+
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> "ModelConfig":
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
+        return self
+
+
+class DataConfig(_Section):
+    source: str = Field("synthetic", description="'synthetic', a dataset hub id, or a local path.")
+    pairs_per_step: int = Field(4, gt=0, description="Preference pairs per GRPO step.")
+    eval_pairs: int = Field(32, ge=0, description="Held-out pairs for evaluation.")
+    image_size: int = Field(56, gt=0, description="Side of synthetic images, in pixels.")
+    seed: int = Field(0, description="Seed of data order and of the per-pair image-order swap.")
+
+
+class EngineConfig(_Section):
+    enforce_eager: bool = Field(True, description="vLLM: no graph capture / compile (fast start on CPU).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="vLLM dtype.")
+    max_model_len: int = Field(1024, gt=0, description="vLLM context length.")
+    kv_cache_gib: int = Field(1, gt=0, description="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU fraction for vLLM (GPU only).")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel size (GPU only).")
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, gt=0, description="Reasoner rollout workers (data parallel over pairs).")
+    group_size: int = Field(4, gt=0, description="Completions sampled per pair (G).")
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget per completion.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
+
+
+class ListenerConfig(_Section):
+    num_workers: int = Field(1, gt=0, description="Listener engines in the pool (resizable live).")
+    max_in_flight: int = Field(4, gt=0, description="Score requests in flight per listener (backpressure).")
+    num_cpus: float = Field(1, ge=0, description="CPUs per listener.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per listener.")
+    resource: str = Field("listener", description="Ray custom resource the pool asks for, so it scales alone.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
+
+
+class RewardConfig(_Section):
+    w_format: float = Field(1.0, description="Weight of the format reward.")
+    w_accuracy: float = Field(0.5, description="Weight of the accuracy reward.")
+    w_listener: float = Field(0.5, description="Weight of the listener reward; 0 turns the listener off.")
+    center_listener: bool = Field(False, description="Use p_listener - 0.5 instead of p_listener.")
+    drop_zero_variance: bool = Field(True, description="Drop groups whose rewards are all equal.")
+
+
+class AlgoConfig(_Section):
+    advantage_scaling: Literal["group", "batch", "none"] = Field("group", description="Std used to scale "
+                                                                  "advantages; 'none' is Dr. GRPO.")
+    eps_low: float = Field(0.2, ge=0, description="Lower clip of the ratio: 1 - eps_low.")
+    eps_high: float = Field(0.28, ge=0, description="Upper clip of the ratio: 1 + eps_high.")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c for negative advantages.")
+    tis_cap: float | None = Field(None, gt=0, description="Truncated importance-sampling cap for the "
+                                  "learner/rollout logprob mismatch; None disables the correction.")
+    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient; 0 loads no reference.")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="KL estimator.")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "constant"] = Field(
+        "token_mean", description="Loss aggregation; 'constant' is Dr. GRPO's fixed normaliser.")
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = Field(1, gt=0, description="DeepSpeed ZeRO-3 data-parallel ranks.")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
+    offload_optimizer: bool = Field(False, description="ZeRO-3 optimizer state offload to CPU.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    micro_batch_tokens: int = Field(4096, gt=0, description="Token budget of one micro-batch.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    freeze_vision: bool = Field(True, description="Keep the vision tower frozen.")
+    num_cpus: float = Field(1, ge=0, description="CPUs per learner rank.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per learner rank.")
+
+
+class SyncConfig(_Section):
+    transport: Literal["object_store", "collective"] = Field("object_store", description="How weights reach "
+                                                             "the rollout workers.")
+    bucket_mb: float = Field(64.0, gt=0, description="Weight-sync bucket size in MiB.")
+
+
+class TrainerConfig(_Section):
+    steps: int = Field(3, gt=0, description="GRPO steps to run.")
+    output_dir: str = Field("runs/tiny", description="Checkpoints, tiny models and local metrics go here.")
+    seed: int = Field(0, description="Global seed (engines, learner, data).")
+    checkpoint_every: int = Field(1, gt=0, description="Checkpoint every K steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep the last N checkpoints.")
+    sample_table_every: int = Field(1, gt=0, description="Log a table of sample completions every N steps.")
+
+
+class TrackingConfig(_Section):
+    experiment: str = Field("listener-grpo", description="MLflow experiment name.")
+    run_name: str = Field("", description="MLflow run name; empty picks one.")
+    tracking_uri: str = Field("", description="MLflow URI; empty uses MLFLOW_TRACKING_URI, else "
+                              "sqlite:///./mlflow.db. Credentials come from the environment only.")
+
+
+class RunConfig(_Section):
+    """The whole run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Checkpoints.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Reasoner rollout workers.")
+    listener: ListenerConfig = Field(default_factory=ListenerConfig, description="Listener pool.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward weights.")
+    algo: AlgoConfig = Field(default_factory=AlgoConfig, description="GRPO loss and advantages.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="DeepSpeed learner.")
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="Weight sync.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Loop, seeds, checkpoints.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load YAML (the embedded default when `path` is None), apply `key=value` overrides, validate."""
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate_config(raw, origin=str(source))
+
+
+def validate_config(raw: dict[str, Any], origin: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "<root>"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    given = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f"key '{key}': {error['msg']}{given}"
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value_text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{override}': expected key=value, e.g. learner.lr=1e-6")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten_config(cfg: RunConfig) -> dict[str, str]:
+    """Dotted key -> value string, e.g. for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for name, child in node.items():
+                walk(f"{prefix}.{name}" if prefix else name, child)
+        else:
+            flat[prefix] = str(node)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat

@@ -1,0 +1,131 @@
+"""Reasoner and listener prompts, the strict answer parser and answer masking (pure, no heavy imports).
+
+The reasoner writes `<think>REASONING</think><answer>N</answer>` with N in {1, 2} (`Image N` is accepted
+too). The listener reads the reasoning with the answer block and any final verdict naming an image
+removed, and answers with a single token, `1` or `2`.
+
+Prompts are rendered in the Qwen2.5-VL chat format (`<|im_start|>role ... <|im_end|>`, each image as
+`<|vision_start|><|image_pad|><|vision_end|>`); the tiny checkpoints carry the same chat template, so
+`processor.apply_chat_template` and `render_chat` agree (tested).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pipeline.types import ImageIndex
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+REASONER_INSTRUCTION = (
+    "Two images were generated for the prompt: \"{prompt}\". Which image matches the prompt better and "
+    "would people prefer? Think step by step inside <think></think>, then give the image number inside "
+    "<answer></answer>, e.g. <answer>1</answer>."
+)
+LISTENER_INSTRUCTION = (
+    "Two images were generated for the prompt: \"{prompt}\". Here is someone's reasoning about them:\n"
+    "{reasoning}\n"
+    "Which image is better? Answer with the number only: 1 or 2."
+)
+LISTENER_ANSWER_TOKENS: tuple[str, str] = ("1", "2")  # the listener's answers for image 1 and image 2
+
+_STRICT_RE = re.compile(
+    r"\A\s*<think>(?P<reasoning>.*?)</think>\s*<answer>\s*(?:image\s*)?(?P<answer>[12])\s*</answer>\s*\Z",
+    re.IGNORECASE | re.DOTALL,
+)
+_TAG_RE = re.compile(r"</?(think|answer)>", re.IGNORECASE)
+_ANSWER_BLOCK_RE = re.compile(r"<answer>.*?(</answer>|\Z)", re.IGNORECASE | re.DOTALL)
+_NAMES_IMAGE_RE = re.compile(r"\b(image\s*[12]|(first|second)\s+(image|one|picture))\b", re.IGNORECASE)
+_VERDICT_RE = re.compile(
+    r"\b(answer|prefer|preferred|better|best|choose|chose|pick|winner|verdict|wins|so|therefore|thus)\b",
+    re.IGNORECASE,
+)
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?\n])\s+")
+
+
+@dataclass(frozen=True)
+class ParsedCompletion:
+    """The result of the strict parse: `answer` is None when the format is bad."""
+
+    reasoning: str
+    answer: ImageIndex | None
+
+    @property
+    def well_formed(self) -> bool:
+        return self.answer is not None
+
+
+def render_chat(system: str, user_text: str, num_images: int) -> str:
+    """Qwen2.5-VL chat prompt with `num_images` images before the text, ending at the assistant turn."""
+    images = IMAGE_PLACEHOLDER * num_images
+    return (
+        f"<|im_start|>system\n{system}<|im_end|>\n"
+        f"<|im_start|>user\n{images}{user_text}<|im_end|>\n"
+        f"<|im_start|>assistant\n"
+    )
+
+
+def chat_messages(user_text: str, num_images: int) -> list[dict]:
+    """The same prompt as `render_chat`, as messages for `processor.apply_chat_template`."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": user_text}]
+    return [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        {"role": "user", "content": content},
+    ]
+
+
+def reasoner_prompt(prompt: str) -> str:
+    """The reasoner's full chat prompt for one pair (image 1, then image 2)."""
+    return render_chat(SYSTEM_PROMPT, REASONER_INSTRUCTION.format(prompt=prompt), num_images=2)
+
+
+def listener_prompt(prompt: str, masked_reasoning: str) -> str:
+    """The listener's full chat prompt: the pair's prompt, both images and the masked reasoning."""
+    text = LISTENER_INSTRUCTION.format(prompt=prompt, reasoning=masked_reasoning)
+    return render_chat(SYSTEM_PROMPT, text, num_images=2)
+
+
+def parse_completion(text: str) -> ParsedCompletion:
+    """Strict parse: exactly one think block with non-empty reasoning, then exactly one answer, nothing after.
+
+    Anything else (two answers, an answer inside the reasoning, a truncated block, empty reasoning) is a
+    bad format: `answer` is None and the completion earns no accuracy or listener credit.
+    """
+    match = _STRICT_RE.match(text)
+    if match is None:
+        return ParsedCompletion(reasoning=extract_reasoning(text), answer=None)
+    reasoning = match.group("reasoning")
+    if _TAG_RE.search(reasoning) or not reasoning.strip():
+        return ParsedCompletion(reasoning=extract_reasoning(text), answer=None)
+    answer: ImageIndex = 1 if match.group("answer") == "1" else 2
+    return ParsedCompletion(reasoning=reasoning.strip(), answer=answer)
+
+
+def extract_reasoning(text: str) -> str:
+    """The reasoning of any completion, well formed or not: the think block's text, else all text."""
+    without_answers = _ANSWER_BLOCK_RE.sub(" ", text)
+    return _TAG_RE.sub(" ", without_answers).strip()
+
+
+def mask_answer(text: str) -> str:
+    """The reasoning the listener sees: answer blocks removed, then trailing verdict sentences dropped.
+
+    A trailing sentence is a verdict when it names an image ("image 2", "the first image") and uses a
+    verdict word ("better", "prefer", "answer", "so", ...). Returns "" when nothing usable is left.
+    """
+    sentences = [s for s in _SENTENCE_END_RE.split(extract_reasoning(text)) if s.strip()]
+    while sentences and _is_verdict(sentences[-1]):
+        sentences.pop()
+    return " ".join(s.strip() for s in sentences).strip()
+
+
+def _is_verdict(sentence: str) -> bool:
+    return bool(_NAMES_IMAGE_RE.search(sentence) and _VERDICT_RE.search(sentence))
+
+
+def format_target(reasoning: str, answer: ImageIndex) -> str:
+    """A well-formed completion (for SFT targets and tests); `parse_completion` inverts it."""
+    return f"<think>{reasoning}</think><answer>{answer}</answer>"

@@ -1,0 +1,139 @@
+"""Typed messages between the driver and the actors (DESIGN.md "Contracts").
+
+Every message is a frozen dataclass of plain Python values, numpy arrays and PIL images, so it crosses
+Ray by pickling and never carries a live torch module. Every message carries the ids needed to join it
+back: `pair_id`, `completion_index`, `policy_version`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+ImageIndex = Literal[1, 2]  # images are numbered as the reasoner prompt shows them
+
+
+@dataclass(frozen=True, eq=False)
+class PreferencePair:
+    """A prompt, two images generated for it, and which one people preferred."""
+
+    pair_id: str
+    prompt: str
+    image_1: Image.Image
+    image_2: Image.Image
+    preferred: ImageIndex
+    prompt_id: str = ""  # groups the pairs of one prompt (ImageReward protocol)
+    category: str = ""  # for per-category accuracy, where the dataset has one
+
+    def __post_init__(self) -> None:
+        if self.preferred not in (1, 2):
+            raise ValueError(f"pair {self.pair_id}: preferred must be 1 or 2, got {self.preferred!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Completion:
+    """One sampled reasoner completion, token-in/token-out."""
+
+    pair_id: str
+    completion_index: int
+    policy_version: int
+    token_ids: np.ndarray  # [T] int64, generated tokens only
+    logprobs: np.ndarray  # [T] float32, the rollout engine's logprob of each generated token
+    text: str
+    finish_reason: str  # "stop" | "length" | ...
+
+
+@dataclass(frozen=True, eq=False)
+class RolloutGroup:
+    """The G completions sampled for one pair, with the exact prompt tokens they were sampled from."""
+
+    pair: PreferencePair
+    prompt_token_ids: np.ndarray  # [P] int64, image placeholders expanded as the engine saw them
+    completions: tuple[Completion, ...]
+    policy_version: int
+
+    @property
+    def pair_id(self) -> str:
+        return self.pair.pair_id
+
+
+@dataclass(frozen=True)
+class ListenerScore:
+    """The frozen listener's verdict on one completion's masked reasoning."""
+
+    pair_id: str
+    completion_index: int
+    p_image_1: float  # p(image 1) renormalised over the two answer tokens
+    p_preferred: float  # p(the human-preferred image)
+    usable: bool = True  # False: no reasoning left after masking; p is the defined 0.5
+
+
+@dataclass(frozen=True)
+class CompletionReward:
+    """Every reward component of one completion, kept for logging."""
+
+    pair_id: str
+    completion_index: int
+    answer: ImageIndex | None  # parsed answer, None when the format is bad
+    r_format: float
+    r_accuracy: float
+    r_listener: float
+    total: float
+    listener_p_preferred: float
+    contradiction: bool  # the listener prefers the other image than the reasoner's answer
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredGroup:
+    """A rollout group with its rewards and group-relative advantages."""
+
+    group: RolloutGroup
+    rewards: tuple[CompletionReward, ...]
+    advantages: np.ndarray  # [G] float32
+
+
+@dataclass(frozen=True, eq=False)
+class TrainSequence:
+    """One (prompt, completion) sequence for the learner."""
+
+    pair_id: str
+    completion_index: int
+    prompt_token_ids: np.ndarray  # [P]
+    completion_token_ids: np.ndarray  # [T]
+    rollout_logprobs: np.ndarray  # [T] from the rollout engine
+    advantage: float
+    images: tuple[Image.Image, Image.Image]
+
+
+@dataclass(frozen=True, eq=False)
+class TrainBatch:
+    """All sequences of one GRPO step; the learner splits it into micro-batches by token budget."""
+
+    step: int
+    policy_version: int
+    sequences: tuple[TrainSequence, ...]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(sum(len(s.completion_token_ids) for s in self.sequences))
+
+
+@dataclass(frozen=True)
+class WeightVersion:
+    """What a weight sync reports."""
+
+    version: int
+    num_bytes: int
+    num_buckets: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """Flat name -> value metrics of one step, as logged to MLflow."""
+
+    step: int
+    values: dict[str, float] = field(default_factory=dict)
