@@ -32,3 +32,15 @@ def tiny_listener_dir(tmp_path_factory) -> Path:
     from pipeline.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "listener", role="listener")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster for the test run (logical CPUs and the pool's custom resource)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, resources={"listener": 8}, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
