@@ -65,6 +65,7 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
     num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker.")
+    resource: str = Field("rollout", description="Ray custom resource rollout workers ask for (one unit each).")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
 
 
@@ -112,6 +113,7 @@ class LearnerConfig(_Section):
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen.")
     num_cpus: float = Field(1, ge=0, description="CPUs per learner rank.")
     num_gpus: float = Field(0, ge=0, description="GPUs per learner rank.")
+    resource: str = Field("learner", description="Ray custom resource learner ranks ask for (one unit each).")
 
 
 class SyncConfig(_Section):

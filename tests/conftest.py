@@ -40,7 +40,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, resources={"listener": 8}, include_dashboard=False,
+        ray.init(num_cpus=8, resources={"rollout": 8, "listener": 8, "learner": 8}, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
