@@ -1,0 +1,72 @@
+"""Sharding a GRPO batch over learner ranks and packing each share into micro-batches by token budget.
+
+Pure code (no torch): the learner ranks all run `plan_micro_batches` on the same batch and each takes its
+own row, so no rank has to tell the others what it does.
+
+Why every rank gets the same number of micro-batches: under ZeRO-3 each forward all-gathers the
+parameters and each backward reduce-scatters the gradients, collectives that every rank must enter in
+step. A rank with less data pads its plan with empty micro-batches (`()`), which the learner runs on a
+stand-in sequence with zero loss weight.
+
+The cost of a micro-batch is its padded size, `len(mb) * longest`, since sequences are right-padded to the
+longest one. A sequence longer than the budget gets a micro-batch of its own.
+
+    plan_micro_batches(lengths=[90, 40, 40, 30], world_size=2, token_budget=100)
+    # -> [[(0,), ()], [(1, 2), (3,)]]: rank 0 pads with an empty micro-batch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+MicroBatch = tuple[int, ...]  # indices into the batch's sequences
+
+
+def padded_tokens(lengths: Sequence[int], micro_batch: Sequence[int]) -> int:
+    """Tokens a right-padded micro-batch occupies: count x longest."""
+    return len(micro_batch) * max((lengths[i] for i in micro_batch), default=0)
+
+
+def shard_sequences(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Split sequence indices over ranks, balancing tokens (longest first onto the lightest rank).
+
+    Deterministic: ties go to the lower index and the lower rank. Each shard keeps batch order.
+    """
+    if world_size <= 0:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    load = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for index in order:
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        shards[rank].append(index)
+        load[rank] += lengths[index]
+    return [sorted(shard) for shard in shards]
+
+
+def pack_by_token_budget(lengths: Sequence[int], indices: Sequence[int], token_budget: int) -> list[MicroBatch]:
+    """Pack `indices` into micro-batches whose padded size stays within `token_budget`.
+
+    Longest first, so each micro-batch's first sequence sets its padded length; a new micro-batch starts
+    when adding the next sequence would exceed the budget. Indices inside a micro-batch are in batch order.
+    """
+    if token_budget <= 0:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    packed: list[list[int]] = []
+    for index in order:
+        current = packed[-1] if packed else None
+        # Sorted descending, so the current micro-batch's longest is its first element.
+        if current is not None and (len(current) + 1) * lengths[current[0]] <= token_budget:
+            current.append(index)
+        else:
+            packed.append([index])
+    return [tuple(sorted(mb)) for mb in packed]
+
+
+def plan_micro_batches(lengths: Sequence[int], world_size: int, token_budget: int) -> list[list[MicroBatch]]:
+    """[rank][micro-batch] -> sequence indices; every rank gets the same count, padded with `()`."""
+    shards = shard_sequences(lengths, world_size)
+    per_rank = [pack_by_token_budget(lengths, shard, token_budget) for shard in shards]
+    count = max(1, max(len(mbs) for mbs in per_rank))
+    return [mbs + [()] * (count - len(mbs)) for mbs in per_rank]

@@ -1,0 +1,196 @@
+"""Rewards of one completion, the zero-variance group filter, and the listener's calibration (pure).
+
+    r = w_format * r_format + w_accuracy * r_accuracy + w_listener * r_listener     (defaults 1, 0.5, 0.5)
+
+- r_format: 1 when `pipeline.prompts.parse_completion` accepts the completion, else 0. A bad format earns
+  no accuracy and no listener credit (PAPER.md).
+- r_accuracy: 1 when the parsed answer is the human-preferred image, else 0.
+- r_listener: the listener's p(preferred image) given the masked reasoning, or p - 0.5 when centred. An
+  unusable listener score (nothing left after masking) carries the defined p = 0.5 and is used as is.
+  With no listener score at all (listener off, w_listener = 0) it is 0.
+- Contradiction: the listener prefers image k when p(image k) > 0.5; a completion contradicts when its
+  parsed answer names the other image. Ties (p = 0.5), bad formats, unusable or missing scores are not
+  contradictions.
+- Calibration of the listener: the event "image 1 is preferred" with the listener's p(image 1) as its
+  forecast (derived from p_preferred and the label). Brier score = mean (p - y)^2, which equals
+  mean (1 - p_preferred)^2; ECE uses `num_bins` equal-width bins on [0, 1] (the last one closed):
+  sum over bins of (bin count / N) * |mean forecast - mean outcome|.
+- `reward_metrics`: the step's means of each component, format rate, accuracy, contradiction rate and
+  calibration, for the reward aggregator (`actors/reward.py`).
+
+Run the tests: `.venv/bin/python -m pytest tests/unit/test_rewards.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.prompts import parse_completion
+from pipeline.types import Completion, CompletionReward, ImageIndex, ListenerScore, RolloutGroup
+
+ScoreKey = tuple[str, int]  # (pair_id, completion_index): how a listener score joins its completion
+
+
+def format_reward(answer: ImageIndex | None) -> float:
+    """1 for a well-formed completion (the strict parse found an answer), else 0."""
+    return 1.0 if answer is not None else 0.0
+
+
+def accuracy_reward(answer: ImageIndex | None, preferred: ImageIndex) -> float:
+    """1 when the parsed answer is the preferred image; a bad format (None) is never right."""
+    return 1.0 if answer is not None and answer == preferred else 0.0
+
+
+def listener_reward(p_preferred: float, well_formed: bool, center: bool = False) -> float:
+    """The listener's p(preferred), or p - 0.5 when centred; 0 for a bad format."""
+    if not well_formed:
+        return 0.0
+    return p_preferred - 0.5 if center else p_preferred
+
+
+def total_reward(
+    r_format: float,
+    r_accuracy: float,
+    r_listener: float,
+    *,
+    w_format: float = 1.0,
+    w_accuracy: float = 0.5,
+    w_listener: float = 0.5,
+) -> float:
+    """The weighted sum of the three components (the paper's weights by default)."""
+    return w_format * r_format + w_accuracy * r_accuracy + w_listener * r_listener
+
+
+def p_image_1(p_preferred: float, preferred: ImageIndex) -> float:
+    """The listener's p(image 1), from its p(preferred) and the label."""
+    return p_preferred if preferred == 1 else 1.0 - p_preferred
+
+
+def listener_choice(p_preferred: float, preferred: ImageIndex) -> ImageIndex | None:
+    """The image the listener prefers: k when p(image k) > 0.5; None on a tie."""
+    p1 = p_image_1(p_preferred, preferred)
+    if p1 == 0.5:
+        return None
+    return 1 if p1 > 0.5 else 2
+
+
+def is_contradiction(answer: ImageIndex | None, score: ListenerScore | None, preferred: ImageIndex) -> bool:
+    """The listener, reading the masked reasoning, prefers the other image than the reasoner's answer."""
+    if answer is None or score is None or not score.usable:
+        return False
+    choice = listener_choice(score.p_preferred, preferred)
+    return choice is not None and choice != answer
+
+
+def completion_reward(
+    completion: Completion,
+    preferred: ImageIndex,
+    score: ListenerScore | None,
+    *,
+    w_format: float = 1.0,
+    w_accuracy: float = 0.5,
+    w_listener: float = 0.5,
+    center_listener: bool = False,
+) -> CompletionReward:
+    """Every reward component of one completion. `score` None means no listener (its reward is 0)."""
+    if score is not None and (score.pair_id, score.completion_index) != (
+            completion.pair_id, completion.completion_index):
+        raise ValueError(f"listener score ({score.pair_id}, {score.completion_index}) does not belong to "
+                         f"completion ({completion.pair_id}, {completion.completion_index})")
+    answer = parse_completion(completion.text).answer
+    r_format = format_reward(answer)
+    r_accuracy = accuracy_reward(answer, preferred)
+    p_preferred = score.p_preferred if score is not None else float("nan")
+    r_listener = listener_reward(p_preferred, answer is not None, center_listener) if score is not None else 0.0
+    return CompletionReward(
+        pair_id=completion.pair_id,
+        completion_index=completion.completion_index,
+        answer=answer,
+        r_format=r_format,
+        r_accuracy=r_accuracy,
+        r_listener=r_listener,
+        total=total_reward(r_format, r_accuracy, r_listener,
+                           w_format=w_format, w_accuracy=w_accuracy, w_listener=w_listener),
+        listener_p_preferred=p_preferred,
+        contradiction=is_contradiction(answer, score, preferred),
+    )
+
+
+def has_reward_variance(totals: Sequence[float], atol: float = 1e-8) -> bool:
+    """False when every reward of a group is the same: its advantages are all 0, nothing to learn."""
+    return len(totals) > 0 and float(np.max(totals) - np.min(totals)) > atol
+
+
+def brier_score(probs: Sequence[float], outcomes: Sequence[float]) -> float:
+    """Mean squared error of probability forecasts against 0/1 outcomes; NaN when empty."""
+    p_N, y_N = _as_arrays(probs, outcomes)
+    return float(np.mean((p_N - y_N) ** 2)) if len(p_N) else float("nan")
+
+
+def expected_calibration_error(probs: Sequence[float], outcomes: Sequence[float], num_bins: int = 10) -> float:
+    """ECE over `num_bins` equal-width bins of [0, 1] (last bin closed); NaN when empty."""
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    p_N, y_N = _as_arrays(probs, outcomes)
+    if not len(p_N):
+        return float("nan")
+    bin_N = np.minimum((p_N * num_bins).astype(np.int64), num_bins - 1)
+    ece = 0.0
+    for b in np.unique(bin_N):
+        in_bin = bin_N == b
+        ece += in_bin.mean() * abs(p_N[in_bin].mean() - y_N[in_bin].mean())
+    return float(ece)
+
+
+def reward_metrics(
+    groups: Sequence[RolloutGroup],
+    rewards: Sequence[Sequence[CompletionReward]],
+    scores: dict[ScoreKey, ListenerScore],
+) -> dict[str, float]:
+    """Means of each reward component, format rate, accuracy, and the listener's agreement and calibration.
+
+    Contradiction rate: over well-formed completions with a usable listener score. Calibration: over every
+    usable score (the listener is judged whatever the format). Listener metrics are left out when nothing
+    qualifies.
+    """
+    flat = [r for group in rewards for r in group]
+    totals = np.array([r.total for r in flat])
+    metrics = {
+        "reward/mean": float(totals.mean()),
+        "reward/std": float(totals.std()),
+        "reward/format": float(np.mean([r.r_format for r in flat])),
+        "reward/accuracy": float(np.mean([r.r_accuracy for r in flat])),
+        "reward/listener": float(np.mean([r.r_listener for r in flat])),
+        "rollout/format_rate": float(np.mean([r.answer is not None for r in flat])),
+    }
+    well_formed = [r for r in flat if r.answer is not None]
+    if well_formed:
+        metrics["rollout/accuracy_well_formed"] = float(np.mean([r.r_accuracy > 0 for r in well_formed]))
+    metrics["rollout/accuracy"] = float(np.mean([r.r_accuracy > 0 for r in flat]))
+    usable = [(g.pair.preferred, s) for g in groups for c in g.completions
+              if (s := scores.get((c.pair_id, c.completion_index))) is not None and s.usable]
+    if usable:
+        probs = [p_image_1(s.p_preferred, preferred) for preferred, s in usable]
+        outcomes = [float(preferred == 1) for preferred, _ in usable]
+        metrics["listener/brier"] = brier_score(probs, outcomes)
+        metrics["listener/ece"] = expected_calibration_error(probs, outcomes)
+        metrics["listener/p_preferred"] = float(np.mean([s.p_preferred for _, s in usable]))
+    judged = [r for r in well_formed
+              if (s := scores.get((r.pair_id, r.completion_index))) is not None and s.usable]
+    if judged:
+        metrics["listener/contradiction_rate"] = float(np.mean([r.contradiction for r in judged]))
+    if scores:
+        metrics["listener/usable_rate"] = float(np.mean([s.usable for s in scores.values()]))
+    return metrics
+
+
+def _as_arrays(probs: Sequence[float], outcomes: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    p_N = np.asarray(probs, dtype=np.float64)
+    y_N = np.asarray(outcomes, dtype=np.float64)
+    if p_N.shape != y_N.shape or p_N.ndim != 1:
+        raise ValueError(f"probs and outcomes must be 1-D of equal length, got {p_N.shape} and {y_N.shape}")
+    if len(p_N) and (p_N.min() < 0 or p_N.max() > 1):
+        raise ValueError("probabilities must lie in [0, 1]")
+    return p_N, y_N
