@@ -44,3 +44,58 @@ def ray_local():
                  log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store; `stop()`/`start()` simulate an outage."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        self.root = root
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env=env, stdout=subprocess.DEVNULL, stderr=(self.root / "server.log").open("a"),
+            start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not become ready")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server for one test."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,36 @@
+"""Where checkpoints come from: `tiny://ROLE` (built offline on first use), a local directory, or a hub id.
+
+A local path must exist and hold a `config.json`; a hub id (`org/name`) is passed through to the same
+loading code (vLLM, transformers) that local directories use, which resolves it through the hub cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+TINY_SCHEME = "tiny://"
+
+
+def resolve_checkpoint(spec: str, key: str, cache_dir: Path) -> str:
+    """The loadable location for config value `spec` (named `key` in errors); builds tiny checkpoints."""
+    if spec.startswith(TINY_SCHEME):
+        role = spec.removeprefix(TINY_SCHEME)
+        if role not in ("reasoner", "listener"):
+            raise ConfigError(f"{key}: unknown tiny role '{role}' (use tiny://reasoner or tiny://listener)")
+        return str(_ensure_tiny(cache_dir / f"tiny-{role}", role))
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: model path '{spec}' does not exist or has no config.json")
+        return str(path.resolve())
+    return spec  # a hub id such as Qwen/Qwen2.5-VL-7B-Instruct
+
+
+def _ensure_tiny(out: Path, role: str) -> Path:
+    if (out / "tiny_manifest.json").is_file():
+        return out
+    from pipeline.tiny import make_tiny
+
+    return make_tiny(out, role=role)

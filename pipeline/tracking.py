@@ -1,0 +1,147 @@
+"""MLflow tracking that survives an outage: metrics are always written locally and buffered for MLflow.
+
+Every `log_metrics` call appends to `RUN_DIR/metrics.jsonl` first (the local record), then tries to
+flush everything pending to MLflow. When the tracking server is down, metrics stay pending and are sent
+at the next successful flush, with their original step and timestamp; if the server never returns, the
+run ends with a warning naming the local file. The MLflow run is created lazily (on the first flush that
+reaches the server) and its id is kept in `RUN_DIR/mlflow_run_id`, so a resumed run logs into the same
+MLflow run. HTTP retries are capped so an outage costs seconds per step, not minutes.
+
+The URI: `tracking_uri` from config, else `MLFLOW_TRACKING_URI`, else `sqlite:///./mlflow.db`.
+Credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never from config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///./mlflow.db"
+_BATCH_LIMIT = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
+
+
+def resolve_tracking_uri(configured: str) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _cap_http_retries() -> None:
+    # MLflow's defaults retry a dead server for minutes; one step should wait seconds at most.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+@dataclass
+class _Pending:
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, ms, step
+    tables: list[tuple[str, dict[str, list]]] = field(default_factory=list)  # artifact file, columns
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Tracker:
+    """Local-first, outage-tolerant MLflow logging for one training run."""
+
+    def __init__(self, run_dir: Path, tracking_uri: str, experiment: str, run_name: str,
+                 params: dict[str, str], tags: dict[str, str]) -> None:
+        _cap_http_retries()
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.experiment, self.run_name = experiment, run_name
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self._run_id_file = self.run_dir / "mlflow_run_id"
+        self.run_id: str | None = self._run_id_file.read_text().strip() if self._run_id_file.exists() else None
+        self._params, self._pending = params, _Pending(tags=dict(tags))
+        self.flush_failures = 0
+        self._client = None
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        stamp = int(time.time() * 1000)
+        with self.metrics_file.open("a") as out:
+            out.write(json.dumps({"step": step, "timestamp_ms": stamp, **metrics}) + "\n")
+        self._pending.metrics += [(k, float(v), stamp, step) for k, v in metrics.items()]
+        self.flush()
+
+    def log_table(self, artifact_file: str, columns: dict[str, list[Any]]) -> None:
+        """A table (column name -> values) as an MLflow table artifact; also kept in the run dir."""
+        local = self.run_dir / artifact_file
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(json.dumps(columns, default=str))
+        self._pending.tables.append((artifact_file, columns))
+        self.flush()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._pending.tags.update(tags)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send everything pending; False (and keep it pending) when the server cannot be reached."""
+        try:
+            client = self._ensure_run()
+            self._send(client)
+        except Exception as exc:  # any transport or server error: keep the data, retry later
+            self.flush_failures += 1
+            log.warning("MLflow at %s unreachable (%s); %d metrics kept for later", self.uri,
+                        type(exc).__name__, len(self._pending.metrics))
+            return False
+        return True
+
+    @property
+    def pending_metrics(self) -> int:
+        return len(self._pending.metrics)
+
+    def close(self, status: str = "FINISHED") -> bool:
+        """Final flush and end the run. False: the server never came back; metrics are in metrics_file."""
+        ok = self.flush()
+        if ok and self.run_id is not None:
+            try:
+                self._client.set_terminated(self.run_id, status=status)
+            except Exception:  # the metrics are in; a missing end time is not worth failing the run for
+                log.warning("could not mark MLflow run %s as %s", self.run_id, status)
+        if not ok:
+            log.warning("MLflow at %s never came back: %d metrics were not sent; every metric is saved in %s",
+                        self.uri, self.pending_metrics, self.metrics_file)
+        return ok
+
+    def _ensure_run(self):
+        from mlflow.tracking import MlflowClient
+
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        if self.run_id is None:
+            experiment = self._client.get_experiment_by_name(self.experiment)
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else self._client.create_experiment(self.experiment))
+            run = self._client.create_run(experiment_id, run_name=self.run_name or None)
+            self.run_id = run.info.run_id
+            self._run_id_file.write_text(self.run_id + "\n")
+            self._send_params(self._client)
+        return self._client
+
+    def _send_params(self, client) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in sorted(self._params.items())]
+        for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def _send(self, client) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        if self._pending.tags:
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending.tags.items()])
+            self._pending.tags = {}
+        while self._pending.metrics:
+            chunk = self._pending.metrics[:_BATCH_LIMIT]
+            client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v, ms, step in chunk])
+            del self._pending.metrics[:len(chunk)]
+        while self._pending.tables:
+            artifact_file, columns = self._pending.tables[0]
+            client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+            self._pending.tables.pop(0)
