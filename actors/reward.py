@@ -59,7 +59,10 @@ class RewardAggregator:
             if key in by_key:
                 raise ValueError(f"duplicate listener score for pair {key[0]!r} completion {key[1]}")
             by_key[key] = s
-        wanted = {(c.pair_id, c.completion_index) for g in groups for c in g.completions}
+        keys = [(c.pair_id, c.completion_index) for g in groups for c in g.completions]
+        wanted = set(keys)
+        if len(wanted) != len(keys):
+            raise ValueError("the same (pair_id, completion_index) appears twice among the rollout groups")
         unknown = sorted(set(by_key) - wanted)
         if unknown:
             raise ValueError(f"{len(unknown)} listener score(s) match no completion, e.g. {unknown[:3]}")

@@ -10,13 +10,17 @@ Batch invariance. `grpo_loss` returns one micro-batch's *additive contribution* 
 step: every aggregation divides by counts of the whole batch (`LossNormalizer`, summed over all
 micro-batches and data-parallel ranks), so summing the returned losses over micro-batches and ranks gives
 exactly the loss of the whole batch computed at once, and the summed gradients are its gradient. The
-learner must therefore *sum* gradients: by default DeepSpeed's `engine.backward` divides the loss by
-`gradient_accumulation_steps` and its all-reduce averages over ranks, so multiply the loss by
-`gradient_accumulation_steps * world_size` before `backward` (or turn those scalings off).
+learner must therefore *sum* gradients: DeepSpeed 0.19 by default divides the loss by
+`gradient_accumulation_steps` in `engine.backward` (pass `scale_wrt_gas=False`) and ZeRO-3 averages
+gradients over data-parallel ranks (multiply the loss by `world_size` before backward).
 
-Metrics are detached and additive too: every metric except `ratio_min`/`ratio_max` is a token mean whose
-denominator is `normalizer.total_tokens`, so summing over micro-batches and ranks gives the batch's token
-mean; `ratio_min`/`ratio_max` combine by min/max (`METRIC_REDUCTIONS`, `combine_metrics`).
+Each row of a micro-batch is one whole sequence (its length, for "seq_mean_token_mean", is counted from
+its mask); packing several sequences into one row is not supported here.
+
+Metrics are detached and additive too: `pg_loss` is aggregated like the loss, the others except
+`ratio_min`/`ratio_max` are token means whose denominator is `normalizer.total_tokens`, so summing over
+micro-batches and ranks gives the batch's values; `ratio_min`/`ratio_max` combine by min/max
+(`METRIC_REDUCTIONS`, `combine_metrics`).
 
 Choices where implementations differ (PAPER.md leaves them open):
 - std is the population std (ddof 0), so a group of one gets advantage 0, not NaN; "batch" scaling keeps
@@ -178,7 +182,8 @@ def grpo_loss(
     logp_BT: the learner's logprobs now (with grad); old_logp_BT: the learner's logprobs before this
     step's updates (constant); rollout_logp_BT: the rollout engine's, for TIS (with `tis_cap`) and the
     mismatch metrics; ref_logp_BT: the frozen reference's, needed only when kl_coef > 0 (given with
-    kl_coef 0 it is only logged). See the module docstring for how losses and metrics combine.
+    kl_coef 0 it is only logged). Pass float32 logprobs: ratios of bf16 logprobs are too coarse.
+    See the module docstring for how losses and metrics combine.
     """
     _check_inputs(logp_BT, old_logp_BT, advantages_B, mask_BT, rollout_logp_BT, ref_logp_BT)
     if kl_coef < 0:
