@@ -17,7 +17,7 @@ test-fast: setup
 	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: setup
-	@$(PY) -m pipeline demo
+	@$(PY) -m pipeline train
 
 bench: setup
 	@$(PY) -m bench

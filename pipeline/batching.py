@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pipeline.types import ScoredGroup, TrainBatch, TrainSequence
+
 MicroBatch = tuple[int, ...]  # indices into the batch's sequences
 
 
@@ -70,3 +72,18 @@ def plan_micro_batches(lengths: Sequence[int], world_size: int, token_budget: in
     per_rank = [pack_by_token_budget(lengths, shard, token_budget) for shard in shards]
     count = max(1, max(len(mbs) for mbs in per_rank))
     return [mbs + [()] * (count - len(mbs)) for mbs in per_rank]
+
+
+def train_batch_from_groups(step: int, policy_version: int, groups: Sequence[ScoredGroup]) -> TrainBatch:
+    """One `TrainSequence` per completion of the kept groups, each with its group-relative advantage."""
+    sequences = tuple(
+        TrainSequence(
+            pair_id=scored.group.pair_id, completion_index=completion.completion_index,
+            prompt_token_ids=scored.group.prompt_token_ids, completion_token_ids=completion.token_ids,
+            rollout_logprobs=completion.logprobs, advantage=float(advantage),
+            images=(scored.group.pair.image_1, scored.group.pair.image_2))
+        for scored in groups
+        for completion, advantage in zip(scored.group.completions, scored.advantages)
+        if len(completion.token_ids) > 0
+    )
+    return TrainBatch(step=step, policy_version=policy_version, sequences=sequences)

@@ -30,6 +30,26 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--split", default="test", help="Dataset split.")
     p.add_argument("--listener", default=None, help="Listener checkpoint for the contradiction rate.")
     p.add_argument("--out", type=Path, default=Path("report.json"), help="JSON report path.")
+    p.add_argument("--samples", type=int, default=1, help="Answers per pair: 1 is greedy, n > 1 a majority "
+                   "vote of n samples (a tie counts as wrong).")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature when --samples > 1.")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="Generation budget per answer.")
+    p.add_argument("--anchor", action="store_true", help="Rank each prompt's n images by n-1 comparisons with "
+                   "its first image instead of comparing every pair.")
+    p.add_argument("--max-groups", type=int, default=None, help="Evaluate only the first N prompts (pairs for "
+                   "two-image datasets).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the image-order swap and of sampling.")
+    p.add_argument("--format", default="auto", choices=["auto", "imagereward", "hpdv2", "pickapic", "rapidata",
+                                                        "local"], help="Dataset schema (default: inferred).")
+    p.add_argument("--subset", default="", help="Hub dataset config name (e.g. ImageRewardDB '8k').")
+    p.add_argument("--ties", default="skip", choices=["skip", "random"], help="Human ties in pair datasets.")
+    p.add_argument("--min-pixels", type=int, default=3136, help="Images are resized to at least this many pixels.")
+    p.add_argument("--max-pixels", type=int, default=12544, help="... and at most this many.")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="Larger images are skipped.")
+    p.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="vLLM dtype.")
+    p.add_argument("--max-model-len", type=int, default=4096, help="vLLM context length.")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per engine.")
     p.set_defaults(handler=_evaluate)
 
 
@@ -44,8 +64,41 @@ def _add_make_tiny(subparsers) -> None:
     p.set_defaults(handler=_make_tiny)
 
 
+def _add_scale_listeners(subparsers) -> None:
+    p = subparsers.add_parser("scale-listeners", help="Resize the listener pool of a running training job.",
+                              description="Resize the live listener pool (a named Ray actor) of a running job; "
+                              "on KubeRay the autoscaler then adds or removes listener pods.")
+    p.add_argument("--address", default="auto",
+                   help="Ray cluster: GCS address HOST:6379, ray://HOST:10001, or 'auto' from a cluster node.")
+    p.add_argument("--replicas", type=int, required=True, help="Listener workers wanted (>= 1).")
+    p.set_defaults(handler=_scale_listeners)
+
+
+def _scale_listeners(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")
+    import ray
+
+    from pipeline.placement import LISTENER_POOL_NAME, RAY_NAMESPACE
+
+    ray.init(address=args.address, namespace=RAY_NAMESPACE, log_to_driver=False)
+    try:
+        pool = ray.get_actor(LISTENER_POOL_NAME, namespace=RAY_NAMESPACE)
+    except ValueError:
+        raise ConfigError(f"no running training job with a listener pool on {args.address}") from None
+    before = ray.get(pool.size.remote())
+    after = ray.get(pool.resize.remote(args.replicas))
+    print(f"listener pool: {before} -> {after} workers")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    config_path = args.config
+    if args.resume is not None and config_path is None:
+        config_path = args.resume / "config.yaml"  # the run's own resolved config; overrides still apply
+        if not config_path.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a run directory)")
+    cfg = load_config(config_path, args.overrides)
     if args.print_config:
         sys.stdout.write(config_to_yaml(cfg))
         return 0
@@ -75,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_evaluate(subparsers)
     _add_make_tiny(subparsers)
+    _add_scale_listeners(subparsers)
     return parser
 
 

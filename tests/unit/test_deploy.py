@@ -1,0 +1,520 @@
+"""The Kubernetes manifests in deploy/, checked without a cluster.
+
+- Core objects (Deployment, StatefulSet, Service, PVC, NetworkPolicy) and every pod template inside the
+  Ray objects are validated, strictly, against the Kubernetes OpenAPI schemas that kubernetes-validate
+  ships. No registry package ships the KubeRay CRDs, so RayCluster/RayJob are validated against
+  kuberay_v1.schema.yaml (beside this file), written from the ray.io/v1 API types (KubeRay 1.5-1.7),
+  plus KubeRay's own spec checks (replica bounds, unique groups) in kuberay_errors().
+- The manifests agree with the code: entrypoints parse with the real CLI parser and name existing
+  configs; each worker group advertises the custom Ray resource that configs/qwen25vl_7b.yaml asks for,
+  with matching GPUs; MLflow's URI reaches the job; containers run as non-root; nothing is public.
+
+    .venv/bin/python -m pytest tests/unit/test_deploy.py
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+README = DEPLOY / "README.md"
+GPU_CONFIG = ROOT / "configs" / "qwen25vl_7b.yaml"
+K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests must apply to
+KINDS = ("rollout", "listener", "learner")
+GPU = "nvidia.com/gpu"
+
+# KubeRay ray.io/v1 schema: the fields this project may use, written from the API types (see the file).
+KUBERAY_V1 = yaml.safe_load((Path(__file__).parent / "kuberay_v1.schema.yaml").read_text())
+
+
+def kuberay_errors(doc: dict) -> list[str]:
+    """Schema errors plus the checks KubeRay's operator makes on the spec."""
+    validator = jsonschema.Draft202012Validator(KUBERAY_V1)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    spec = doc.get("spec", {})
+    cluster = spec if doc.get("kind") == "RayCluster" else spec.get("rayClusterSpec") or {}
+    names = [g.get("groupName") for g in cluster.get("workerGroupSpecs", [])]
+    if len(names) != len(set(names)):
+        errors.append(f"duplicate worker group names {names}")
+    for group in cluster.get("workerGroupSpecs", []):
+        lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
+        replicas = group.get("replicas", lo)
+        if not lo <= replicas <= hi:
+            errors.append(f"group {group.get('groupName')}: replicas {replicas} outside [{lo}, {hi}]")
+    if doc.get("kind") == "RayJob" and spec.get("clusterSelector") and spec.get("shutdownAfterJobFinishes"):
+        errors.append("shutdownAfterJobFinishes cannot be used with clusterSelector")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------
+def manifest_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.load_all(path.read_text(), Loader=_LOADER) if d is not None]
+
+
+@functools.cache
+def all_docs() -> tuple[tuple[Path, dict], ...]:
+    """Parsed once per session: tests read these; any test that changes one works on a deepcopy."""
+    return tuple((path, doc) for path in manifest_files() for doc in load_docs(path))
+
+
+def one(kind: str, name: str | None = None) -> dict:
+    found = [d for _, d in all_docs() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def ray_cluster() -> dict:
+    return one("RayCluster")
+
+
+def groups() -> dict[str, dict]:
+    return {g["groupName"]: g for g in ray_cluster()["spec"]["workerGroupSpecs"]}
+
+
+def ray_resources(group: dict) -> dict[str, float]:
+    """The custom resources a group's pods advertise. KubeRay passes rayStartParams to `ray start`
+    through a shell, hence the documented quoting: '"{\\"listener\\": 1}"'."""
+    raw = group["rayStartParams"].get("resources")
+    if raw is None:
+        return {}
+    assert raw.startswith('"') and raw.endswith('"'), f"unquoted resources param {raw!r}"
+    return json.loads(raw[1:-1].replace('\\"', '"'))
+
+
+def pod_templates() -> list[tuple[str, dict]]:
+    """(where, pod template) for every pod the manifests create."""
+    out = []
+    for path, doc in all_docs():
+        where = f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"
+        spec = doc.get("spec", {})
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            out.append((where, spec["template"]))
+        elif doc["kind"] == "RayCluster":
+            out.append((f"{where}:head", spec["headGroupSpec"]["template"]))
+            out += [(f"{where}:{g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]]
+        elif doc["kind"] == "RayJob" and "submitterPodTemplate" in spec:
+            out.append((f"{where}:submitter", spec["submitterPodTemplate"]))
+    return out
+
+
+def ray_containers() -> list[dict]:
+    cluster = ray_cluster()["spec"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    # KubeRay runs Ray in the first container of each pod.
+    return [t["spec"]["containers"][0] for t in templates]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def gpu_config():
+    return load_config(GPU_CONFIG)
+
+
+# --- every manifest parses and is well formed ------------------------------------------------------
+def test_manifests_exist_and_parse():
+    kinds = sorted(d["kind"] for _, d in all_docs())
+    assert kinds == sorted(["RayCluster", "RayJob", "PersistentVolumeClaim", "PersistentVolumeClaim",
+                            "Service", "Service", "Deployment", "StatefulSet", "NetworkPolicy"])
+    for path, doc in all_docs():
+        assert {"apiVersion", "kind", "metadata"} <= set(doc), path
+        assert "namespace" not in doc["metadata"], f"{path}: namespace comes from the kustomization"
+
+
+@pytest.mark.parametrize("path,doc", [(p, d) for p, d in all_docs() if not d["apiVersion"].startswith("ray.io")],
+                         ids=lambda x: x.name if isinstance(x, Path) else x["kind"])
+def test_core_objects_match_kubernetes_schema(path, doc):
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("template", [pytest.param(t, id=where) for where, t in pod_templates()])
+def test_pod_templates_match_kubernetes_schema(template):
+    wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
+    kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+def test_ray_objects_match_kuberay_schema(kind):
+    assert kuberay_errors(one(kind)) == []
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda d: d["spec"]["workerGroupSpecs"][0].pop("groupName"),
+    lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplica=1),  # typo
+    lambda d: d["spec"]["workerGroupSpecs"][1].update(replicas=99),
+    lambda d: d["spec"]["autoscalerOptions"].update(upscalingMode="Fast"),
+    lambda d: d["spec"]["headGroupSpec"].pop("template"),
+    lambda d: d["spec"]["workerGroupSpecs"].append(copy.deepcopy(d["spec"]["workerGroupSpecs"][0])),
+    lambda d: d.update(apiVersion="ray.io/v1alpha1"),
+], ids=["no-group-name", "typo", "replicas-over-max", "bad-enum", "no-head-template", "dup-group", "old-api"])
+def test_kuberay_schema_rejects_broken_clusters(breakage):
+    doc = copy.deepcopy(ray_cluster())
+    breakage(doc)
+    assert kuberay_errors(doc)
+
+
+def test_kuberay_schema_rejects_a_job_with_two_cluster_sources():
+    job = copy.deepcopy(one("RayJob"))
+    job["spec"]["rayClusterSpec"] = copy.deepcopy(ray_cluster()["spec"])
+    assert kuberay_errors(job)
+
+
+def test_core_schema_rejects_a_typo():
+    deployment = copy.deepcopy(one("Deployment", "mlflow"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "Sometimes"
+    deployment["spec"]["replica"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_rayjob_runs_on_the_standing_cluster():
+    """KubeRay reads the RayCluster's name from clusterSelector's `ray.io/cluster` key."""
+    job = one("RayJob")["spec"]
+    assert job["clusterSelector"] == {"ray.io/cluster": ray_cluster()["metadata"]["name"]}
+    assert "rayClusterSpec" not in job and not job.get("shutdownAfterJobFinishes")
+
+
+def test_ray_version_matches_the_image():
+    gpu_lock = (ROOT / "requirements" / "gpu.lock").read_text()
+    ray_pin = re.search(r"^ray==(\S+)$", gpu_lock, re.M).group(1)
+    assert ray_cluster()["spec"]["rayVersion"] == ray_pin
+
+
+# --- the manifests agree with the code --------------------------------------------------------------
+def test_rayjob_entrypoint_is_a_real_training_command():
+    job = one("RayJob")
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:3] == ["python", "-m", "pipeline"]
+    args = build_parser().parse_args(words[3:])
+    assert args.command == "train"
+    assert args.config is not None and (ROOT / args.config).resolve() == GPU_CONFIG.resolve()
+    load_config(ROOT / args.config, args.overrides)
+    # The entrypoint's relative config path resolves in the working_dir the job uploads (the image's /app,
+    # where docker/Dockerfile copies the repo).
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == "/app"
+    assert "WORKDIR /app" in (ROOT / "docker" / "Dockerfile").read_text()
+
+
+def readme_pipeline_commands() -> list[str]:
+    text = README.read_text()
+    blocks = re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            match = re.search(r"python -m pipeline (.*)$", line)
+            if match:
+                commands.append(match.group(1).strip())
+    return commands
+
+
+@pytest.mark.parametrize("command", readme_pipeline_commands())
+def test_readme_commands_parse_with_the_cli(command):
+    words = shlex.split(command)
+    parser = build_parser()
+    args = parser.parse_args(words)
+    config = getattr(args, "config", None)
+    if config is not None:
+        load_config(ROOT / config, getattr(args, "overrides", []))
+
+
+def test_readme_documents_the_training_and_scaling_commands():
+    commands = readme_pipeline_commands()
+    assert "train --config configs/qwen25vl_7b.yaml" in commands
+    assert any(c.startswith("scale-listeners ") and "--replicas" in c and "--address" in c for c in commands)
+    text = README.read_text()
+    assert ("ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
+            "python -m pipeline train --config configs/qwen25vl_7b.yaml") in text
+
+
+def test_each_worker_group_advertises_its_own_config_resource():
+    cfg = gpu_config()
+    wanted = {kind: getattr(cfg, kind).resource for kind in KINDS}
+    advertised = {name: ray_resources(g) for name, g in groups().items()}
+    assert set(groups()) == set(KINDS)
+    for kind in KINDS:
+        # exactly one custom resource per group, the one the driver asks for for that kind
+        assert set(advertised[kind]) == {wanted[kind]}, (kind, advertised[kind])
+    assert sorted(r for res in advertised.values() for r in res) == sorted(wanted.values())
+    head = ray_cluster()["spec"]["headGroupSpec"]
+    assert not set(ray_resources(head)) & set(wanted.values()), "an engine could land on the head"
+
+
+def _units(kind: str) -> float:
+    return ray_resources(groups()[kind])[getattr(gpu_config(), kind).resource]
+
+
+def test_gpu_requests_match_the_config():
+    cfg = gpu_config()
+    for kind in KINDS:
+        container = groups()[kind]["template"]["spec"]["containers"][0]
+        limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+        expected = _units(kind) * getattr(cfg, kind).num_gpus
+        assert float(limits.get(GPU, 0)) == expected, (kind, limits)
+        assert requests.get(GPU) == limits.get(GPU), kind  # extended resources: request == limit
+    head = ray_cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert GPU not in head["resources"].get("limits", {})
+
+
+def test_cpus_cover_the_actors_on_each_pod():
+    cfg = gpu_config()
+    for kind in KINDS:
+        limits = groups()[kind]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert float(limits["cpu"]) >= _units(kind) * getattr(cfg, kind).num_cpus, kind
+
+
+def test_group_sizes_cover_the_config_and_only_listeners_scale():
+    cfg = gpu_config()
+    demand = {"rollout": cfg.rollout.num_workers, "listener": cfg.listener.num_workers,
+              "learner": cfg.learner.num_ranks}
+    for kind in KINDS:
+        group = groups()[kind]
+        assert group["replicas"] * _units(kind) >= demand[kind], kind
+        assert group["maxReplicas"] * _units(kind) >= demand[kind], kind
+    # Rollout workers and learner ranks form fixed collective groups; the listener pool is the one that
+    # grows and shrinks at run time, through the autoscaler.
+    for kind in ("rollout", "learner"):
+        assert groups()[kind]["minReplicas"] == groups()[kind]["maxReplicas"], kind
+    listener = groups()["listener"]
+    assert listener["minReplicas"] >= 1 and listener["maxReplicas"] > listener["replicas"]
+    assert ray_cluster()["spec"]["enableInTreeAutoscaling"] is True
+
+
+def _ray_capacity(group: dict, replicas: int) -> dict[str, float]:
+    """What `replicas` pods of a group give Ray: CPUs (num-cpus, else the CPU limit), GPUs, custom units."""
+    limits = group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    cpus = float(group["rayStartParams"].get("num-cpus", limits.get("cpu", 0)))
+    per_pod = {"CPU": cpus, "GPU": float(limits.get(GPU, 0)), **ray_resources(group)}
+    return {name: amount * replicas for name, amount in per_pod.items()}
+
+
+def test_cluster_holds_what_the_driver_placement_asks_for():
+    """pipeline.placement (the driver's one placement function) against the cluster at its start size:
+    every resource it needs exists, and the custom ones are exactly those the worker groups advertise."""
+    from pipeline.placement import required_resources
+
+    need = required_resources(gpu_config())
+    have: dict[str, float] = {}
+    spec = ray_cluster()["spec"]
+    parts = [_ray_capacity(spec["headGroupSpec"], 1)] + [_ray_capacity(g, g["replicas"]) for g in groups().values()]
+    for part in parts:
+        for name, amount in part.items():
+            have[name] = have.get(name, 0.0) + amount
+    for name, amount in need.items():
+        assert have.get(name, 0.0) >= amount, f"{name}: the run needs {amount}, the cluster has {have.get(name)}"
+    assert set(need) - {"CPU", "GPU"} == set(have) - {"CPU", "GPU"}
+    assert _ray_capacity(spec["headGroupSpec"], 1) == {"CPU": 0.0, "GPU": 0.0}
+
+
+def test_run_directory_is_shared_by_driver_and_learner():
+    output_dir = Path(gpu_config().trainer.output_dir)
+    claims = {d["metadata"]["name"] for _, d in all_docs() if d["kind"] == "PersistentVolumeClaim"}
+    cluster = ray_cluster()["spec"]
+    for template in (cluster["headGroupSpec"]["template"], groups()["learner"]["template"]):
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        mounts = template["spec"]["containers"][0].get("volumeMounts", [])
+        covering = [m for m in mounts if output_dir.is_relative_to(m["mountPath"])]
+        assert covering, f"{output_dir} is on no volume"
+        claim = volumes[covering[0]["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claim in claims
+    runs = one("PersistentVolumeClaim", "listener-grpo-runs")
+    assert runs["spec"]["accessModes"] == ["ReadWriteMany"]  # head and learner may be on two nodes
+
+
+def test_mlflow_uri_reaches_the_job_and_the_cluster():
+    service = one("Service", "mlflow")
+    port = service["spec"]["ports"][0]
+    uri = f"http://{service['metadata']['name']}:{port['port']}"
+    runtime_env = yaml.safe_load(one("RayJob")["spec"]["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == uri
+    for container in ray_containers():  # also for `ray job submit`, which sets no env of its own
+        assert env_of(container)["MLFLOW_TRACKING_URI"]["value"] == uri
+    # The Service reaches the server: selector matches the pod, target port is the container's port.
+    deployment = one("Deployment", "mlflow")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port["targetPort"] in ports and "--port" in container["args"]
+    assert str(ports[port["targetPort"]]) == container["args"][container["args"].index("--port") + 1]
+    # The server accepts the Host header the job sends.
+    allowed = env_of(container)["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
+    assert f"{service['metadata']['name']}:{port['port']}" in allowed
+
+
+def test_mlflow_uses_the_database_and_the_artifact_volume():
+    container = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(container)
+    db = one("Service", "mlflow-postgres")
+    backend = env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    host = f"@{db['metadata']['name']}:{db['spec']['ports'][0]['port']}/"
+    assert backend.startswith("postgresql") and host in backend
+    # Kubernetes expands $(VAR) only for variables defined earlier in the same list.
+    names = [e["name"] for e in container["env"]]
+    for ref in re.findall(r"\$\((\w+)\)", backend):
+        assert ref in names[:names.index("MLFLOW_BACKEND_STORE_URI")], ref
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"] in mounts
+    assert "--serve-artifacts" in container["args"]
+
+
+SECRETISH = re.compile(r"PASSWORD|TOKEN|SECRET|KEY", re.I)
+
+
+def all_containers() -> list[tuple[str, dict]]:
+    out = []
+    for where, template in pod_templates():
+        for c in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+            out.append((f"{where}:{c['name']}", c))
+    return out
+
+
+def test_credentials_come_from_secrets_only():
+    assert not [d for _, d in all_docs() if d["kind"] == "Secret"], "Secrets are created by hand, not committed"
+    containers = all_containers() + [("autoscaler", ray_cluster()["spec"]["autoscalerOptions"])]
+    referenced = set()
+    for where, container in containers:
+        for env in container.get("env", []):
+            if SECRETISH.search(env["name"]) and env["name"] != "MLFLOW_BACKEND_STORE_URI":
+                assert "value" not in env, f"{where}: {env['name']} is inline"
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                referenced.add(ref["name"])
+    assert referenced == {"listener-grpo-ray-auth", "mlflow-postgres"}
+    # ... and the README creates each of them, with the keys the manifests read.
+    text = README.read_text()
+    assert re.search(r"create secret generic listener-grpo-ray-auth\b.*--from-literal=auth_token=", text, re.S)
+    assert re.search(r"create secret generic mlflow-postgres\b.*--from-literal=username=.*--from-literal=password=",
+                     text, re.S)
+
+
+def test_ray_auth_token_reaches_every_ray_process():
+    """Ray 2.60's job server demands token auth (DESIGN.md): head, workers, autoscaler and submitter."""
+    holders = ray_containers() + [ray_cluster()["spec"]["autoscalerOptions"],
+                                  one("RayJob")["spec"]["submitterPodTemplate"]["spec"]["containers"][0]]
+    for container in holders:
+        env = env_of(container)
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "listener-grpo-ray-auth",
+                                                                       "key": "auth_token"}
+
+
+def _effective(pod_spec: dict, container: dict, key: str):
+    return container.get("securityContext", {}).get(key, pod_spec.get("securityContext", {}).get(key))
+
+
+def test_every_container_runs_as_non_root():
+    checked = 0
+    for where, template in pod_templates():
+        spec = template["spec"]
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert _effective(spec, container, "runAsNonRoot") is True, where
+            uid = _effective(spec, container, "runAsUser")
+            assert isinstance(uid, int) and uid != 0, where
+            assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False, where
+            assert container["securityContext"].get("privileged") is not True, where
+            checked += 1
+    autoscaler = ray_cluster()["spec"]["autoscalerOptions"]["securityContext"]
+    assert autoscaler["runAsNonRoot"] is True and autoscaler["runAsUser"] != 0
+    assert checked == 7  # postgres, mlflow, ray head, three worker groups, job submitter
+
+
+def test_images_run_as_the_uid_the_pods_ask_for():
+    """runAsUser 1000 matches the USER the project's images switch to."""
+    for dockerfile in ("Dockerfile", "Dockerfile.cpu", "Dockerfile.mlflow"):
+        text = (ROOT / "docker" / dockerfile).read_text()
+        assert re.findall(r"^USER (\S+)", text, re.M)[-1] == "1000:1000", dockerfile
+    for where, container in all_containers():
+        if container["image"].startswith("listener-grpo"):
+            assert container["securityContext"]["runAsUser"] == 1000, where
+
+
+def test_nothing_is_exposed_outside_the_cluster():
+    head = ray_cluster()["spec"]["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP" and head.get("enableIngress") is False
+    for _, doc in all_docs():
+        assert doc["kind"] != "Ingress"
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", doc["metadata"]["name"]
+    text = README.read_text()
+    assert "port-forward svc/listener-grpo-head-svc 8265:8265" in text
+    assert "port-forward svc/mlflow 5000:5000" in text
+
+
+def test_postgres_accepts_only_mlflow():
+    policy = one("NetworkPolicy", "mlflow-postgres")
+    db_labels = one("StatefulSet", "mlflow-postgres")["spec"]["template"]["metadata"]["labels"]
+    mlflow_labels = one("Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= db_labels.items()
+    sources = [f["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for f in rule["from"]]
+    assert sources and all(s.items() <= mlflow_labels.items() for s in sources)
+    assert not any(s.items() <= db_labels.items() and s != {} for s in sources)
+
+
+# --- kustomizations --------------------------------------------------------------------------------
+def kustomizations() -> dict[Path, dict]:
+    return {p: yaml.safe_load(p.read_text()) for p in sorted(DEPLOY.rglob("kustomization.yaml"))}
+
+
+def test_kustomizations_cover_every_manifest_and_agree():
+    covered = set()
+    for path, k in kustomizations().items():
+        assert k["namespace"] == "listener-grpo"
+        for resource in k["resources"]:
+            assert (path.parent / resource).is_file(), f"{path}: missing {resource}"
+            covered.add((path.parent / resource).resolve())
+    assert covered == {p.resolve() for p in manifest_files()}
+    root, job = kustomizations()[DEPLOY / "kustomization.yaml"], kustomizations()[DEPLOY / "job" / "kustomization.yaml"]
+    root_images = {i["name"]: i for i in root["images"]}
+    for image in job["images"]:
+        assert root_images[image["name"]] == image, "deploy/ and deploy/job/ push different images"
+
+
+def test_every_project_image_is_rewritten_by_its_kustomization():
+    for path, k in kustomizations().items():
+        mapped = {i["name"] for i in k["images"]}
+        for resource in k["resources"]:
+            for doc in load_docs(path.parent / resource):
+                text = yaml.safe_dump(doc)
+                for image in re.findall(r"image: (listener-grpo\S*)", text):
+                    assert image in mapped, f"{resource}: {image} would reach the cluster unmapped"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (the machine image has it)")
+@pytest.mark.parametrize("directory", ["deploy", "deploy/job"])
+def test_kustomize_renders_what_kubectl_apply_will_send(directory):
+    """kubectl's own kustomize (offline): images rewritten inside the Ray CRDs too, one namespace."""
+    result = subprocess.run(["kubectl", "kustomize", str(ROOT / directory)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.load_all(result.stdout, Loader=_LOADER) if d]
+    assert docs and all(d["metadata"]["namespace"] == "listener-grpo" for d in docs)
+    images = re.findall(r"^\s*image: (\S+)$", result.stdout, re.M)
+    mapped = {f"{i['newName']}:{i['newTag']}" for i in yaml.safe_load((ROOT / directory / "kustomization.yaml")
+                                                                      .read_text())["images"]}
+    project = [i for i in images if not i.startswith("postgres:")]
+    assert project and set(project) <= mapped, images
