@@ -86,7 +86,7 @@ def _scale_listeners(args: argparse.Namespace) -> int:
         pool = ray.get_actor(LISTENER_POOL_NAME, namespace=RAY_NAMESPACE)
     except ValueError:
         raise ConfigError(f"no running training job with a listener pool on {args.address}") from None
-    before = ray.get(pool.size.remote())
+    before = ray.get(pool.stats.remote()).num_workers
     after = ray.get(pool.resize.remote(args.replicas))
     print(f"listener pool: {before} -> {after} workers")
     return 0

@@ -152,9 +152,10 @@ def reward_metrics(
     """Means of each reward component, format rate, accuracy, and the listener's agreement and calibration.
 
     Contradiction rate: over well-formed completions with a usable listener score. Calibration: over every
-    usable score (the listener is judged whatever the format). Listener metrics are left out when nothing
-    qualifies.
+    usable score (the listener is judged whatever the format). A metric over an empty set is NaN, so every
+    key is present at every step (MLflow plots NaN as a gap).
     """
+    nan = float("nan")
     flat = [r for group in rewards for r in group]
     totals = np.array([r.total for r in flat])
     metrics = {
@@ -166,11 +167,12 @@ def reward_metrics(
         "rollout/format_rate": float(np.mean([r.answer is not None for r in flat])),
     }
     well_formed = [r for r in flat if r.answer is not None]
-    if well_formed:
-        metrics["rollout/accuracy_well_formed"] = float(np.mean([r.r_accuracy > 0 for r in well_formed]))
+    metrics["rollout/accuracy_well_formed"] = (
+        float(np.mean([r.r_accuracy > 0 for r in well_formed])) if well_formed else nan)
     metrics["rollout/accuracy"] = float(np.mean([r.r_accuracy > 0 for r in flat]))
     usable = [(g.pair.preferred, s) for g in groups for c in g.completions
               if (s := scores.get((c.pair_id, c.completion_index))) is not None and s.usable]
+    metrics.update({"listener/brier": nan, "listener/ece": nan, "listener/p_preferred": nan})
     if usable:
         probs = [p_image_1(s.p_preferred, preferred) for preferred, s in usable]
         outcomes = [float(preferred == 1) for preferred, _ in usable]
@@ -179,10 +181,8 @@ def reward_metrics(
         metrics["listener/p_preferred"] = float(np.mean([s.p_preferred for _, s in usable]))
     judged = [r for r in well_formed
               if (s := scores.get((r.pair_id, r.completion_index))) is not None and s.usable]
-    if judged:
-        metrics["listener/contradiction_rate"] = float(np.mean([r.contradiction for r in judged]))
-    if scores:
-        metrics["listener/usable_rate"] = float(np.mean([s.usable for s in scores.values()]))
+    metrics["listener/contradiction_rate"] = float(np.mean([r.contradiction for r in judged])) if judged else nan
+    metrics["listener/usable_rate"] = float(np.mean([s.usable for s in scores.values()])) if scores else nan
     return metrics
 
 

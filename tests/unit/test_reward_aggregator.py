@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pickle
 
 import numpy as np
@@ -100,10 +102,12 @@ def test_centred_listener_and_weights():
 
 
 def test_listener_off_needs_no_scores():
-    # w_listener 0 and no scores: a0 1 + .5 = 1.5, a1 1; no listener metrics
+    # w_listener 0 and no scores: a0 1 + .5 = 1.5, a1 1; listener metrics present but undefined (NaN)
     kept, m = RewardAggregator(RewardConfig(w_listener=0)).score(GROUPS, [])
     assert [r.total for r in kept[0].rewards] == pytest.approx([1.5, 1.0])
-    assert not any(name.startswith("listener/") for name in m)
+    listener_metrics = {name: value for name, value in m.items() if name.startswith("listener/")}
+    assert "listener/contradiction_rate" in listener_metrics and "listener/brier" in listener_metrics
+    assert all(math.isnan(value) for value in listener_metrics.values())
 
 
 @pytest.mark.parametrize("scores, message", [
