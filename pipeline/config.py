@@ -46,6 +46,16 @@ class DataConfig(_Section):
     eval_pairs: int = Field(32, ge=0, description="Held-out pairs for evaluation.")
     image_size: int = Field(56, gt=0, description="Side of synthetic images, in pixels.")
     seed: int = Field(0, description="Seed of data order and of the per-pair image-order swap.")
+    split: str = Field("train", description="Dataset split to train on.")
+    subset: str = Field("", description="Dataset config name on the hub (e.g. ImageRewardDB '8k'); '' = default.")
+    format: Literal["auto", "imagereward", "hpdv2", "pickapic", "rapidata", "local"] = Field(
+        "auto", description="Row schema; 'auto' infers it from the hub id or the column names.")
+    streaming: bool = Field(False, description="Stream the dataset instead of downloading it (large sets).")
+    shuffle_buffer: int = Field(1000, gt=0, description="Shuffle buffer (rows) when streaming.")
+    tie_policy: Literal["skip", "random"] = Field("skip", description="Pairs people rated equal (Pick-a-Pic "
+                                                  "0.5/0.5, equal votes): skip and count, or a seeded coin.")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="Rows with a larger image are skipped as "
+                                  "oversized (before decoding); kept images are resized into model pixel bounds.")
 
 
 class EngineConfig(_Section):
@@ -111,6 +121,9 @@ class LearnerConfig(_Section):
     micro_batch_tokens: int = Field(4096, gt=0, description="Token budget of one micro-batch.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen.")
+    zero3_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3 keeps parameters with fewer "
+                                             "elements than this unpartitioned on every rank (DeepSpeed's "
+                                             "default); 0 partitions everything.")
     num_cpus: float = Field(1, ge=0, description="CPUs per learner rank.")
     num_gpus: float = Field(0, ge=0, description="GPUs per learner rank.")
     resource: str = Field("learner", description="Ray custom resource learner ranks ask for (one unit each).")

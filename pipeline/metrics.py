@@ -73,8 +73,8 @@ class PairRow:
     category: str = ""
     unparsable: int = 0  # answers that did not parse (of `samples`)
     samples: int = 1
-    contradictions: int = 0  # parsed answers the listener disagreed with
-    listened: int = 0  # parsed answers the listener scored
+    contradictions: int = 0  # answers the listener disagreed with (`pipeline.rewards.is_contradiction`)
+    listened: int = 0  # answers the listener judged (parsed, with a usable score)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,18 +90,6 @@ def row_from_answers(pair_id: str, prompt_id: str, gold: int, answers: Sequence[
         p_preferred=votes_gold / vote.n if vote.n else 0.0,
         correct=vote.predicted == gold, category=category, unparsable=vote.unparsable, samples=vote.n,
     )
-
-
-def is_contradiction(answer: Answer, listener_p_image_1: float) -> bool | None:
-    """Whether the listener, reading the reasoning, prefers the other image; None when nothing to compare.
-
-    The listener prefers image 1 when p(image 1) > 0.5, image 2 when < 0.5; exactly 0.5 is no preference,
-    hence no contradiction.
-    """
-    if answer is None:
-        return None
-    p_answer = listener_p_image_1 if answer == 1 else 1.0 - listener_p_image_1
-    return p_answer < 0.5
 
 
 def summarize(rows: Sequence[PairRow]) -> dict:
@@ -140,7 +128,8 @@ def rows_from_scores(prompt_id: str, ranks: Sequence[int], scores: Sequence[floa
                      category: str = "") -> list[PairRow]:
     """ImageReward pairs of one prompt judged by per-image scores; equal scores are a tie (wrong).
 
-    `pair_ids` follow `imagereward_pairs(ranks)`. p_preferred = s_gold / (s_i + s_j) (0.5 when both are 0).
+    `pair_ids` follow `imagereward_pairs(ranks)`; gold is in that order (1: image i). p_preferred =
+    s_gold / (s_i + s_j) (0.5 when both are 0).
     """
     rows = []
     for (i, j, gold), pair_id in zip(imagereward_pairs(ranks), pair_ids, strict=True):
@@ -150,5 +139,5 @@ def rows_from_scores(prompt_id: str, ranks: Sequence[int], scores: Sequence[floa
         s_gold = s_i if gold == 1 else s_j
         rows.append(PairRow(pair_id=pair_id, prompt_id=prompt_id, gold=gold, predicted=predicted,
                             p_preferred=s_gold / total if total > 0 else 0.5, correct=predicted == gold,
-                            category=category))
+                            category=category, samples=0))  # judged by scores: no answers of its own
     return rows

@@ -1,0 +1,459 @@
+"""Preference data: every dataset through `datasets.load_dataset`, as a resumable stream of pairs.
+
+Training (the driver):
+
+    source = PairSource.from_config(cfg.data, cfg.model)           # or PairSource(..., start=position)
+    pairs = source.next_batch(cfg.data.pairs_per_step)             # list[PreferencePair]
+    state = source.state()                                         # {"position": int, "skip_counts": {...}}
+    ...  # checkpoint `state`; on resume: PairSource.from_config(cfg.data, cfg.model, state=state)
+    mlflow.log_metrics(skip_metrics(source.skip_counts), step=step)
+
+`DataConfig.source` is "synthetic", a hub id (`THUDM/ImageRewardDB`, `ymhao/HPDv2`, `yuvalkirstain/pickapic_v2`,
+`Rapidata/...`) or a local path (a dataset dir in the hub's layout, an HPDv2 dir with `<split>.json`, or one
+jsonl / json / parquet file). The format comes from the hub id, else from the column names
+(`DataConfig.format` overrides). Adapters per format live in `pipeline/formats.py`.
+
+Order: a stream of candidate pairs, deterministic in (seed, shard). Map-style data is permuted per epoch
+(numpy, seeded by (seed, epoch)) and sharded by stride, so a position maps to a row in O(1). Streamed data
+(`DataConfig.streaming`, for sets too big to download) uses `IterableDataset.shuffle(seed + epoch,
+buffer)` and `split_dataset_by_node`; resuming re-reads the stream up to the position without decoding
+images. ImageRewardDB yields every pair of a prompt's images with different ranks; streamed, its rows stay
+in file order (a prompt's rows are contiguous there) and are not shuffled.
+
+`position` counts candidates consumed, skipped ones included, so a restart at a position continues the
+same sequence. A bad candidate is skipped, logged and counted in `skip_counts` by reason
+(`formats.SKIP_REASONS`); the unit is the candidate pair (for ImageRewardDB, also an image row whose rank is
+unusable, counted when the prompt's pairs are enumerated: once for map-style data, on every pass when
+streamed). `ranked_groups` (evaluation) counts image rows instead: a bad ImageRewardDB image drops that
+image once, not each of its pairs. Synthetic pairs are not swapped again:
+`pipeline/synthetic.py` already places the preferred image at random.
+
+Run the tests: `.venv/bin/python -m pytest tests/unit/test_data.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline import formats
+from pipeline.formats import BadRow, ImageBounds, RawPair, TiePolicy
+from pipeline.metrics import imagereward_pairs
+from pipeline.synthetic import synthetic_pair
+from pipeline.types import PreferencePair
+
+log = logging.getLogger(__name__)
+
+HUB_FORMATS: dict[str, str] = {
+    "THUDM/ImageRewardDB": "imagereward", "ymhao/HPDv2": "hpdv2", "yuvalkirstain/pickapic_v2": "pickapic",
+}
+# Hub repos that still ship a loading script, which datasets >= 4 no longer runs: read the hub's own
+# parquet export instead (its config names are the script's, e.g. ImageRewardDB "1k" ... "8k").
+# Not verifiable offline: if the export is missing, download the files and pass the local directory.
+HUB_REVISIONS: dict[str, str] = {"THUDM/ImageRewardDB": "refs/convert/parquet"}
+# Checked in order: the first format whose columns are all present wins.
+COLUMN_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("pickapic", frozenset({"jpg_0", "jpg_1", "label_0", "label_1", "caption"})),
+    ("rapidata", frozenset({"prompt", "image1", "image2", "votes_image1", "votes_image2"})),
+    ("imagereward", frozenset({"image", "prompt_id", "prompt", "rank"})),
+    ("hpdv2", frozenset({"prompt", "file_path", "human_preference"})),
+    ("local", frozenset({"prompt", "image_1", "image_2", "label"})),
+)
+LOGGED_PER_REASON = 5  # log the first few skips of each reason in full, then only count them
+
+Candidate = Callable[[], RawPair]  # resolving a candidate reads its row; it may raise BadRow
+
+
+@dataclass(frozen=True)
+class LoadedRows:
+    """A loaded dataset with everything needed to read its rows."""
+
+    rows: Any  # datasets.Dataset or datasets.IterableDataset, image columns undecoded
+    format: str
+    base_dir: Path | None  # where relative image paths point
+    streaming: bool
+
+
+def skip_metrics(skip_counts: dict[str, int], prefix: str = "data/skipped_") -> dict[str, float]:
+    """MLflow metric names for skip counts, every reason present (0 when none)."""
+    return {f"{prefix}{reason}": float(skip_counts.get(reason, 0)) for reason in formats.SKIP_REASONS}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+    """The hub boundary for datasets whose rows point at files (HPDv2); tests replace this function."""
+    from huggingface_hub import snapshot_download as download
+
+    return download(repo_id, repo_type="dataset", allow_patterns=allow_patterns)
+
+
+def load_rows(source: str, split: str, fmt: str = "auto", subset: str = "", streaming: bool = False) -> LoadedRows:
+    """Load `source` (hub id or local path) with `datasets`, image columns left undecoded."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if not path.exists() and HUB_FORMATS.get(source) == "hpdv2":
+        path = Path(snapshot_download(source, [f"{split}.json", f"{split}/*"]))
+    name = subset or None
+    if path.is_file():
+        builder = "parquet" if path.suffix == ".parquet" else "json"
+        rows = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming)
+        base_dir = path.parent
+    elif path.is_dir() and (path / f"{split}.json").is_file():  # HPDv2 layout: <dir>/<split>.json
+        rows = datasets.load_dataset("json", data_files={split: str(path / f"{split}.json")}, split=split,
+                                     streaming=streaming)
+        base_dir = path
+    elif path.is_dir():
+        rows = datasets.load_dataset(str(path), name, split=split, streaming=streaming)
+        base_dir = path
+    else:
+        rows = datasets.load_dataset(source, name, split=split, streaming=streaming,
+                                     revision=HUB_REVISIONS.get(source))
+        base_dir = None
+    rows = _undecoded(rows)
+    if fmt == "auto":
+        fmt = HUB_FORMATS.get(source) or ("rapidata" if source.startswith("Rapidata/") else "")
+        fmt = fmt or detect_format(_column_names(rows))
+    return LoadedRows(rows=rows, format=fmt, base_dir=base_dir, streaming=streaming)
+
+
+def detect_format(columns: list[str]) -> str:
+    present = set(columns)
+    for fmt, required in COLUMN_SIGNATURES:
+        if required <= present:
+            return fmt
+    raise ValueError(f"cannot tell the dataset format from its columns {sorted(present)}; set data.format")
+
+
+def _column_names(rows: Any) -> list[str]:
+    if rows.column_names is not None:
+        return list(rows.column_names)
+    return list(next(iter(rows.take(1))).keys())  # streamed json without known features
+
+
+def _undecoded(rows: Any) -> Any:
+    """Cast image columns to undecoded structs, so a corrupt image is our BadRow, not a crash in datasets."""
+    import datasets
+
+    for name, feature in (rows.features or {}).items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            rows = rows.cast_column(name, datasets.Image(decode=False))
+    return rows
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def _row_candidate(adapter: Callable, row_of: Callable[[], dict], index: int, seed: int,
+                   ties: TiePolicy) -> Candidate:
+    return lambda: adapter(row_of(), index, seed, ties)
+
+
+def _imagereward_groups(prompt_ids: list, ranks: list, counts: Counter) -> list[tuple[int, int, int]]:
+    """(row_i, row_j, preferred) of every pair with different ranks, per prompt in first-seen order."""
+    groups: dict[Any, list[tuple[int, int]]] = {}
+    for index, (prompt_id, rank) in enumerate(zip(prompt_ids, ranks, strict=True)):
+        try:
+            if prompt_id is None:
+                raise BadRow("missing_field", "prompt_id")
+            rank = formats.imagereward_rank({"rank": rank})
+        except BadRow as bad:
+            counts[bad.reason] += 1
+            log.warning("data: skipped image row %d (%s)", index, bad)
+            continue
+        groups.setdefault(prompt_id, []).append((index, rank))
+    out = []
+    for members in groups.values():
+        for i, j, preferred in imagereward_pairs([rank for _, rank in members]):
+            out.append((members[i][0], members[j][0], preferred))
+    return out
+
+
+def _ir_candidate(rows: Any, i: int, j: int, preferred: int, position_of: dict[int, int]) -> Candidate:
+    return lambda: formats.imagereward_pair(rows[i], rows[j], preferred, position_of[i], position_of[j])
+
+
+def _positions_in_prompt(prompt_ids: list) -> dict[int, int]:
+    seen: Counter = Counter()
+    position_of = {}
+    for index, prompt_id in enumerate(prompt_ids):
+        position_of[index] = seen[prompt_id]
+        seen[prompt_id] += 1
+    return position_of
+
+
+@dataclass(frozen=True)
+class _RowCandidates:
+    """Candidate k is row k, made on demand (no per-row object for a million-row dataset)."""
+
+    rows: Any
+    adapter: Callable
+    seed: int
+    ties: TiePolicy
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> Candidate:
+        return _row_candidate(self.adapter, lambda: self.rows[k], k, self.seed, self.ties)
+
+
+def indexed_candidates(loaded: LoadedRows, seed: int, ties: TiePolicy, counts: Counter) -> Sequence[Candidate]:
+    """Every candidate of a map-style dataset, in file order (rows are read only when resolved)."""
+    rows = loaded.rows
+    if loaded.format == "imagereward":
+        prompt_ids, ranks = rows["prompt_id"], rows["rank"]  # metadata columns only: no image bytes read
+        position_of = _positions_in_prompt(prompt_ids)
+        return [_ir_candidate(rows, i, j, p, position_of) for i, j, p in _imagereward_groups(prompt_ids, ranks, counts)]
+    return _RowCandidates(rows, formats.PAIR_ROW_ADAPTERS[loaded.format], seed, ties)
+
+
+def streamed_candidates(loaded: LoadedRows, epoch_seed: int | None, seed: int, ties: TiePolicy, buffer: int,
+                        counts: Counter) -> Iterator[Candidate]:
+    """One epoch of a streamed dataset's candidates (rows of pair formats shuffled in a seeded buffer,
+    unless `epoch_seed` is None)."""
+    if loaded.format == "imagereward":
+        yield from _streamed_imagereward(loaded.rows, counts)
+        return
+    adapter = formats.PAIR_ROW_ADAPTERS[loaded.format]
+    rows = loaded.rows if epoch_seed is None else loaded.rows.shuffle(seed=epoch_seed, buffer_size=buffer)
+    for index, row in enumerate(rows):
+        yield _row_candidate(adapter, (lambda r=row: r), index, seed, ties)
+
+
+def _streamed_imagereward(rows: Any, counts: Counter) -> Iterator[Candidate]:
+    for _, group in itertools.groupby(rows, key=lambda row: row.get("prompt_id")):
+        members = list(group)
+        prompt_ids = [row.get("prompt_id") for row in members]
+        pairs = _imagereward_groups(prompt_ids, [row.get("rank") for row in members], counts)
+        position_of = _positions_in_prompt(prompt_ids)
+        for i, j, preferred in pairs:
+            yield _ir_candidate(members, i, j, preferred, position_of)
+
+
+# ---------------------------------------------------------------- the resumable source
+
+
+class PairSource:
+    """A deterministic, resumable stream of `PreferencePair`s (see the module docstring).
+
+    `next_batch(n)` returns exactly n pairs (bad candidates skipped and counted); `position` is the number
+    of candidates consumed; `PairSource(..., start=position)` continues the same sequence. With
+    `loop=False` the source ends after one epoch (`next_batch` then returns fewer pairs, finally none).
+    """
+
+    def __init__(self, source: str = "synthetic", *, split: str = "train", fmt: str = "auto", subset: str = "",
+                 streaming: bool = False, shuffle: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
+                 ties: TiePolicy = "skip", bounds: ImageBounds = ImageBounds(), image_size: int = 56,
+                 shard_index: int = 0, num_shards: int = 1, start: int = 0, loop: bool = True,
+                 swap: bool = True, skip_counts: dict[str, int] | None = None):
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+        self.seed, self.ties, self.bounds, self.swap = seed, ties, bounds, swap
+        self.shuffle, self.shuffle_buffer, self.loop = shuffle, shuffle_buffer, loop
+        self.shard_index, self.num_shards, self.image_size = shard_index, num_shards, image_size
+        self.skip_counts: Counter = Counter(skip_counts or {})
+        self._logged: Counter = Counter()
+        self.position = start
+        self.format = "synthetic" if source == "synthetic" else ""
+        self._loaded: LoadedRows | None = None
+        self._indexed: Sequence[Candidate] | None = None
+        self._order_epoch, self._order = -1, np.arange(0)  # the cached permutation of one epoch
+        if source != "synthetic":
+            self._loaded = load_rows(source, split, fmt, subset, streaming)
+            self.format = self._loaded.format
+            if streaming:
+                self._loaded = _shard_stream(self._loaded, shard_index, num_shards)
+            else:
+                # A resumed source's restored counts already include what enumerating the rows counts.
+                enumerated = Counter() if skip_counts is not None else self.skip_counts
+                self._indexed = indexed_candidates(self._loaded, seed, ties, enumerated)
+        self._stream = self._candidates(start)
+
+    @classmethod
+    def from_config(cls, data, model, *, state: dict | None = None, shard_index: int = 0,
+                    num_shards: int = 1) -> "PairSource":
+        """The training source of `DataConfig` `data` and `ModelConfig` `model` (pixel bounds)."""
+        state = state or {}
+        return cls(data.source, split=data.split, fmt=data.format, subset=data.subset, streaming=data.streaming,
+                   shuffle_buffer=data.shuffle_buffer, seed=data.seed, ties=data.tie_policy,
+                   bounds=ImageBounds(model.min_pixels, model.max_pixels, data.max_image_pixels),
+                   image_size=data.image_size, shard_index=shard_index, num_shards=num_shards,
+                   start=int(state.get("position", 0)), skip_counts=state.get("skip_counts"))
+
+    def state(self) -> dict:
+        """What a checkpoint must keep to resume this source: position and skip counts so far."""
+        return {"position": self.position, "skip_counts": dict(self.skip_counts)}
+
+    def next_batch(self, n: int) -> list[PreferencePair]:
+        pairs: list[PreferencePair] = []
+        while len(pairs) < n:
+            candidate = next(self._stream, None)
+            if candidate is None:
+                break
+            self.position += 1
+            pair = self._resolve(candidate)
+            if pair is not None:
+                pairs.append(pair)
+        return pairs
+
+    def __iter__(self) -> Iterator[PreferencePair]:
+        while batch := self.next_batch(1):
+            yield batch[0]
+
+    def _resolve(self, candidate: Callable[[], Any]) -> PreferencePair | None:
+        try:
+            raw = candidate()
+            if isinstance(raw, PreferencePair):  # synthetic: already decoded and randomised
+                return raw
+            base_dir = self._loaded.base_dir if self._loaded else None
+            return formats.materialize(raw, base_dir, self.bounds, self.seed, swap=self.swap)
+        except BadRow as bad:
+            self._count_skip(bad, f"candidate {self.position - 1}")
+            return None
+
+    def _count_skip(self, bad: BadRow, where: str) -> None:
+        self.skip_counts[bad.reason] += 1
+        self._logged[bad.reason] += 1
+        if self._logged[bad.reason] <= LOGGED_PER_REASON:
+            log.warning("data: skipped %s (%s); skipped so far: %s", where, bad, dict(self.skip_counts))
+
+    def _candidates(self, start: int) -> Iterator[Callable[[], Any]]:
+        if self.format == "synthetic":
+            # Shard by stride over the infinite synthetic stream: shard s takes indices s, s+S, s+2S, ...
+            return (lambda k=k: synthetic_pair(self.seed, self.shard_index + k * self.num_shards, self.image_size)
+                    for k in itertools.count(start))
+        if self._indexed is not None:
+            return self._indexed_from(start)
+        return itertools.islice(self._streamed_epochs(), start, None)  # re-reads rows, decodes no image
+
+    def _indexed_from(self, start: int) -> Iterator[Candidate]:
+        total = len(self._indexed)
+        mine = np.arange(self.shard_index, total, self.num_shards)  # this shard's slots of each epoch's order
+        if len(mine) == 0:
+            return
+        for position in itertools.count(start):
+            epoch, offset = divmod(position, len(mine))
+            if epoch > 0 and not self.loop:
+                return
+            yield self._indexed[int(self._epoch_order(epoch, total)[mine[offset]])]
+
+    def _epoch_order(self, epoch: int, total: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(total)
+        if self._order_epoch != epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(total)
+            self._order_epoch = epoch
+        return self._order
+
+    def _streamed_epochs(self) -> Iterator[Candidate]:
+        for epoch in itertools.count():
+            epoch_seed = self.seed + epoch if self.shuffle else None
+            yield from streamed_candidates(self._loaded, epoch_seed, self.seed, self.ties,
+                                           self.shuffle_buffer, self.skip_counts)
+            if not self.loop:
+                return
+
+
+def _shard_stream(loaded: LoadedRows, shard_index: int, num_shards: int) -> LoadedRows:
+    from datasets.distributed import split_dataset_by_node
+
+    if num_shards == 1:
+        return loaded
+    rows = split_dataset_by_node(loaded.rows, rank=shard_index, world_size=num_shards)
+    return LoadedRows(rows=rows, format=loaded.format, base_dir=loaded.base_dir, streaming=True)
+
+
+# ---------------------------------------------------------------- evaluation groups
+
+
+@dataclass(frozen=True, eq=False)
+class RankedGroup:
+    """A prompt's images with human ranks (1 = best); a two-image pair dataset gives groups of two."""
+
+    group_id: str
+    prompt_id: str
+    prompt: str
+    category: str
+    images: tuple[Image.Image, ...]
+    ranks: tuple[int, ...]
+    image_ids: tuple[int, ...] = ()  # each image's position among its prompt's rows (bad rows included)
+
+    def pair_id(self, i: int, j: int) -> str:
+        """`group:a-b` with the images' positions in the dataset (as `PairSource` names the same pair)."""
+        a, b = (self.image_ids[i], self.image_ids[j]) if self.image_ids else (i, j)
+        return f"{self.group_id}:{a}-{b}"
+
+    def pairs(self, seed: int, swap: bool = True) -> list[PreferencePair]:
+        """Every pair with different ranks (the ImageReward protocol), each in its seeded image order."""
+        out = []
+        for i, j, preferred in imagereward_pairs(self.ranks):
+            pair_id = self.pair_id(i, j)
+            first, second = self.images[i], self.images[j]
+            if swap and formats.swapped(seed, pair_id):
+                first, second, preferred = second, first, 3 - preferred
+            out.append(PreferencePair(pair_id=pair_id, prompt=self.prompt, image_1=first, image_2=second,
+                                      preferred=preferred, prompt_id=self.prompt_id, category=self.category))
+        return out
+
+
+def ranked_groups(source: str, split: str, *, fmt: str = "auto", subset: str = "", seed: int = 0,
+                  ties: TiePolicy = "skip", bounds: ImageBounds = ImageBounds(),
+                  skip_counts: Counter | None = None, max_groups: int | None = None) -> Iterator[RankedGroup]:
+    """The evaluation groups of a dataset, in file order; bad rows skipped and counted in `skip_counts`.
+
+    ImageRewardDB rows are grouped by prompt (a bad image row drops that image only, counted once); every
+    other format gives one group of two per valid pair (ranks (1, 2) when image 1 is preferred).
+    """
+    counts = skip_counts if skip_counts is not None else Counter()
+    if source != "synthetic":
+        loaded = load_rows(source, split, fmt, subset, streaming=False)
+        if loaded.format == "imagereward":
+            yield from itertools.islice(_imagereward_groups_decoded(loaded, bounds, counts), max_groups)
+            return
+    pairs = PairSource(source, split=split, fmt=fmt, subset=subset, shuffle=False, seed=seed, ties=ties,
+                       bounds=bounds, loop=False, swap=False)
+    for pair in itertools.islice(pairs, max_groups):
+        ranks = (1, 2) if pair.preferred == 1 else (2, 1)
+        yield RankedGroup(group_id=pair.pair_id, prompt_id=pair.prompt_id, prompt=pair.prompt,
+                          category=pair.category, images=(pair.image_1, pair.image_2), ranks=ranks)
+    counts.update(pairs.skip_counts)
+
+
+def _imagereward_groups_decoded(loaded: LoadedRows, bounds: ImageBounds, counts: Counter) -> Iterator[RankedGroup]:
+    rows = loaded.rows
+    members: dict[Any, list[int]] = {}
+    for index, prompt_id in enumerate(rows["prompt_id"]):
+        members.setdefault(prompt_id, []).append(index)
+    for prompt_id, indices in members.items():
+        images, ranks, image_ids, prompt, category = [], [], [], None, ""
+        for position, index in enumerate(indices):
+            row = rows[index]
+            try:
+                if prompt_id is None:
+                    raise BadRow("missing_field", "prompt_id")
+                rank = formats.imagereward_rank(row)
+                text = formats.prompt_of(row, "prompt")
+                image = formats.decode_image(formats.need(row, "image"), loaded.base_dir, bounds)
+            except BadRow as bad:
+                counts[bad.reason] += 1
+                log.warning("data: skipped image row %d of prompt %s (%s)", index, prompt_id, bad)
+                continue
+            images.append(formats.resize_within(image, bounds.min_pixels, bounds.max_pixels))
+            ranks.append(rank)
+            image_ids.append(position)
+            prompt = prompt if prompt is not None else text
+            category = category or str(row.get("classification") or "")
+        if len(images) >= 2:
+            yield RankedGroup(group_id=str(prompt_id), prompt_id=str(prompt_id), prompt=prompt, category=category,
+                              images=tuple(images), ranks=tuple(ranks), image_ids=tuple(image_ids))
