@@ -71,6 +71,32 @@ class ListenerScore:
     usable: bool = True  # False: no reasoning left after masking; p is the defined 0.5
 
 
+@dataclass(frozen=True, eq=False)
+class ListenerRequest:
+    """One completion for the listener to score: its pair (prompt, images, label) and the reasoner's text."""
+
+    pair: PreferencePair
+    completion_index: int
+    text: str  # the full completion; the listener masks the answer itself
+
+
+@dataclass(frozen=True)
+class ListenerPoolStats:
+    """The listener pool's state and counters since it started."""
+
+    num_workers: int  # target size (after the last resize)
+    ready_workers: int  # workers taking requests now
+    queued: int  # requests waiting for a free slot (backpressure)
+    in_flight: int  # requests sent to a worker and not yet answered
+    completed: int  # requests answered
+    retries: int  # requests re-sent after their worker died
+    restarts: int  # workers replaced after dying
+    failed: int  # requests answered with an error (a worker raised, or retries ran out)
+
+    def as_metrics(self, prefix: str = "listener/") -> dict[str, float]:
+        return {f"{prefix}{name}": float(value) for name, value in self.__dict__.items()}
+
+
 @dataclass(frozen=True)
 class CompletionReward:
     """Every reward component of one completion, kept for logging."""
@@ -129,6 +155,27 @@ class WeightVersion:
     num_bytes: int
     num_buckets: int
     seconds: float
+    transport: str = ""  # SyncConfig.transport that carried the weights
+    peak_gathered_bytes: int = 0  # most bytes of gathered (unpartitioned) parameters alive at once
+
+
+@dataclass(frozen=True)
+class WeightBucketMeta:
+    """Names, dtypes and shapes of one weight-sync bucket, packed back to back in one byte buffer."""
+
+    names: tuple[str, ...]  # checkpoint (model.safetensors) names
+    dtypes: tuple[str, ...]  # torch dtype names, e.g. "bfloat16"
+    shapes: tuple[tuple[int, ...], ...]
+    num_bytes: int  # the packed buffer's length
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A finished checkpoint: where it is and where the run stood."""
+
+    path: str  # the checkpoint directory (DeepSpeed state, `policy/` safetensors export, manifest.json)
+    step: int
+    data_position: dict  # JSON-serialisable position in the data stream, as the driver passed it
 
 
 @dataclass(frozen=True)

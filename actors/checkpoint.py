@@ -1,0 +1,218 @@
+"""Learner checkpoints: DeepSpeed state for exact resume + a safetensors export of the policy, atomically.
+
+Every learner rank calls `save_checkpoint` (DeepSpeed's save is collective: each rank writes its own
+ZeRO-3 partitions and optimizer state). Layout of `ROOT/step-00000012/`:
+
+    manifest.json         step, data position, world size, files (written last, before the rename)
+    deepspeed/state/      DeepSpeed checkpoint: partitions, optimizer, scheduler, engine counters
+    rng/rank-N.json       python / numpy / torch (and CUDA) RNG states of rank N, as JSON
+    policy/               config, `model-0000k-of-0000n.safetensors` + index, processor and tokenizer files:
+                          loadable by `from_pretrained` and `vllm.LLM`
+
+Everything is written into `ROOT/.tmp-step-00000012/` and renamed into place by rank 0 after a barrier,
+so a crash never leaves a half checkpoint under a final name; then only the last `keep` are kept. ROOT must
+be on a filesystem every rank sees (local disk for one node, a shared volume on a cluster).
+
+Loading never unpickles arbitrary objects: our files are JSON and safetensors, and DeepSpeed's own
+`torch.load` calls go through `SafeTorchCheckpointEngine` (`weights_only=True`, with the few DeepSpeed
+classes its checkpoints hold allow-listed); during a resume any other `torch.load` raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.types import CheckpointInfo
+
+DS_TAG = "state"
+MANIFEST = "manifest.json"
+EXPORT_SHARD_BYTES = 512 * 2**20  # the export's safetensors shard size (= its gather bucket)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Finished checkpoints under `root` (those with a manifest), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / MANIFEST).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(engine, processor, root: str, step: int, data_position: dict, keep: int, *, rank: int,
+                    model_path: str) -> CheckpointInfo:
+    """All ranks: write checkpoint `step` atomically, then prune to the last `keep`. Returns its info."""
+    import torch.distributed as dist
+
+    root_path = Path(root)
+    final = root_path / step_dir_name(step)
+    staging = root_path / f".tmp-{step_dir_name(step)}"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    client_state = {"step": step, "data_position": json.dumps(data_position)}
+    engine.save_checkpoint(str(staging / "deepspeed"), tag=DS_TAG, client_state=client_state, save_latest=False)
+    (staging / "rng").mkdir(exist_ok=True)
+    (staging / "rng" / f"rank-{rank}.json").write_text(json.dumps(rng_state()))
+    export_policy(engine.module, processor, staging / "policy", rank=rank)
+    dist.barrier()
+    if rank == 0:
+        write_manifest(staging, step, data_position, dist.get_world_size(), model_path)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        prune(root_path, keep)
+    dist.barrier()
+    return CheckpointInfo(path=str(final), step=step, data_position=data_position)
+
+
+def load_checkpoint(engine, path: str, *, rank: int) -> CheckpointInfo:
+    """All ranks: restore model, optimizer, scheduler, engine counters and this rank's RNG states."""
+    checkpoint = Path(path)
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    import torch.distributed as dist
+
+    if manifest["world_size"] != dist.get_world_size():
+        raise ValueError(f"{path}: saved with {manifest['world_size']} learner ranks, resuming with "
+                         f"{dist.get_world_size()}; ZeRO-3 partitions need the same count")
+    engine.checkpoint_engine = SafeTorchCheckpointEngine()
+    with only_weights_only_loads():
+        load_path, _ = engine.load_checkpoint(str(checkpoint / "deepspeed"), tag=DS_TAG,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"{path}: no DeepSpeed state under deepspeed/{DS_TAG}")
+    set_rng_state(json.loads((checkpoint / "rng" / f"rank-{rank}.json").read_text()))
+    return CheckpointInfo(path=str(checkpoint), step=int(manifest["step"]), data_position=manifest["data_position"])
+
+
+@contextmanager
+def only_weights_only_loads() -> Iterator[None]:
+    """While resuming, any `torch.load` that would unpickle arbitrary objects raises instead."""
+    import torch
+
+    original = torch.load
+
+    def guarded(*args: Any, weights_only: bool | None = None, **kwargs: Any) -> Any:
+        if weights_only is not True:
+            raise RuntimeError("refusing torch.load(weights_only=False) while loading a checkpoint")
+        return original(*args, weights_only=True, **kwargs)
+
+    torch.load = guarded
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def export_policy(model, processor, out: Path, *, rank: int) -> None:
+    """All ranks (the gather is collective); rank 0 writes sharded safetensors + config + processor."""
+    from safetensors.torch import save_file
+
+    from actors.weight_sync import iter_gathered_buckets, plan_buckets
+
+    total = len(plan_buckets(model, EXPORT_SHARD_BYTES, include_frozen=True))
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    for index, named in enumerate(iter_gathered_buckets(model, EXPORT_SHARD_BYTES, include_frozen=True), start=1):
+        if rank != 0:
+            continue
+        shard = f"model-{index:05d}-of-{total:05d}.safetensors"
+        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in named}
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({name: shard for name in tensors})
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+    if rank == 0:
+        index_json = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+        model.config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
+        processor.save_pretrained(out)
+
+
+def write_manifest(directory: Path, step: int, data_position: dict, world_size: int, model_path: str) -> None:
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    manifest = {"format": 1, "step": step, "data_position": data_position, "world_size": world_size,
+                "base_model": model_path, "deepspeed_dir": "deepspeed", "deepspeed_tag": DS_TAG,
+                "policy_dir": "policy", "created_unix": time.time(), "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-able values."""
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": _to_lists(random.getstate()), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _to_lists(value: Any) -> Any:
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _safe_globals() -> list[Any]:
+    """The non-tensor classes a ZeRO-3 checkpoint of ours holds (found by loading one)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _make_safe_engine_class():
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class _Safe(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            import torch
+
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return _Safe
+
+
+def SafeTorchCheckpointEngine():  # noqa: N802 - a factory standing in for a class (deepspeed imported lazily)
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`."""
+    return _make_safe_engine_class()()

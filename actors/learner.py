@@ -1,0 +1,330 @@
+"""The DeepSpeed ZeRO-3 learner: W ranks, one torch.distributed world, one GRPO step per `train_step`.
+
+`LearnerRank` is a plain class (one process, one rank); `LearnerGroup` makes W Ray actors of it that
+form one world (gloo on CPU, NCCL on GPU, picked from the device; MASTER_ADDR 127.0.0.1 when every rank
+shares a node, else rank 0's IP; a free port found on rank 0's node) and fans every call out to all ranks.
+
+    group = LearnerGroup(model_path, cfg.learner, cfg.algo, seed=0, max_new_tokens=32, temperature=1.0)
+    metrics = group.train_step(batch)                         # StepMetrics of the whole batch
+    report = group.sync_weights(rollout_workers, version, cfg.sync)   # WeightVersion
+    info = group.save_checkpoint(root, step, data_position, keep=2)   # CheckpointInfo
+    info = group.load_checkpoint(info.path)                   # restores model, optimizer, scheduler, RNG
+
+One step: every rank plans the same micro-batches (`pipeline.batching`) and takes its row; each
+micro-batch recomputes the completion tokens' logprobs (`pipeline.logprobs`) and adds its contribution
+to the batch loss (`pipeline.grpo.grpo_loss`, normalised by counts of the WHOLE batch).
+
+Gradient scaling (why the loss is multiplied by `world_size`): we want the gradient of the full-batch
+loss, i.e. the SUM of the contributions' gradients over micro-batches and ranks. We call
+`engine.backward(loss, scale_wrt_gas=False)`, so DeepSpeed does not divide by gradient_accumulation_steps,
+and mark the last micro-batch as the accumulation boundary ourselves (the micro-batch count changes from
+step to step); ZeRO-3's gradient reduce-scatter AVERAGES over the W data-parallel ranks, so each
+contribution is multiplied by W first. Gradient clipping then sees the full-batch gradient.
+
+Logprobs are scored at the rollout's sampling `temperature` (pass `cfg.rollout.temperature`), matching the
+rollout engine's processed logprobs; top-p truncation is not reproduced.
+
+Old logprobs (choice): with `algo.tis_cap` unset, the ratio is taken against the rollout engine's
+logprobs (the behaviour policy that sampled the tokens, as in PPO); with `tis_cap` set, against the
+learner's own detached logprobs (one update per batch, so they are "before this step's updates") and the
+rollout logprobs enter as the TIS weight. The reference model is built only when `algo.kl_coef > 0`.
+
+Tests: `pytest -m integration tests/integration/test_learner.py` (2 ranks on gloo, about 2 min on 2 cores);
+`pytest -m gpu tests/gpu` (NCCL, needs CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+from pipeline.batching import plan_micro_batches
+from pipeline.config import AlgoConfig, LearnerConfig, SyncConfig
+from pipeline.grpo import LossNormalizer, aggregate, combine_metrics, grpo_loss
+from pipeline.logprobs import MicroBatchInputs, VisionSpec, build_inputs, completion_logprobs
+from pipeline.types import CheckpointInfo, StepMetrics, TrainBatch, TrainSequence, WeightVersion
+
+def deepspeed_config(cfg: LearnerConfig, world_size: int, with_optimizer: bool = True) -> dict[str, Any]:
+    """The ZeRO-3 config of the policy (or, without optimizer, of the frozen reference)."""
+    zero: dict[str, Any] = {
+        "stage": 3,
+        "stage3_param_persistence_threshold": cfg.zero3_persistence_threshold,
+        "stage3_gather_16bit_weights_on_model_save": False,  # we export through our own bucketed gather
+    }
+    if with_optimizer and cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # a "sample" is one packed micro-batch; GAS is set per step
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.dtype == "float16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW: no JIT-built optimizer op
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerRank:
+    """One ZeRO-3 rank. Construct, then `setup(master_addr, master_port)` on every rank at once."""
+
+    def __init__(self, model_path: str, learner: LearnerConfig, algo: AlgoConfig, rank: int, world_size: int,
+                 seed: int = 0, max_new_tokens: int = 32, temperature: float = 1.0) -> None:
+        self.model_path, self.cfg, self.algo = str(model_path), learner, algo
+        self.rank, self.world_size, self.seed, self.max_new_tokens = rank, world_size, seed, max_new_tokens
+        self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts: no rescaling
+        self.engine: Any = None
+        self.ref_engine: Any = None
+        self._transports: dict[tuple, Any] = {}
+
+    # ---- set-up -----------------------------------------------------------------------------------
+
+    def node_address(self) -> tuple[str, str, int]:
+        """(node id, node IP, a free port on this node) for the rendezvous."""
+        import ray
+
+        from actors.weight_sync import free_port
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the world and build the DeepSpeed engine(s) (and the reference when kl_coef > 0)."""
+        import torch
+
+        cuda = torch.cuda.is_available()
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")  # before deepspeed is imported
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray gives each rank its own GPU
+        torch.set_num_threads(max(1, int(self.cfg.num_cpus)))  # Ray sets OMP_NUM_THREADS=1 in actors
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        seed_everything(self.seed)
+        self._load_processor()
+        self.engine = self._build_engine(with_optimizer=True)
+        if self.algo.kl_coef > 0:
+            self.ref_engine = self._build_engine(with_optimizer=False)
+
+    def _load_processor(self) -> None:
+        from transformers import AutoConfig, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        config = AutoConfig.from_pretrained(self.model_path)
+        tokenizer = self.processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.vision = VisionSpec(image_token_id=config.image_token_id, pad_token_id=int(pad),
+                                 merge_size=int(self.processor.image_processor.merge_size))
+
+    def _build_engine(self, with_optimizer: bool):
+        import deepspeed
+        import torch
+        from transformers import AutoModelForImageTextToText
+        from transformers.integrations import HfDeepSpeedConfig
+
+        config = deepspeed_config(self.cfg, self.world_size, with_optimizer)
+        self._hf_ds_config = HfDeepSpeedConfig(config)  # must exist (and stay referenced) before from_pretrained
+        model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg.dtype))
+        if not with_optimizer:
+            model.requires_grad_(False)
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            engine.module.eval()
+            return engine
+        if self.cfg.freeze_vision:
+            vision_tower(model).requires_grad_(False)
+        if self.cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], self.cfg)
+        warmup = self.cfg.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=config)
+        return engine
+
+    # ---- one GRPO step ------------------------------------------------------------------------------
+
+    def train_step(self, batch: TrainBatch) -> StepMetrics:
+        """One optimizer step on the whole batch; every rank returns the same batch-level metrics."""
+        start = time.perf_counter()
+        sequences = batch.sequences
+        if not sequences:
+            raise ValueError(f"step {batch.step}: empty TrainBatch")
+        lengths = [len(s.prompt_token_ids) + len(s.completion_token_ids) for s in sequences]
+        plan = plan_micro_batches(lengths, self.world_size, self.cfg.micro_batch_tokens)[self.rank]
+        normalizer = LossNormalizer.from_lengths([len(s.completion_token_ids) for s in sequences],
+                                                 max_tokens=self.max_new_tokens)
+        lr = float(self.engine.get_lr()[0])
+        self.engine.train()
+        parts: list[dict[str, float]] = []
+        tokens = 0
+        for index, micro in enumerate(plan):
+            self.engine.set_gradient_accumulation_boundary(index == len(plan) - 1)
+            # An empty slot re-runs sequence 0 with zero weight: ZeRO-3's collectives need every rank.
+            chosen = [sequences[i] for i in micro] or [sequences[0]]
+            loss, metrics, n_tokens = self._micro_step(chosen, normalizer, real=bool(micro))
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.engine.step()
+            if micro:
+                parts.append(metrics)
+                tokens += n_tokens
+        grad_norm = self.engine.get_global_grad_norm()
+        values = self._reduce_metrics(parts, tokens)
+        seconds = time.perf_counter() - start
+        values.update(grad_norm=float(grad_norm if grad_norm is not None else float("nan")), lr=lr,
+                      step_seconds=seconds, tokens_per_s=values["tokens"] / seconds,
+                      completion_tokens=float(batch.num_completion_tokens), sequences=float(len(sequences)),
+                      micro_batches=float(len(plan)))
+        return StepMetrics(step=batch.step, values=values)
+
+    def _micro_step(self, sequences: list[TrainSequence], normalizer: LossNormalizer, real: bool):
+        """(loss contribution, metrics, tokens) of one micro-batch."""
+        import torch
+
+        inputs: MicroBatchInputs = build_inputs(sequences, self.processor.image_processor, self.vision)
+        inputs = inputs.to(self.device, pixel_dtype=getattr(torch, self.cfg.dtype))
+        logp_BT = completion_logprobs(self.engine, inputs, self.temperature)
+        ref_logp_BT = None
+        if self.ref_engine is not None:  # also on empty slots: the reference's gathers are collective too
+            with torch.no_grad():
+                ref_logp_BT = completion_logprobs(self.ref_engine, inputs, self.temperature)
+        if not real:
+            return logp_BT.sum() * 0.0, {}, 0
+        rollout_BT = inputs.rollout_logp_BT
+        old_BT = logp_BT.detach() if self.algo.tis_cap is not None else rollout_BT
+        loss, metrics = grpo_loss(
+            logp_BT, old_BT, inputs.advantages_B, inputs.mask_BT, normalizer,
+            eps_low=self.algo.eps_low, eps_high=self.algo.eps_high, dual_clip=self.algo.dual_clip,
+            rollout_logp_BT=rollout_BT, tis_cap=self.algo.tis_cap, ref_logp_BT=ref_logp_BT,
+            kl_coef=self.algo.kl_coef, kl_estimator=self.algo.kl_estimator, loss_agg=self.algo.loss_agg)
+        # |learner - engine| logprob gap of the sampled tokens (a token mean, additive like grpo's metrics).
+        metrics["learner_rollout_logp_diff"] = aggregate(
+            (logp_BT.detach() - rollout_BT).abs(), inputs.mask_BT, normalizer, "token_mean")
+        metrics["loss"] = loss.detach()
+        return loss, {k: float(v) for k, v in metrics.items()}, inputs.num_tokens
+
+    def _reduce_metrics(self, parts: list[dict[str, float]], tokens: int) -> dict[str, float]:
+        """Combine the micro-batches' metrics over all ranks (grpo's additive/min/max rules)."""
+        import torch.distributed as dist
+
+        mine = {**combine_metrics(parts), "tokens": float(tokens)}
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        return combine_metrics(everyone)
+
+    # ---- weights and checkpoints --------------------------------------------------------------------
+
+    def sync_weights(self, workers: list[Any], version: int, sync: SyncConfig) -> WeightVersion | None:
+        """All ranks gather; rank 0 sends to `workers` and returns the report (others None)."""
+        from actors.weight_sync import make_transport, sync_weights
+
+        transport = None
+        if self.rank == 0:
+            key = (sync.transport, tuple(w._actor_id.hex() for w in workers))
+            if key not in self._transports:  # the collective group is formed once per worker set
+                self._transports[key] = make_transport(sync.transport, workers)
+            transport = self._transports[key]
+        return sync_weights(self.engine.module, transport, version, int(sync.bucket_mb * 2**20), sync.transport)
+
+    def gathered_state_dict(self, include_frozen: bool = True) -> dict[str, Any] | None:
+        """Rank 0: checkpoint name -> numpy copy of every (trainable) parameter; for tests and tools."""
+        from actors.weight_sync import iter_gathered_buckets
+
+        state: dict[str, Any] = {}
+        for named in iter_gathered_buckets(self.engine.module, 64 * 2**20, include_frozen=include_frozen):
+            if self.rank == 0:
+                state.update({name: t.detach().float().cpu().numpy().copy() for name, t in named})
+        return state if self.rank == 0 else None
+
+    def save_checkpoint(self, root: str, step: int, data_position: dict, keep: int) -> CheckpointInfo:
+        from actors.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.engine, self.processor, root, step, data_position, keep,
+                               rank=self.rank, model_path=self.model_path)
+
+    def load_checkpoint(self, path: str) -> CheckpointInfo:
+        from actors.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.engine, path, rank=self.rank)
+
+
+def vision_tower(model):
+    """The vision encoder of a transformers VLM (Qwen2.5-VL: `model.model.visual`)."""
+    for owner in (getattr(model, "model", None), model):
+        for name in ("visual", "vision_tower", "vision_model"):
+            if owner is not None and hasattr(owner, name):
+                return getattr(owner, name)
+    raise ValueError(f"{type(model).__name__}: no vision tower found to freeze")
+
+
+def make_optimizer(params, cfg: LearnerConfig):
+    """torch AdamW (no JIT-built op); DeepSpeed's CPU Adam only for optimizer offload on a GPU machine."""
+    import torch
+
+    if cfg.offload_optimizer and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class LearnerGroup:
+    """W `LearnerRank` Ray actors forming one world; every method fans out to all ranks."""
+
+    def __init__(self, model_path: str, learner: LearnerConfig, algo: AlgoConfig, *, seed: int = 0,
+                 max_new_tokens: int = 32, temperature: float = 1.0,
+                 actor_options: dict[str, Any] | None = None) -> None:
+        import ray
+
+        options = actor_options if actor_options is not None else {
+            "num_cpus": learner.num_cpus, "num_gpus": learner.num_gpus, "resources": {learner.resource: 1}}
+        remote = ray.remote(LearnerRank).options(**options)
+        W = learner.num_ranks
+        self.ranks = [remote.remote(model_path, learner, algo, rank, W, seed, max_new_tokens, temperature)
+                      for rank in range(W)]
+        addresses = ray.get([rank.node_address.remote() for rank in self.ranks])
+        node0, ip0, port = addresses[0]
+        master = "127.0.0.1" if all(node == node0 for node, _, _ in addresses) else ip0
+        ray.get([rank.setup.remote(master, port) for rank in self.ranks])
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(rank, method).remote(*args) for rank in self.ranks])
+
+    def train_step(self, batch: TrainBatch) -> StepMetrics:
+        import ray
+
+        return self._all("train_step", ray.put(batch))[0]  # one copy in the object store for all ranks
+
+    def sync_weights(self, workers: list[Any], version: int, sync: SyncConfig) -> WeightVersion:
+        return self._all("sync_weights", list(workers), version, sync)[0]
+
+    def gathered_state_dict(self, include_frozen: bool = True) -> dict[str, Any]:
+        return self._all("gathered_state_dict", include_frozen)[0]
+
+    def save_checkpoint(self, root: str, step: int, data_position: dict, keep: int) -> CheckpointInfo:
+        return self._all("save_checkpoint", str(root), step, data_position, keep)[0]
+
+    def load_checkpoint(self, path: str) -> CheckpointInfo:
+        return self._all("load_checkpoint", str(path))[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for rank in self.ranks:
+            ray.kill(rank)
+        self.ranks = []

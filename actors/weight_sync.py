@@ -1,0 +1,326 @@
+"""Weight sync: gather ZeRO-3 partitions bucket by bucket and send each bucket to every rollout worker.
+
+Learner side (`sync_weights`, run by EVERY learner rank, since gathering a ZeRO-3 parameter is a
+collective): parameters are planned into buckets of at most `bucket_mb` MiB by `p.ds_numel` (the full
+size; `p.numel()` is 0 for a partitioned parameter), each bucket is gathered with
+`deepspeed.zero.GatheredParameters`, rank 0 hands it to the transport, and the bucket is released before
+the next is gathered, so no rank ever holds more than one bucket of gathered parameters beyond the
+persistent ones. Frozen parameters are skipped (the rollout engines loaded them with the checkpoint).
+Names are mapped from the transformers module names to the checkpoint names of `model.safetensors`
+(`model.language_model.*` -> `model.*` for Qwen2.5-VL), which vLLM's loader maps to its own.
+
+Transports (`SyncConfig.transport`), one interface (`WeightTransport`):
+- `object_store`: rank 0 `ray.put`s each bucket once; every worker's `load_weights` reads it.
+- `collective`: a process group of learner rank 0 (rank 0) and the rollout workers' processes (ranks
+  1..R), built from its own TCPStore, so it never touches the learners' default group; each bucket is
+  packed into one byte buffer and broadcast (gloo on CPU, NCCL on GPU). The workers are told the bucket's
+  names/dtypes/shapes (`WeightBucketMeta`) through Ray and receive the buffer with `CollectiveReceiver`.
+- `cuda_ipc` (planned): a learner and an engine sharing a GPU would send CUDA IPC handles of the gathered
+  bucket (`torch.multiprocessing.reductions.reduce_tensor`) instead of bytes; add a class with the same
+  three methods and register it in `TRANSPORTS`.
+After the last bucket every worker gets `finish_weight_update(version)`.
+
+Every rank must call `sync_weights` (and its gathers) in the same order; if rank 0's transport fails
+mid-sync the other ranks wait in the next gather until the group's timeout, so treat a failed sync as
+fatal for the learner group. Tests: `pytest -m integration tests/integration/test_weight_sync.py`;
+benchmark: `python -m bench.weight_sync`.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.types import WeightBucketMeta, WeightVersion
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+_GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+# ---- learner side: planning and gathering -------------------------------------------------------------
+
+def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
+    """Module parameter name -> checkpoint (model.safetensors) name, via transformers' own save mapping."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = [name for name, _ in model.named_parameters()]
+    tagged = {name: torch.tensor([i]) for i, name in enumerate(names)}
+    try:
+        reverted = revert_weight_conversion(model, tagged)
+    except Exception:  # a model without conversion rules saves its module names as they are
+        return {name: name for name in names}
+    return {names[int(tensor[0])]: saved for saved, tensor in reverted.items()}
+
+
+def full_bytes(param: torch.nn.Parameter) -> int:
+    """Bytes of the whole parameter, partitioned (ZeRO-3: ds_numel) or not."""
+    numel = getattr(param, "ds_numel", None)
+    return (param.numel() if numel is None else numel) * param.element_size()
+
+
+def plan_buckets(model: torch.nn.Module, bucket_bytes: int, include_frozen: bool = False
+                 ) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """Parameters in module order, cut into buckets of at most `bucket_bytes` (a bigger one goes alone)."""
+    buckets: list[list[tuple[str, torch.nn.Parameter]]] = [[]]
+    size = 0
+    for name, param in model.named_parameters():
+        if not (param.requires_grad or include_frozen):
+            continue
+        nbytes = full_bytes(param)
+        if buckets[-1] and size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, param))
+        size += nbytes
+    return [bucket for bucket in buckets if bucket]
+
+
+def gathered_bytes(model: torch.nn.Module) -> int:
+    """Measured: bytes of non-persistent ZeRO-3 parameters whose full tensor is materialised right now."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return sum(full_bytes(p) for p in model.parameters()
+               if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE and not getattr(p, "ds_persist", False))
+
+
+@contextmanager
+def gathered(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """All ranks: materialise `params` in full for reading (a no-op for a model not under ZeRO-3)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+        yield
+
+
+def iter_gathered_buckets(model: torch.nn.Module, bucket_bytes: int, include_frozen: bool = False,
+                          stats: dict[str, int] | None = None) -> Iterator[NamedTensors]:
+    """All ranks: yield each bucket gathered, as (checkpoint name, full tensor) pairs valid until the next.
+
+    `stats["peak_gathered_bytes"]` records the measured peak of gathered parameters while a bucket is held.
+    """
+    names = checkpoint_names(model)
+    for bucket in plan_buckets(model, bucket_bytes, include_frozen):
+        with gathered([p for _, p in bucket]):
+            if stats is not None:
+                stats["peak_gathered_bytes"] = max(stats.get("peak_gathered_bytes", 0), gathered_bytes(model))
+            yield [(names[name], p.data) for name, p in bucket]
+
+
+def sync_weights(model: torch.nn.Module, transport: "WeightTransport | None", version: int,
+                 bucket_bytes: int, transport_name: str = "") -> WeightVersion | None:
+    """All learner ranks call this; rank 0 passes its transport, the others None. Rank 0 returns the report."""
+    start = time.perf_counter()
+    stats: dict[str, int] = {}
+    num_bytes = num_buckets = 0
+    for named in iter_gathered_buckets(model, bucket_bytes, stats=stats):
+        if transport is not None:
+            transport.send_bucket(named)
+        num_bytes += sum(t.numel() * t.element_size() for _, t in named)
+        num_buckets += 1
+    if transport is None:
+        return None
+    transport.finish(version)
+    return WeightVersion(version=version, num_bytes=num_bytes, num_buckets=num_buckets,
+                         seconds=time.perf_counter() - start, transport=transport_name,
+                         peak_gathered_bytes=stats.get("peak_gathered_bytes", 0))
+
+
+# ---- transports -------------------------------------------------------------------------------------
+
+class WeightTransport(Protocol):
+    """How rank 0 delivers buckets to the rollout workers."""
+
+    def send_bucket(self, named: NamedTensors) -> None: ...
+
+    def finish(self, version: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ObjectStoreTransport:
+    """Each bucket goes into the Ray object store once; every worker loads it from there."""
+
+    def __init__(self, workers: Sequence[Any]) -> None:
+        self.workers = list(workers)
+
+    def send_bucket(self, named: NamedTensors) -> None:
+        import ray
+
+        # Detached CPU copies: ray.put serialises the bytes once for all readers.
+        ref = ray.put([(name, t.detach().to("cpu")) for name, t in named])
+        ray.get([worker.load_weights.remote(ref) for worker in self.workers])  # wait: one bucket in flight
+        del ref
+
+    def finish(self, version: int) -> None:
+        import ray
+
+        ray.get([worker.finish_weight_update.remote(version) for worker in self.workers])
+
+    def close(self) -> None:
+        self.workers = []
+
+
+class CollectiveTransport:
+    """Broadcast over a process group of learner rank 0 and the rollout workers (their own TCPStore)."""
+
+    def __init__(self, workers: Sequence[Any], device: torch.device | None = None) -> None:
+        import ray
+
+        self.workers = list(workers)
+        self.device = device or (torch.device("cuda", torch.cuda.current_device())
+                                 if torch.cuda.is_available() else torch.device("cpu"))
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        host = _reachable_host(self.workers)
+        port = free_port()
+        world_size = len(self.workers) + 1
+        joins = [worker.init_weight_group.remote(host, port, rank, world_size, backend)
+                 for rank, worker in enumerate(self.workers, start=1)]
+        self.group = new_group(host, port, 0, world_size, backend)  # returns once every worker has joined
+        ray.get(joins)
+
+    def send_bucket(self, named: NamedTensors) -> None:
+        import ray
+
+        meta, buffer = pack_bucket(named, self.device)
+        receives = [worker.receive_weight_bucket.remote(meta) for worker in self.workers]
+        broadcast(self.group, buffer)
+        ray.get(receives)
+
+    def finish(self, version: int) -> None:
+        import ray
+
+        ray.get([worker.finish_weight_update.remote(version) for worker in self.workers])
+
+    def close(self) -> None:
+        self.group = None
+
+
+TRANSPORTS = {"object_store": ObjectStoreTransport, "collective": CollectiveTransport}
+
+
+def make_transport(name: str, workers: Sequence[Any]) -> WeightTransport:
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown weight-sync transport {name!r}; known: {sorted(TRANSPORTS)}")
+    return TRANSPORTS[name](workers)
+
+
+# ---- the collective group, both sides ----------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _reachable_host(workers: Sequence[Any]) -> str:
+    """127.0.0.1 when every worker shares this node, else this node's IP."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = ray.get([worker.__ray_call__.remote(_node_id) for worker in workers])
+    return "127.0.0.1" if all(node == here for node in nodes) else ray.util.get_node_ip_address()
+
+
+def _node_id(_actor: Any) -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+@dataclass
+class WeightGroup:
+    """A process group with the TCPStore it was built on (the store must outlive the group)."""
+
+    process_group: Any
+    store: Any
+    device: torch.device
+
+
+def new_group(host: str, port: int, rank: int, world_size: int, backend: str) -> WeightGroup:
+    """A process group over its own TCPStore (rank 0 hosts the store); independent of any default group."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=_GROUP_TIMEOUT,
+                          wait_for_workers=False)
+    prefixed = dist.PrefixStore("weight_sync", store)
+    if backend == "gloo":
+        process_group = dist.ProcessGroupGloo(prefixed, rank, world_size, _GROUP_TIMEOUT)
+        device = torch.device("cpu")
+    elif backend == "nccl":
+        process_group = dist.ProcessGroupNCCL(prefixed, rank, world_size, dist.ProcessGroupNCCL.Options())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        raise ValueError(f"unknown backend {backend!r}; expected 'gloo' or 'nccl'")
+    group = WeightGroup(process_group=process_group, store=store, device=device)
+    broadcast(group, torch.zeros(1, dtype=torch.uint8, device=device))  # every member has joined
+    return group
+
+
+def broadcast(group: WeightGroup, buffer: torch.Tensor) -> None:
+    """Broadcast `buffer` in place from group rank 0."""
+    import torch.distributed as dist
+
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    group.process_group.broadcast([buffer], options).wait()
+
+
+_ALIGN = 16  # every tensor starts at a multiple of 16 bytes, so any dtype can be viewed in place
+
+
+def bucket_layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
+    """Byte offsets of tensors of `nbytes` packed back to back with alignment, and the total size."""
+    offsets, end = [], 0
+    for size in nbytes:
+        start = -(-end // _ALIGN) * _ALIGN
+        offsets.append(start)
+        end = start + size
+    return offsets, end
+
+
+def pack_bucket(named: NamedTensors, device: torch.device) -> tuple[WeightBucketMeta, torch.Tensor]:
+    """One contiguous byte buffer holding every tensor of the bucket (one broadcast per bucket)."""
+    sizes = [t.numel() * t.element_size() for _, t in named]
+    offsets, total = bucket_layout(sizes)
+    buffer = torch.zeros(total, dtype=torch.uint8, device=device)
+    for (_, tensor), start, size in zip(named, offsets, sizes):
+        buffer[start:start + size].copy_(tensor.detach().contiguous().view(-1).view(torch.uint8))
+    meta = WeightBucketMeta(
+        names=tuple(name for name, _ in named),
+        dtypes=tuple(str(t.dtype).removeprefix("torch.") for _, t in named),
+        shapes=tuple(tuple(t.shape) for _, t in named),
+        num_bytes=total,
+    )
+    return meta, buffer
+
+
+def unpack_bucket(meta: WeightBucketMeta, buffer: torch.Tensor) -> NamedTensors:
+    """Views into `buffer` with the bucket's names, dtypes and shapes."""
+    dtypes = [getattr(torch, name) for name in meta.dtypes]
+    sizes = [torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+             for shape, dtype in zip(meta.shapes, dtypes)]
+    offsets, _ = bucket_layout(sizes)
+    return [(name, buffer[start:start + size].view(dtype).view(shape))
+            for name, dtype, shape, start, size in zip(meta.names, dtypes, meta.shapes, offsets, sizes)]
+
+
+class CollectiveReceiver:
+    """Rollout-worker side of the collective transport: joins the group, receives buckets."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        self.group = new_group(host, port, rank, world_size, backend)
+
+    def receive(self, meta: WeightBucketMeta) -> NamedTensors:
+        buffer = torch.empty(meta.num_bytes, dtype=torch.uint8, device=self.group.device)
+        broadcast(self.group, buffer)
+        return unpack_bucket(meta, buffer)
