@@ -43,7 +43,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     source: str = Field("synthetic", description="'synthetic', a dataset hub id, or a local path.")
     pairs_per_step: int = Field(4, gt=0, description="Preference pairs per GRPO step.")
-    eval_pairs: int = Field(32, ge=0, description="Held-out pairs for evaluation.")
+    eval_pairs: int = Field(32, ge=0, description="Held-out pairs scored every trainer.eval_every steps.")
+    eval_split: str = Field("test", description="Split of the held-out pairs (synthetic: another seed).")
     image_size: int = Field(56, gt=0, description="Side of synthetic images, in pixels.")
     seed: int = Field(0, description="Seed of data order and of the per-pair image-order swap.")
     split: str = Field("train", description="Dataset split to train on.")
@@ -142,6 +143,8 @@ class TrainerConfig(_Section):
     checkpoint_every: int = Field(1, gt=0, description="Checkpoint every K steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the last N checkpoints.")
     sample_table_every: int = Field(1, gt=0, description="Log a table of sample completions every N steps.")
+    eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy (eval/accuracy) every N steps and "
+                            "at the end; 0 turns it off.")
 
 
 class TrackingConfig(_Section):

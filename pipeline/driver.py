@@ -9,7 +9,8 @@ shard of groups as soon as it is generated (overlapping the other shards' genera
 aggregator turns rewards into group-relative advantages -> the learner takes one ZeRO-3 step -> the new
 weights go to the rollout workers -> metrics, samples and checkpoints go to MLflow. A step whose groups
 all have zero reward variance has no learning signal: the learner step and the weight sync are skipped
-and `learn/skipped` is 1.
+and `learn/skipped` is 1. With `trainer.eval_every` > 0 the policy's greedy accuracy on held-out pairs is
+logged as `eval/accuracy`, at MLflow step = number of updates applied (0 = before training).
 
 Under `ray job submit` (RAY_ADDRESS set) the driver joins that cluster; otherwise it starts a local one
 sized for the run.
@@ -27,6 +28,7 @@ from typing import Any
 from pipeline.batching import train_batch_from_groups
 from pipeline.config import RunConfig, config_to_yaml, flatten_config
 from pipeline.data import PairSource, skip_metrics
+from pipeline.heldout import heldout_metrics, heldout_pairs
 from pipeline.models import resolve_checkpoint
 from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
                                 local_cluster_resources)
@@ -60,6 +62,9 @@ def train(cfg: RunConfig, resume: Path | None = None) -> int:
     try:
         start_step, data_state = _restore(actors, cfg, run_dir)
         source = PairSource.from_config(cfg.data, cfg.model, state=data_state)
+        heldout = heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
+        if heldout and start_step == 0:
+            tracker.log_metrics(0, evaluate_heldout(heldout, actors, cfg))  # eval/* step = updates applied
         progress = Progress(cfg.trainer.steps, start_step)
         for step in range(start_step, cfg.trainer.steps):
             pairs = source.next_batch(cfg.data.pairs_per_step)
@@ -72,6 +77,8 @@ def train(cfg: RunConfig, resume: Path | None = None) -> int:
                 info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, source.state(),
                                                       cfg.trainer.keep_checkpoints)
                 tracker.set_tags({"checkpoint": info.path, "checkpoint_step": str(info.step)})
+            if heldout and ((step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps):
+                tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg))
             if step % cfg.trainer.sample_table_every == 0:
                 tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
             tracker.log_metrics(step, result.metrics)
@@ -96,6 +103,7 @@ def grpo_step(step: int, pairs: list[PreferencePair], actors: Actors, cfg: RunCo
     groups, scores, timings = rollout_and_score(pairs, actors, cfg)
     t_reward = time.perf_counter()
     scored, metrics = ray.get(actors.reward.score.remote(groups, scores))
+    metrics.update(ray.get(actors.listener_pool.metrics.remote()))  # pool size, retries, restarts
     timings["time/reward_s"] = time.perf_counter() - t_reward
     version = groups[0].policy_version
     batch = train_batch_from_groups(step, version, scored)
@@ -144,6 +152,16 @@ def rollout_and_score(pairs: list[PreferencePair], actors: Actors, cfg: RunConfi
     groups.sort(key=lambda group: order[group.pair_id])
     return groups, scores, {"time/rollout_s": t_rollout_done - t_start,
                             "time/listener_s": t_scored - (t_first_score or t_scored)}
+
+
+def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig) -> dict[str, float]:
+    """Greedy held-out accuracy of the rollout workers' current policy (pairs sharded over workers)."""
+    import ray
+
+    shards = [pairs[i::len(actors.rollout)] for i in range(len(actors.rollout))]
+    refs = [worker.generate.remote(shard, 1, cfg.rollout.max_new_tokens, 0.0)
+            for worker, shard in zip(actors.rollout, shards) if shard]
+    return heldout_metrics([group for shard in ray.get(refs) for group in shard])
 
 
 def throughput(groups: list[RolloutGroup], timings: dict[str, float]) -> dict[str, float]:
