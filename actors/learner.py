@@ -9,6 +9,8 @@ shares a node, else rank 0's IP; a free port found on rank 0's node) and fans ev
     report = group.sync_weights(rollout_workers, version, cfg.sync)   # WeightVersion
     info = group.save_checkpoint(root, step, data_position, keep=2)   # CheckpointInfo
     info = group.load_checkpoint(info.path)                   # restores model, optimizer, scheduler, RNG
+    group.train_step(batch, objective="sft")                  # NLL of the completions (format warm start)
+    group.export_policy(out_dir)                              # a loadable HF checkpoint of the policy
 
 One step: every rank plans the same micro-batches (`pipeline.batching`) and takes its row; each
 micro-batch recomputes the completion tokens' logprobs (`pipeline.logprobs`) and adds its contribution
@@ -38,13 +40,18 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.batching import plan_micro_batches
 from pipeline.config import AlgoConfig, LearnerConfig, SyncConfig
-from pipeline.grpo import LossNormalizer, aggregate, combine_metrics, grpo_loss
+from pipeline.grpo import LossNormalizer, aggregate, combine_metrics, grpo_loss, sft_loss
 from pipeline.logprobs import MicroBatchInputs, VisionSpec, build_inputs, completion_logprobs
 from pipeline.types import CheckpointInfo, StepMetrics, TrainBatch, TrainSequence, WeightVersion
+
+# "grpo": the clipped policy loss on the sequences' advantages; "sft": the negative log-likelihood of the
+# completions (advantages and rollout logprobs unused), for the format warm start (`python -m pipeline sft`).
+Objective = Literal["grpo", "sft"]
+
 
 def deepspeed_config(cfg: LearnerConfig, world_size: int, with_optimizer: bool = True) -> dict[str, Any]:
     """The ZeRO-3 config of the policy (or, without optimizer, of the frozen reference)."""
@@ -148,7 +155,7 @@ class LearnerRank:
 
     # ---- one GRPO step ------------------------------------------------------------------------------
 
-    def train_step(self, batch: TrainBatch) -> StepMetrics:
+    def train_step(self, batch: TrainBatch, objective: Objective = "grpo") -> StepMetrics:
         """One optimizer step on the whole batch; every rank returns the same batch-level metrics."""
         start = time.perf_counter()
         sequences = batch.sequences
@@ -166,7 +173,7 @@ class LearnerRank:
             self.engine.set_gradient_accumulation_boundary(index == len(plan) - 1)
             # An empty slot re-runs sequence 0 with zero weight: ZeRO-3's collectives need every rank.
             chosen = [sequences[i] for i in micro] or [sequences[0]]
-            loss, metrics, n_tokens = self._micro_step(chosen, normalizer, real=bool(micro))
+            loss, metrics, n_tokens = self._micro_step(chosen, normalizer, real=bool(micro), objective=objective)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             self.engine.step()
             if micro:
@@ -181,7 +188,8 @@ class LearnerRank:
                       micro_batches=float(len(plan)))
         return StepMetrics(step=batch.step, values=values)
 
-    def _micro_step(self, sequences: list[TrainSequence], normalizer: LossNormalizer, real: bool):
+    def _micro_step(self, sequences: list[TrainSequence], normalizer: LossNormalizer, real: bool,
+                    objective: Objective = "grpo"):
         """(loss contribution, metrics, tokens) of one micro-batch."""
         import torch
 
@@ -194,6 +202,9 @@ class LearnerRank:
                 ref_logp_BT = completion_logprobs(self.ref_engine, inputs, self.temperature)
         if not real:
             return logp_BT.sum() * 0.0, {}, 0
+        if objective == "sft":
+            loss = sft_loss(logp_BT, inputs.mask_BT, normalizer)
+            return loss, {"loss": float(loss.detach())}, inputs.num_tokens
         rollout_BT = inputs.rollout_logp_BT
         old_BT = logp_BT.detach() if self.algo.tis_cap is not None else rollout_BT
         loss, metrics = grpo_loss(
@@ -230,6 +241,12 @@ class LearnerRank:
             transport = self._transports[key]
         return sync_weights(self.engine.module, transport, version, int(sync.bucket_mb * 2**20), sync.transport)
 
+    def reset_transports(self) -> None:
+        """Drop cached transports: the next sync forms a new group with the workers' current processes."""
+        for transport in self._transports.values():
+            transport.close()
+        self._transports = {}
+
     def gathered_state_dict(self, include_frozen: bool = True) -> dict[str, Any] | None:
         """Rank 0: checkpoint name -> numpy copy of every (trainable) parameter; for tests and tools."""
         from actors.weight_sync import iter_gathered_buckets
@@ -250,6 +267,15 @@ class LearnerRank:
         from actors.checkpoint import load_checkpoint
 
         return load_checkpoint(self.engine, path, rank=self.rank)
+
+    def export_policy(self, out: str) -> str:
+        """All ranks: write the current policy as a loadable HF checkpoint into `out` (rank 0 writes)."""
+        from pathlib import Path
+
+        from actors.checkpoint import export_policy
+
+        export_policy(self.engine.module, self.processor, Path(out), rank=self.rank)
+        return str(out)
 
 
 def vision_tower(model):
@@ -301,14 +327,25 @@ class LearnerGroup:
         ray.get([rank.setup.remote(master, port) for rank in self.ranks])
 
     def _all(self, method: str, *args: Any) -> list[Any]:
+        """Call `method` on every rank; raise as soon as any rank fails (its peers may be stuck in a
+        collective waiting for it, so waiting for all of them could hang)."""
         import ray
 
-        return ray.get([getattr(rank, method).remote(*args) for rank in self.ranks])
+        refs = [getattr(rank, method).remote(*args) for rank in self.ranks]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # re-raises a rank's error (RayActorError when it died)
+        return ray.get(refs)
 
-    def train_step(self, batch: TrainBatch) -> StepMetrics:
+    def reset_transports(self) -> None:
+        """Forget the weight-sync process groups (after a rollout worker restarted in a new process)."""
+        self._all("reset_transports")
+
+    def train_step(self, batch: TrainBatch, objective: Objective = "grpo") -> StepMetrics:
         import ray
 
-        return self._all("train_step", ray.put(batch))[0]  # one copy in the object store for all ranks
+        return self._all("train_step", ray.put(batch), objective)[0]  # one batch copy in the object store
 
     def sync_weights(self, workers: list[Any], version: int, sync: SyncConfig) -> WeightVersion:
         return self._all("sync_weights", list(workers), version, sync)[0]
@@ -321,6 +358,9 @@ class LearnerGroup:
 
     def load_checkpoint(self, path: str) -> CheckpointInfo:
         return self._all("load_checkpoint", str(path))[0]
+
+    def export_policy(self, out: str) -> str:
+        return self._all("export_policy", str(out))[0]
 
     def shutdown(self) -> None:
         import ray

@@ -1,4 +1,4 @@
-"""The command line: `python -m pipeline {train,evaluate,make-tiny} ...` (also `listener-grpo ...`).
+"""The command line: `python -m pipeline {train,evaluate,make-tiny,sft,scale-listeners} ...` (also `listener-grpo ...`).
 
 Errors the user can fix (a bad config, a missing path) print one line to stderr and exit 2, with no
 traceback.
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, config_to_yaml, load_config
+from pipeline.errors import TrainingAborted
 
 
 def _add_train(subparsers) -> None:
@@ -62,6 +63,30 @@ def _add_make_tiny(subparsers) -> None:
                    help="tiny: ~1M parameters (tests); mid: hidden 512, 8 layers (benchmarks).")
     p.add_argument("--seed", type=int, default=None, help="Weight seed (default: from the role).")
     p.set_defaults(handler=_make_tiny)
+
+
+def _add_sft(subparsers) -> None:
+    p = subparsers.add_parser("sft", help="Warm-start a checkpoint on the answer format only (SFT).",
+                              description="Supervised fine-tuning on synthetic pairs whose target answers are "
+                              "right only --answer-accuracy of the time: the result writes the format but answers "
+                              "at chance. Runs through the DeepSpeed learner; writes a loadable checkpoint.")
+    p.add_argument("--model", type=Path, required=True, help="Checkpoint to start from (e.g. from make-tiny).")
+    p.add_argument("--out", type=Path, required=True, help="Output directory (replaced atomically).")
+    p.add_argument("--steps", type=int, default=300, help="Optimizer steps.")
+    p.add_argument("--pairs-per-step", type=int, default=16, help="Target sequences per step.")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the pairs, the answer coins and the learner.")
+    p.add_argument("--answer-accuracy", type=float, default=0.5,
+                   help="Probability that a target's answer is the preferred image (0.5: format only).")
+    p.add_argument("--freeze-vision", action="store_true", help="Keep the vision tower frozen.")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the learner rank.")
+    p.set_defaults(handler=_sft)
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from pipeline.sft import sft_command
+
+    return sft_command(args)
 
 
 def _add_scale_listeners(subparsers) -> None:
@@ -128,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_evaluate(subparsers)
     _add_make_tiny(subparsers)
+    _add_sft(subparsers)
     _add_scale_listeners(subparsers)
     return parser
 
@@ -139,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: '{args.command}' stopped", file=sys.stderr)
+        return 130
+    except TrainingAborted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("pipeline."):
             print(f"error: '{args.command}' is not available in this version ({exc.name} is missing)",

@@ -77,6 +77,8 @@ class RolloutConfig(_Section):
     num_cpus: float = Field(1, ge=0, description="CPUs per rollout worker.")
     num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker.")
     resource: str = Field("rollout", description="Ray custom resource rollout workers ask for (one unit each).")
+    max_restarts: int = Field(3, ge=0, description="Rollout worker deaths survived per run before it stops.")
+    restart_timeout_s: float = Field(300.0, gt=0, description="How long to wait for a restarted worker.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
 
 

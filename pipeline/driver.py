@@ -25,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
 from pipeline.batching import train_batch_from_groups
-from pipeline.config import RunConfig, config_to_yaml, flatten_config
+from pipeline.config import ConfigError, RunConfig, config_to_yaml, flatten_config
 from pipeline.data import PairSource, skip_metrics
+from pipeline.errors import TrainingAborted
 from pipeline.heldout import heldout_metrics, heldout_pairs
 from pipeline.models import resolve_checkpoint
 from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
@@ -47,101 +51,133 @@ class StepResult:
     scored: list[ScoredGroup] = field(default_factory=list)
 
 
+@dataclass
+class PolicyState:
+    """The weights the rollout workers serve: `version` counts the updates synced to them."""
+
+    version: int = 0
+    rollout_restarts: int = 0  # rollout workers restarted since the run started
+
+
 def train(cfg: RunConfig, resume: Path | None = None) -> int:
     """Run `cfg.trainer.steps` GRPO steps (continuing a run under `resume`); returns the exit code."""
     run_dir = Path(resume or cfg.trainer.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
-    started_ray = _connect_ray(cfg)
     reasoner = resolve_checkpoint(cfg.model.reasoner, "model.reasoner", run_dir / "models")
     listener = resolve_checkpoint(cfg.model.listener, "model.listener", run_dir / "models")
+    started_ray = _connect_ray(cfg)
     tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
                       params=flatten_config(cfg), tags=run_tags())
     actors = create_actors(cfg, reasoner, listener)
     status = "FAILED"
     try:
-        start_step, data_state = _restore(actors, cfg, run_dir)
-        source = PairSource.from_config(cfg.data, cfg.model, state=data_state)
-        heldout = heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
-        if heldout and start_step == 0:
-            tracker.log_metrics(0, evaluate_heldout(heldout, actors, cfg))  # eval/* step = updates applied
-        progress = Progress(cfg.trainer.steps, start_step)
-        for step in range(start_step, cfg.trainer.steps):
-            pairs = source.next_batch(cfg.data.pairs_per_step)
-            if not pairs:
-                log.warning("the data source is exhausted after %d steps", step)
-                break
-            result = grpo_step(step, pairs, actors, cfg)
-            result.metrics.update(skip_metrics(dict(source.skip_counts)))
-            if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
-                info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, source.state(),
-                                                      cfg.trainer.keep_checkpoints)
-                tracker.set_tags({"checkpoint": info.path, "checkpoint_step": str(info.step)})
-            if heldout and ((step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps):
-                tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg))
-            if step % cfg.trainer.sample_table_every == 0:
-                tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
-            tracker.log_metrics(step, result.metrics)
-            progress.update(step, result.metrics)
+        training_loop(cfg, actors, tracker, run_dir)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except RayActorError as exc:
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingAborted(f"an actor died ({what}); the run stopped. Continue from the last complete "
+                              f"checkpoint: python -m pipeline train --resume {run_dir}") from exc
     finally:
         tracker.close(status)
         actors.learner.shutdown()
         if started_ray:
-            import ray
-
-            ray.shutdown()
+                    ray.shutdown()
     print_summary(run_dir, tracker)
     return 0
 
 
-def grpo_step(step: int, pairs: list[PreferencePair], actors: Actors, cfg: RunConfig) -> StepResult:
-    """One GRPO step; returns the step's metrics and its scored groups."""
-    import ray
+def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Path) -> None:
+    """Steps from the last checkpoint (or 0) to `trainer.steps`: the algorithm, top to bottom."""
+    start_step, data_state = _restore(actors, cfg, run_dir)
+    policy = PolicyState(version=start_step)
+    source = PairSource.from_config(cfg.data, cfg.model, state=data_state)
+    heldout = heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
+    if heldout and start_step == 0:
+        tracker.log_metrics(0, evaluate_heldout(heldout, actors, cfg))  # eval/* step = updates applied
+    progress = Progress(cfg.trainer.steps, start_step)
+    for step in range(start_step, cfg.trainer.steps):
+        pairs = source.next_batch(cfg.data.pairs_per_step)
+        if not pairs:
+            log.warning("the data source is exhausted after %d steps", step)
+            break
+        result = grpo_step(step, pairs, actors, cfg, policy)
+        result.metrics.update(skip_metrics(dict(source.skip_counts)))
+        if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
+            info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, source.state(),
+                                                  cfg.trainer.keep_checkpoints)
+            tracker.set_tags({"checkpoint": info.path, "checkpoint_step": str(info.step)})
+        if heldout and ((step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps):
+            tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg))
+        if step % cfg.trainer.sample_table_every == 0:
+            tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
+        tracker.log_metrics(step, result.metrics)
+        progress.update(step, result.metrics)
 
+
+def grpo_step(step: int, pairs: list[PreferencePair], actors: Actors, cfg: RunConfig,
+              policy: PolicyState) -> StepResult:
+    """One GRPO step; returns the step's metrics and its scored groups. Advances `policy.version`."""
     t_start = time.perf_counter()
-    groups, scores, timings = rollout_and_score(pairs, actors, cfg)
+    groups, scores, timings = rollout_and_score(pairs, actors, cfg, policy)
     t_reward = time.perf_counter()
     scored, metrics = ray.get(actors.reward.score.remote(groups, scores))
     metrics.update(ray.get(actors.listener_pool.metrics.remote()))  # pool size, retries, restarts
     timings["time/reward_s"] = time.perf_counter() - t_reward
-    version = groups[0].policy_version
-    batch = train_batch_from_groups(step, version, scored)
+    batch = train_batch_from_groups(step, policy.version, scored)
     t_learn = time.perf_counter()
     if batch.sequences:
         metrics.update(actors.learner.train_step(batch).values)
         timings["time/learn_s"] = time.perf_counter() - t_learn
         t_sync = time.perf_counter()
-        synced = actors.learner.sync_weights(actors.rollout, version + 1, cfg.sync)
+        synced = actors.learner.sync_weights(actors.rollout, policy.version + 1, cfg.sync)
+        policy.version = synced.version
         timings["time/sync_s"] = time.perf_counter() - t_sync
-        metrics.update({"sync/bytes": float(synced.num_bytes), "sync/version": float(synced.version)})
-        metrics["learn/skipped"] = 0.0
+        metrics.update({"sync/bytes": float(synced.num_bytes), "learn/skipped": 0.0})
+        metrics.setdefault("kl", float("nan"))  # algo.kl_coef 0: no reference model, no KL to report
     else:  # no group with reward variance: no gradient, nothing to sync
-        metrics.update({"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "learn/skipped": 1.0})
+        metrics.update({"loss": 0.0, "kl": float("nan"), "clip_fraction": 0.0, "grad_norm": 0.0,
+                        "learn/skipped": 1.0})
         metrics.setdefault("lr", 0.0)
         timings.update({"time/learn_s": 0.0, "time/sync_s": 0.0})
     timings["time/step_s"] = time.perf_counter() - t_start
     metrics.update(timings)
     metrics.update(throughput(groups, timings))
+    metrics.update({"policy/version": float(policy.version), "rollout/restarts": float(policy.rollout_restarts)})
     return StepResult(metrics=metrics, scored=list(scored))
 
 
-def rollout_and_score(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig
+def rollout_and_score(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig, policy: PolicyState
                       ) -> tuple[list[RolloutGroup], list[ListenerScore], dict[str, float]]:
-    """Shard pairs over the rollout workers; score each shard as soon as its rollouts finish."""
-    import ray
+    """Shard pairs over the rollout workers; score each shard as soon as its rollouts finish.
 
+    A worker that dies mid-shard is restarted by Ray; it gets the current weights before its shard is
+    generated again, and the lost shard's partial work is discarded, so no pair is lost or counted twice.
+    """
     t_start = time.perf_counter()
     shards = [pairs[i::len(actors.rollout)] for i in range(len(actors.rollout))]
-    pending = [worker.generate.remote(shard, cfg.rollout.group_size, cfg.rollout.max_new_tokens,
-                                      cfg.rollout.temperature, cfg.rollout.top_p)
-               for worker, shard in zip(actors.rollout, shards) if shard]
+
+    def submit(index: int) -> Any:
+        return actors.rollout[index].generate.remote(shards[index], cfg.rollout.group_size,
+                                                     cfg.rollout.max_new_tokens, cfg.rollout.temperature,
+                                                     cfg.rollout.top_p)
+
+    pending = {submit(index): index for index, shard in enumerate(shards) if shard}
     groups: list[RolloutGroup] = []
     score_refs: list[Any] = []
     t_first_score = None
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        shard_groups = ray.get(done[0])
+        done, _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(done[0])
+        try:
+            shard_groups = ray.get(done[0])
+        except RayActorError:
+            recover_rollout_worker(index, actors, cfg, policy)
+            pending[submit(index)] = index
+            continue
         groups.extend(shard_groups)
         t_first_score = t_first_score or time.perf_counter()
         score_refs.append(actors.listener_pool.score.remote(shard_groups))
@@ -154,10 +190,31 @@ def rollout_and_score(pairs: list[PreferencePair], actors: Actors, cfg: RunConfi
                             "time/listener_s": t_scored - (t_first_score or t_scored)}
 
 
+def recover_rollout_worker(index: int, actors: Actors, cfg: RunConfig, policy: PolicyState) -> None:
+    """Wait for Ray to restart rollout worker `index`, then give it the current policy's weights."""
+    policy.rollout_restarts += 1
+    if policy.rollout_restarts > cfg.rollout.max_restarts:
+        raise TrainingAborted(f"rollout workers died {policy.rollout_restarts} times (rollout.max_restarts="
+                              f"{cfg.rollout.max_restarts}); the run stopped")
+    log.warning("rollout worker %d died; restarting it at policy version %d", index, policy.version)
+    worker = actors.rollout[index]
+    deadline = time.monotonic() + cfg.rollout.restart_timeout_s
+    while True:
+        try:
+            ray.get(worker.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            break
+        except (RayActorError, GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise TrainingAborted(f"rollout worker {index} did not come back within "
+                                      f"{cfg.rollout.restart_timeout_s:g} s") from None
+            time.sleep(0.5)
+    # The restarted process loaded the base checkpoint; the weight-sync groups it was in are gone.
+    actors.learner.reset_transports()
+    actors.learner.sync_weights(actors.rollout, policy.version, cfg.sync)
+
+
 def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig) -> dict[str, float]:
     """Greedy held-out accuracy of the rollout workers' current policy (pairs sharded over workers)."""
-    import ray
-
     shards = [pairs[i::len(actors.rollout)] for i in range(len(actors.rollout))]
     refs = [worker.generate.remote(shard, 1, cfg.rollout.max_new_tokens, 0.0)
             for worker, shard in zip(actors.rollout, shards) if shard]
@@ -202,17 +259,22 @@ def _restore(actors: Actors, cfg: RunConfig, run_dir: Path) -> tuple[int, dict |
 
 def _connect_ray(cfg: RunConfig) -> bool:
     """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one; True when started here."""
-    import ray
-
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(namespace=RAY_NAMESPACE, log_to_driver=True)
-        autoscaling = bool(os.environ.get("RAY_AUTOSCALER") or os.environ.get("KUBERAY_GEN_RAY_START_CMD"))
-        check_cluster_fits(cfg, ray.cluster_resources(), autoscaling)
+        try:
+            check_cluster_fits(cfg, ray.cluster_resources())
+        except ConfigError as exc:  # an autoscaler (KubeRay) may still add the nodes: wait, don't refuse
+            log.warning("%s; waiting for the autoscaler to add nodes", exc)
         return False
     ray.init(namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False,
              configure_logging=False, **local_cluster_resources(cfg))
+    try:
+        check_cluster_fits(cfg, ray.cluster_resources())  # e.g. GPUs asked for on a machine without them
+    except ConfigError:
+        ray.shutdown()
+        raise
     return True
 
 

@@ -1,4 +1,5 @@
-"""GRPO math: group-relative advantages, the clipped policy loss, KL to a reference, loss aggregation.
+"""GRPO math: group-relative advantages, the clipped policy loss, KL to a reference, loss aggregation
+(and the SFT negative log-likelihood of the format warm start, aggregated the same way).
 
 Pure torch (no ray, vllm or deepspeed). The learner (`actors/learner.py`) and the reward aggregator
 (`actors/reward.py`) import these functions; every formula is written once, here.
@@ -225,6 +226,15 @@ def grpo_loss(
         if kl_coef > 0:
             loss_BT = loss_BT + kl_coef * kl_BT
     return aggregate(loss_BT, mask_BT, normalizer, loss_agg), metrics
+
+
+def sft_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, normalizer: LossNormalizer) -> torch.Tensor:
+    """This micro-batch's additive share of the batch's token-mean negative log-likelihood (a scalar).
+
+    Supervised fine-tuning on target completions (`python -m pipeline sft`): the same aggregation and the
+    same whole-batch normaliser as the GRPO loss, so micro-batches and ranks combine the same way.
+    """
+    return aggregate(-logp_BT, mask_BT, normalizer, "token_mean")
 
 
 def combine_metrics(parts: Iterable[Mapping[str, torch.Tensor | float]]) -> dict[str, float]:

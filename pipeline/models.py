@@ -1,5 +1,9 @@
 """Where checkpoints come from: `tiny://ROLE` (built offline on first use), a local directory, or a hub id.
 
+`tiny://reasoner` and `tiny://listener` are random tiny checkpoints (`pipeline.tiny`); `tiny://reasoner-sft`
+is the tiny reasoner warm-started on the answer format (`pipeline.sft`, default settings; it needs a
+running Ray, as the driver has, and takes a few minutes on CPU the first time).
+
 A local path must exist and hold a `config.json`; a hub id (`org/name`) is passed through to the same
 loading code (vLLM, transformers) that local directories use, which resolves it through the hub cache.
 """
@@ -17,8 +21,11 @@ def resolve_checkpoint(spec: str, key: str, cache_dir: Path) -> str:
     """The loadable location for config value `spec` (named `key` in errors); builds tiny checkpoints."""
     if spec.startswith(TINY_SCHEME):
         role = spec.removeprefix(TINY_SCHEME)
+        if role == "reasoner-sft":
+            return str(_ensure_tiny_sft(cache_dir))
         if role not in ("reasoner", "listener"):
-            raise ConfigError(f"{key}: unknown tiny role '{role}' (use tiny://reasoner or tiny://listener)")
+            raise ConfigError(f"{key}: unknown tiny role '{role}' (use tiny://reasoner, tiny://listener or "
+                              f"tiny://reasoner-sft)")
         return str(_ensure_tiny(cache_dir / f"tiny-{role}", role))
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
@@ -34,3 +41,12 @@ def _ensure_tiny(out: Path, role: str) -> Path:
     from pipeline.tiny import make_tiny
 
     return make_tiny(out, role=role)
+
+
+def _ensure_tiny_sft(cache_dir: Path) -> Path:
+    from pipeline.sft import MANIFEST, warm_start
+
+    out = cache_dir / "tiny-reasoner-sft"
+    if (out / MANIFEST).is_file():
+        return out
+    return warm_start(_ensure_tiny(cache_dir / "tiny-reasoner", "reasoner"), out).out

@@ -39,10 +39,8 @@ def required_resources(cfg: RunConfig) -> dict[str, float]:
     return need
 
 
-def check_cluster_fits(cfg: RunConfig, available: dict[str, float], autoscaling: bool) -> None:
-    """Refuse, with one line, a run the cluster can never hold (unless an autoscaler may add nodes)."""
-    if autoscaling:
-        return
+def check_cluster_fits(cfg: RunConfig, available: dict[str, float]) -> None:
+    """Refuse, with one line, a run the cluster cannot hold now."""
     for name, amount in required_resources(cfg).items():
         if amount > available.get(name, 0.0) + 1e-9:
             raise ConfigError(f"the run needs {amount:g} {name} but the Ray cluster has "

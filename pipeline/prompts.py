@@ -11,6 +11,7 @@ Prompts are rendered in the Qwen2.5-VL chat format (`<|im_start|>role ... <|im_e
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ from pipeline.types import ImageIndex
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
+# Tokens that only the processor may place: a completion containing one would be read as an image slot
+# by the learner (and break the image-token count), so the rollout never samples them.
+VISION_TOKENS: tuple[str, ...] = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                                  "<|video_pad|>")
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 REASONER_INSTRUCTION = (
@@ -38,7 +43,15 @@ _STRICT_RE = re.compile(
 )
 _TAG_RE = re.compile(r"</?(think|answer)>", re.IGNORECASE)
 _ANSWER_BLOCK_RE = re.compile(r"<answer>.*?(</answer>|\Z)", re.IGNORECASE | re.DOTALL)
-_NAMES_IMAGE_RE = re.compile(r"\b(image\s*[12]|(first|second)\s+(image|one|picture))\b", re.IGNORECASE)
+_NAMES_IMAGE_RE = re.compile(
+    r"\b((image|picture|option|choice|candidate)\s*#?\s*[12]|(first|second)\s+(image|one|picture|option))\b",
+    re.IGNORECASE,
+)
+# A verdict naming a bare number: "So the answer is 2.", "I choose 1", "my pick: 2".
+_BARE_VERDICT_RE = re.compile(
+    r"\b(answer|choice|choose|chose|pick|picked|prefer|preferred|verdict|winner)\b[^.!?\n\d]{0,15}?#?\b[12]\b",
+    re.IGNORECASE,
+)
 _VERDICT_RE = re.compile(
     r"\b(answer|prefer|preferred|better|best|choose|chose|pick|winner|verdict|wins|so|therefore|thus)\b",
     re.IGNORECASE,
@@ -113,8 +126,9 @@ def extract_reasoning(text: str) -> str:
 def mask_answer(text: str) -> str:
     """The reasoning the listener sees: answer blocks removed, then trailing verdict sentences dropped.
 
-    A trailing sentence is a verdict when it names an image ("image 2", "the first image") and uses a
-    verdict word ("better", "prefer", "answer", "so", ...). Returns "" when nothing usable is left.
+    A trailing sentence is a verdict when it names an image ("image 2", "the first image", "option 1") and
+    uses a verdict word ("better", "prefer", "answer", "so", ...), or when a verdict word is followed by a
+    bare 1 or 2 ("so the answer is 2"). Returns "" when nothing usable is left.
     """
     sentences = [s for s in _SENTENCE_END_RE.split(extract_reasoning(text)) if s.strip()]
     while sentences and _is_verdict(sentences[-1]):
@@ -123,9 +137,25 @@ def mask_answer(text: str) -> str:
 
 
 def _is_verdict(sentence: str) -> bool:
-    return bool(_NAMES_IMAGE_RE.search(sentence) and _VERDICT_RE.search(sentence))
+    named = _NAMES_IMAGE_RE.search(sentence) and _VERDICT_RE.search(sentence)
+    return bool(named or _BARE_VERDICT_RE.search(sentence))
 
 
 def format_target(reasoning: str, answer: ImageIndex) -> str:
     """A well-formed completion (for SFT targets and tests); `parse_completion` inverts it."""
     return f"<think>{reasoning}</think><answer>{answer}</answer>"
+
+
+def listener_p_image_1(logp_1: float, logp_2: float) -> float:
+    """p(image 1) renormalised over the two answer tokens: e^l1 / (e^l1 + e^l2) = sigmoid(l1 - l2).
+
+    Both logprobs are required (a token outside the engine's top-k is never guessed); -inf is allowed for
+    one of them, not both.
+    """
+    if math.isnan(logp_1) or math.isnan(logp_2) or logp_1 == logp_2 == -math.inf:
+        raise ValueError(f"listener answer logprobs ({logp_1}, {logp_2}) give no distribution over the two")
+    diff = logp_1 - logp_2
+    if diff >= 0:
+        return 1.0 / (1.0 + math.exp(-diff))
+    z = math.exp(diff)  # the other branch, so neither exp overflows
+    return z / (1.0 + z)

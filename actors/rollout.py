@@ -1,0 +1,150 @@
+"""RolloutWorker: the reasoner's vLLM engine; samples G completions per pair and loads new weights in place.
+
+A plain class; the driver makes it a Ray actor (`ray.remote(RolloutWorker).options(...)`, in
+`pipeline/placement.py`). Token-in, token-out: each `RolloutGroup` carries the exact prompt token ids the
+engine sampled from (image placeholders expanded), and the run of image placeholders of each image is
+checked against the checkpoint's own image processor, so the learner recomputes logprobs on the same
+tokens (a mismatch raises; it is never truncated silently).
+
+Logprobs are those of the distribution actually sampled from (vLLM `processed_logprobs`: after temperature
+and top-p), so with `temperature != 1` or `top_p < 1` the learner must score with the same temperature.
+
+Weights: `load_weights(bucket)` any number of times, then `finish_weight_update(version)`; buckets are
+subsets of the parameters under their `model.safetensors` names, and may split a fused layer (see
+`actors/engine.py`). Generating between the two is refused (the model is half-updated).
+
+Integration test: `pytest -m integration tests/integration/test_rollout.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from actors.engine import WEIGHT_UPDATE_EXTENSION, build_engine
+from pipeline.config import EngineConfig
+from pipeline.prompts import IMAGE_PAD, VISION_TOKENS, reasoner_prompt
+from pipeline.types import Completion, PreferencePair, RolloutGroup
+
+
+class RolloutWorker:
+    """One reasoner engine at policy version `policy_version()`."""
+
+    def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0, num_threads: int = 1,
+                 mm_processor_kwargs: dict | None = None) -> None:
+        from transformers import AutoImageProcessor
+
+        self._llm = build_engine(model_path, engine, seed, num_threads=num_threads,
+                                 mm_processor_kwargs=mm_processor_kwargs, logprobs_mode="processed_logprobs",
+                                 worker_extension_cls=WEIGHT_UPDATE_EXTENSION)
+        self._image_processor = AutoImageProcessor.from_pretrained(model_path, **(mm_processor_kwargs or {}))
+        self._tokenizer = self._llm.get_tokenizer()
+        self._image_pad_id = self._tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        # Never sample vision tokens (see prompts.VISION_TOKENS); -100 leaves them ~e^-100 of the mass.
+        self._no_vision_tokens = {int(self._tokenizer.convert_tokens_to_ids(t)): -100.0 for t in VISION_TOKENS}
+        self._version = 0
+        self._updating = False
+
+    def ready(self) -> bool:
+        return True
+
+    def policy_version(self) -> int:
+        return self._version
+
+    def generate(self, pairs: list[PreferencePair], group_size: int, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, min_new_tokens: int = 0) -> list[RolloutGroup]:
+        """One `RolloutGroup` of `group_size` completions per pair, in the order of `pairs`.
+
+        `min_new_tokens` suppresses the end of sequence before that many tokens (benchmarks set it to
+        `max_new_tokens` for an exact token count).
+        """
+        from vllm import SamplingParams
+
+        if self._updating:
+            raise RuntimeError("a weight update is in progress: call finish_weight_update(version) first")
+        if not pairs:
+            return []
+        # vLLM refuses n > 1 with greedy decoding; the G greedy completions are one, repeated.
+        n = 1 if temperature == 0 else group_size
+        params = SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens,
+                                temperature=temperature, top_p=top_p, logprobs=0, detokenize=False,
+                                logit_bias=self._no_vision_tokens)
+        requests = [{"prompt": reasoner_prompt(p.prompt), "multi_modal_data": {"image": [p.image_1, p.image_2]}}
+                    for p in pairs]
+        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        return [self._group(pair, output, group_size) for pair, output in zip(pairs, outputs, strict=True)]
+
+    def _group(self, pair: PreferencePair, output: Any, group_size: int) -> RolloutGroup:
+        prompt_ids = np.asarray(output.prompt_token_ids, dtype=np.int64)
+        self._check_image_tokens(pair, prompt_ids)
+        samples = output.outputs * (group_size // len(output.outputs))
+        completions = tuple(self._completion(pair.pair_id, index, sample) for index, sample in enumerate(samples))
+        return RolloutGroup(pair=pair, prompt_token_ids=prompt_ids, completions=completions,
+                            policy_version=self._version)
+
+    def _completion(self, pair_id: str, index: int, sample: Any) -> Completion:
+        token_ids = np.asarray(sample.token_ids, dtype=np.int64)
+        logprobs = np.asarray([step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs,
+                                                                           strict=True)], dtype=np.float32)
+        # Decoded here, whole: vLLM's streaming detokenizer holds back a trailing partial UTF-8 character.
+        text = self._tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+        return Completion(pair_id=pair_id, completion_index=index, policy_version=self._version,
+                          token_ids=token_ids, logprobs=logprobs, text=text,
+                          finish_reason=str(sample.finish_reason))
+
+    def _check_image_tokens(self, pair: PreferencePair, prompt_ids: np.ndarray) -> None:
+        """Each image's run of placeholder tokens must be exactly what the processor makes of it."""
+        grid_thw = self._image_processor(images=[pair.image_1, pair.image_2], return_tensors="np")["image_grid_thw"]
+        expected = [int(np.prod(thw)) // self._image_processor.merge_size ** 2 for thw in grid_thw]
+        found = placeholder_runs(prompt_ids, self._image_pad_id)
+        if found != expected:
+            raise ValueError(f"pair {pair.pair_id}: image placeholder tokens per image {found} != the "
+                             f"processor's {expected} (engine and processor disagree on image size)")
+
+    # ---- weights ---------------------------------------------------------------------------------
+    # The collective transport (actors/weight_sync.py) adds `init_weight_group` and `receive_weight_bucket`
+    # here; they receive a bucket and hand it to `load_weights`.
+
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        """Join the weight-sync process group of learner rank 0 (group rank 0) and the rollout workers."""
+        from actors.weight_sync import CollectiveReceiver
+
+        self._weight_receiver = CollectiveReceiver(host, port, rank, world_size, backend)
+
+    def receive_weight_bucket(self, meta: Any) -> int:
+        """Receive one broadcast bucket (`WeightBucketMeta` says what it holds) and load it."""
+        return self.load_weights(self._weight_receiver.receive(meta))
+
+    def load_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
+        """Load one bucket (checkpoint names) in place; returns the bytes loaded. Call again for more."""
+        if not self._updating:
+            self._llm.collective_rpc("lgrpo_begin_update")
+            self._updating = True
+        return int(sum(self._llm.collective_rpc("lgrpo_load_bucket", args=(list(named_tensors),))))
+
+    def finish_weight_update(self, version: int) -> None:
+        """Close the update: reset the encoder and prefix caches, then serve as `version`."""
+        if not self._updating:
+            self._llm.collective_rpc("lgrpo_begin_update")  # an empty update still resets the caches
+        try:
+            self._llm.collective_rpc("lgrpo_finish_update")
+        finally:
+            self._updating = False
+            # Cached vision embeddings and KV blocks were computed by the old weights.
+            self._llm.llm_engine.reset_encoder_cache()
+            self._llm.reset_prefix_cache()
+        self._version = int(version)
+
+    def update_weights(self, named_tensors: list[tuple[str, Any]], version: int) -> int:
+        """`load_weights` and `finish_weight_update` in one call; returns the bytes loaded."""
+        num_bytes = self.load_weights(named_tensors)
+        self.finish_weight_update(version)
+        return num_bytes
+
+
+def placeholder_runs(token_ids: np.ndarray, pad_id: int) -> list[int]:
+    """Lengths of the maximal runs of `pad_id` in `token_ids` ([P] -> one length per image)."""
+    is_pad = np.concatenate([[False], np.asarray(token_ids) == pad_id, [False]])
+    edges = np.flatnonzero(np.diff(is_pad.astype(np.int8)))  # starts and ends, alternating
+    return [int(end - start) for start, end in zip(edges[::2], edges[1::2])]

@@ -1,0 +1,197 @@
+"""Format warm start: supervised fine-tuning on the answer FORMAT only, through the real learner.
+
+    python -m pipeline sft --model runs/models/tiny-reasoner --out runs/models/tiny-reasoner-sft
+    python -m pipeline sft --model DIR --out DIR --steps 300 --seed 0 --lr 1e-3
+
+Why: a tiny random reasoner never writes `<think>...</think><answer>N</answer>`, so every GRPO reward is 0
+and there is no signal. This teaches the format and nothing about the preference: synthetic pairs
+(`pipeline.synthetic`, a stream of their own, disjoint from the training and held-out streams), each with
+the target `format_target(reasoning, answer)` where `answer` is the preferred image with probability
+`answer_accuracy` (0.5 by default: a seeded coin, independent of the pair), so the warm start answers at
+chance. The reasoning states the prompt and describes both images as they are ("The prompt asks for a red
+circle. Image 1 shows a blue circle. Image 2 shows a red circle."), read off the pixels
+(`describe_synthetic_image`). So the warm start learns to look and to describe, but since its answers are
+coin flips it has no reason to pick the image that matches the prompt: that is what GRPO has to learn.
+(A departure worth stating: the paper's reasoner starts from an instruction-tuned VLM that already sees
+and describes; the descriptions stand in for that, on a model of 1M random parameters.)
+
+It shares the learner code: a `LearnerGroup` (DeepSpeed ZeRO-3) steps with `objective="sft"`, i.e.
+`pipeline.grpo.sft_loss`, the token-mean negative log-likelihood of the completion tokens with the same
+whole-batch normaliser as the GRPO loss, and the result is written by `actors.checkpoint.export_policy`
+(a checkpoint that transformers and vLLM load), atomically, with `sft_manifest.json` written last.
+`tiny://reasoner-sft` in a config (`pipeline.models`) builds make-tiny + this on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import AlgoConfig, LearnerConfig
+from pipeline.prompts import format_target, reasoner_prompt
+from pipeline.synthetic import BACKGROUND, COLOURS, synthetic_pair
+from pipeline.types import ImageIndex, PreferencePair, TrainBatch, TrainSequence
+
+SFT_SEED_OFFSET = 2_000_003  # the SFT pairs' synthetic stream: disjoint from training (seed) and held-out
+MANIFEST = "sft_manifest.json"
+IM_END = "<|im_end|>"
+
+
+@dataclass(frozen=True)
+class SftSettings:
+    """What the warm start does; the defaults are what `tiny://reasoner-sft` builds."""
+
+    steps: int = 300  # optimizer steps
+    pairs_per_step: int = 16  # sequences per step (one target per pair)
+    lr: float = 1e-3  # AdamW learning rate
+    seed: int = 0  # pairs, answer coins and learner seed
+    answer_accuracy: float = 0.5  # probability that a target's answer is the preferred image
+    image_size: int = 56  # side of the synthetic images (as data.image_size)
+    freeze_vision: bool = False  # the vision tower learns to see colours and shapes too
+    num_cpus: float = 1  # CPUs (intra-op threads) of the learner rank
+
+
+@dataclass(frozen=True)
+class SftResult:
+    out: Path
+    losses: list[float]
+    seconds: float
+
+
+# ---- targets (pure) ----------------------------------------------------------------------------------
+
+def describe_synthetic_image(image: Image.Image) -> str:
+    """"red circle": the colour and shape of a synthetic image, read off its pixels.
+
+    The colour is the most frequent non-background colour (shapes are drawn without anti-aliasing, so
+    their pixels are exactly one of `COLOURS`); the shape follows from how much of its bounding box the
+    shape fills: a square about 1, a circle pi/4, a triangle 1/2.
+    """
+    pixels_N3 = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    counts = {name: int(np.all(pixels_N3 == rgb, axis=1).sum()) for name, rgb in COLOURS.items()
+              if rgb != BACKGROUND}
+    colour = max(counts, key=counts.get)
+    if counts[colour] == 0:
+        raise ValueError("no shape of a known colour in the image")
+    mask_HW = np.all(np.asarray(image.convert("RGB")) == COLOURS[colour], axis=-1)
+    rows, cols = np.flatnonzero(mask_HW.any(axis=1)), np.flatnonzero(mask_HW.any(axis=0))
+    fill = mask_HW.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+    return f"{colour} {shape}"
+
+
+def sft_reasoning(pair: PreferencePair) -> str:
+    """The prompt restated and both images described, with no verdict."""
+    return (f"The prompt asks for {pair.prompt}. Image 1 shows a {describe_synthetic_image(pair.image_1)}. "
+            f"Image 2 shows a {describe_synthetic_image(pair.image_2)}.")
+
+
+def sft_answer(pair: PreferencePair, seed: int, index: int, answer_accuracy: float) -> ImageIndex:
+    """The preferred image with probability `answer_accuracy` (a coin seeded by (seed, index)), else the other."""
+    right = random.Random(f"sft-answer:{seed}:{index}").random() < answer_accuracy
+    return pair.preferred if right else (2 if pair.preferred == 1 else 1)
+
+
+def sft_pairs(settings: SftSettings, step: int) -> list[tuple[int, PreferencePair]]:
+    """(stream index, pair) of step `step`."""
+    start = step * settings.pairs_per_step
+    return [(i, synthetic_pair(settings.seed + SFT_SEED_OFFSET, i, settings.image_size))
+            for i in range(start, start + settings.pairs_per_step)]
+
+
+def sft_batch(step: int, pairs: list[tuple[int, PreferencePair]], processor, settings: SftSettings) -> TrainBatch:
+    """One `TrainSequence` per pair: the processor's prompt tokens (placeholders expanded), the target's
+    tokens and the end of turn; no advantage and no rollout logprobs (the SFT objective reads neither)."""
+    tokenizer = processor.tokenizer
+    eos = tokenizer.convert_tokens_to_ids(IM_END)
+    sequences = []
+    for index, pair in pairs:
+        images = [pair.image_1, pair.image_2]
+        prompt_ids = processor(text=[reasoner_prompt(pair.prompt)], images=images, return_tensors="np")["input_ids"][0]
+        target = format_target(sft_reasoning(pair), sft_answer(pair, settings.seed, index, settings.answer_accuracy))
+        completion = np.asarray(tokenizer(target, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int64)
+        sequences.append(TrainSequence(
+            pair_id=pair.pair_id, completion_index=0, prompt_token_ids=prompt_ids.astype(np.int64),
+            completion_token_ids=completion, rollout_logprobs=np.zeros(len(completion), dtype=np.float32),
+            advantage=0.0, images=(pair.image_1, pair.image_2)))
+    return TrainBatch(step=step, policy_version=0, sequences=tuple(sequences))
+
+
+def max_target_tokens(model: str | Path, settings: SftSettings, count: int = 64) -> int:
+    """The longest target (with its end of turn) over `count` pairs: what max_new_tokens must allow."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model))
+    batch = sft_batch(0, [(i, synthetic_pair(settings.seed + SFT_SEED_OFFSET, i, settings.image_size))
+                          for i in range(count)], processor, settings)
+    return max(len(s.completion_token_ids) for s in batch.sequences)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSettings(),
+               log_every: int = 50) -> SftResult:
+    """SFT `model` for `settings.steps` steps on one learner rank; the result is written to `out` atomically."""
+    import ray
+    from transformers import AutoProcessor
+
+    from actors.learner import LearnerGroup
+
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(2, int(settings.num_cpus)), resources={"learner": 1}, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    learner_cfg = LearnerConfig(num_ranks=1, lr=settings.lr, freeze_vision=settings.freeze_vision,
+                                num_cpus=settings.num_cpus, micro_batch_tokens=8192)
+    processor = AutoProcessor.from_pretrained(str(model))
+    t_start = time.perf_counter()
+    group = LearnerGroup(str(model), learner_cfg, AlgoConfig(), seed=settings.seed, max_new_tokens=256,
+                         temperature=1.0)
+    losses: list[float] = []
+    try:
+        for step in range(settings.steps):
+            batch = sft_batch(step, sft_pairs(settings, step), processor, settings)
+            losses.append(group.train_step(batch, objective="sft").values["loss"])
+            if log_every and (step + 1) % log_every == 0:
+                print(f"sft step {step + 1}/{settings.steps}  loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+            staging = Path(tmp) / "ckpt"
+            group.export_policy(str(staging))
+            seconds = time.perf_counter() - t_start
+            (staging / MANIFEST).write_text(json.dumps(
+                {"base_model": str(model), "settings": asdict(settings), "final_loss": losses[-1] if losses else None,
+                 "seconds": round(seconds, 1)}, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)
+    finally:
+        group.shutdown()
+        if started:
+            ray.shutdown()
+    return SftResult(out=out, losses=losses, seconds=seconds)
+
+
+def sft_command(args) -> int:
+    """`python -m pipeline sft` (see pipeline/cli.py for the flags)."""
+    from pipeline.config import ConfigError
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model {args.model}: not a checkpoint directory (no config.json)")
+    settings = SftSettings(steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr, seed=args.seed,
+                           answer_accuracy=args.answer_accuracy, freeze_vision=args.freeze_vision,
+                           num_cpus=args.threads)
+    result = warm_start(args.model, args.out, settings)
+    print(f"{result.out}  ({settings.steps} steps, final loss {result.losses[-1]:.4f}, {result.seconds:.0f} s)")
+    return 0
