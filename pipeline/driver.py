@@ -83,7 +83,7 @@ def train(cfg: RunConfig, resume: Path | None = None) -> int:
                               f"checkpoint: python -m pipeline train --resume {run_dir}") from exc
     finally:
         tracker.close(status)
-        actors.learner.shutdown()
+        actors.shutdown()
         if started_ray:
                     ray.shutdown()
     print_summary(run_dir, tracker)
@@ -106,15 +106,17 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
             break
         result = grpo_step(step, pairs, actors, cfg, policy)
         result.metrics.update(skip_metrics(dict(source.skip_counts)))
+        # Metrics before the checkpoint: a run stopped in between re-runs the step (logged twice), never
+        # resumes past a step whose metrics were lost.
+        tracker.log_metrics(step, result.metrics)
+        if step % cfg.trainer.sample_table_every == 0:
+            tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
+        if heldout and ((step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps):
+            tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg))
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
             info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, source.state(),
                                                   cfg.trainer.keep_checkpoints)
             tracker.set_tags({"checkpoint": info.path, "checkpoint_step": str(info.step)})
-        if heldout and ((step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps):
-            tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg))
-        if step % cfg.trainer.sample_table_every == 0:
-            tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
-        tracker.log_metrics(step, result.metrics)
         progress.update(step, result.metrics)
 
 
@@ -228,13 +230,14 @@ def throughput(groups: list[RolloutGroup], timings: dict[str, float]) -> dict[st
             "throughput/rollout_tokens_per_s": tokens / max(timings["time/rollout_s"], 1e-9)}
 
 
-def sample_table(scored: list[ScoredGroup], max_rows: int = 16) -> dict[str, list]:
-    """Columns of sample completions for MLflow: prompt, reasoning, answer, label, listener p, reward."""
+def sample_table(scored: list[ScoredGroup], per_group: int = 2) -> dict[str, list]:
+    """Columns of sample completions for MLflow (the first `per_group` of every kept group): prompt,
+    reasoning, answer, label, listener p, reward."""
     columns: dict[str, list] = {k: [] for k in ("pair_id", "prompt", "reasoning", "answer", "label",
                                                 "listener_p_preferred", "reward")}
     rows = ((s.group, completion, reward) for s in scored for completion, reward in
-            zip(s.group.completions, s.rewards))
-    for group, completion, reward in list(rows)[:max_rows]:
+            list(zip(s.group.completions, s.rewards))[:per_group])
+    for group, completion, reward in rows:
         parsed = parse_completion(completion.text)
         for key, value in (("pair_id", group.pair_id), ("prompt", group.pair.prompt),
                            ("reasoning", parsed.reasoning), ("answer", parsed.answer or "unparsable"),

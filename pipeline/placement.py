@@ -26,6 +26,18 @@ class Actors:
     reward: Any  # RewardAggregator actor
     learner: Any  # LearnerGroup (driver-side handle over W LearnerRank actors)
 
+    def shutdown(self) -> None:
+        """Stop every actor of the run (the named pool too, so a new run in this cluster can take the name)."""
+        import ray
+
+        self.learner.shutdown()
+        try:
+            ray.get(self.listener_pool.shutdown.remote(), timeout=60)
+        except Exception:  # a dead pool has nothing left to stop
+            pass
+        for actor in [self.listener_pool, self.reward, *self.rollout]:
+            ray.kill(actor, no_restart=True)
+
 
 def required_resources(cfg: RunConfig) -> dict[str, float]:
     """What the run needs from the cluster, by resource name (CPU, GPU, custom)."""

@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 from tests_e2e_helpers import metric_steps
 
+from actors.checkpoint import MANIFEST, latest_checkpoint, step_dir_name
+from pipeline.config import load_config
+from pipeline.data import PairSource
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
@@ -75,8 +79,6 @@ print("TOKENS", len(out[0].outputs[0].token_ids))
 def test_checkpoint_loads_in_transformers_and_vllm(default_run: Path) -> None:
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from actors.checkpoint import latest_checkpoint
-
     checkpoint = latest_checkpoint(default_run / "checkpoints")
     assert checkpoint is not None and checkpoint.name.endswith("2")
     policy = checkpoint / "policy"
@@ -95,31 +97,33 @@ def _pair_ids(run_dir: Path, step: int) -> list[str]:
 
 def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = ("trainer.steps=3", "reward.drop_zero_variance=false")
+    # Slow enough steps (long generations) that the stop lands mid-run.
+    overrides = ("trainer.steps=6", "reward.drop_zero_variance=false", "rollout.max_new_tokens=192",
+                 "rollout.group_size=8")
     process = subprocess.Popen(train_command(run_dir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=(tmp_path / "first.log").open("w"), env={**os.environ, "RAY_ADDRESS": ""})
-    from actors.checkpoint import MANIFEST, step_dir_name
-
     manifest = run_dir / "checkpoints" / step_dir_name(1) / MANIFEST
     deadline = time.monotonic() + 900
     while not manifest.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.02)
     assert manifest.exists(), (tmp_path / "first.log").read_text()[-4000:]
     process.send_signal(signal.SIGINT)  # the user's Ctrl-C
-    process.wait(timeout=180)
+    assert process.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-4000:]
     first_steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert first_steps[0] == 0 and first_steps[-1] < 2, "the first run was meant to stop before the end"
+    assert first_steps[0] == 0 and first_steps[-1] < 5, "the first run was meant to stop before the end"
+    # The last complete checkpoint counts the steps the first run finished; the resumed run starts right
+    # there (a step stopped before its checkpoint is run again) and goes to the end.
+    start = json.loads((latest_checkpoint(run_dir / "checkpoints") / MANIFEST).read_text())["step"]
+    assert 1 <= start <= first_steps[-1] + 1
     run_train(run_dir, *overrides, resume=True)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumed_steps = [r["step"] for r in rows[len(first_steps):]]
-    assert resumed_steps[0] == json.loads(manifest.read_text())["step"]
-    assert resumed_steps[-1] == 2
-    # The data position continues: step 1's pairs are the stream's second batch, not its first again.
-    from pipeline.config import load_config
-    from pipeline.data import PairSource
-
+    assert resumed_steps == list(range(start, 6))
+    assert latest_checkpoint(run_dir / "checkpoints").name == step_dir_name(6)
+    assert resumed_steps[-1] == 5
+    # The data position continues: each resumed step trains on the stream's batch of that step.
     cfg = load_config(None, list(overrides))
     source = PairSource.from_config(cfg.data, cfg.model)
-    batches = [[p.pair_id for p in source.next_batch(cfg.data.pairs_per_step)] for _ in range(3)]
-    assert _pair_ids(run_dir, 1) == batches[1]
-    assert _pair_ids(run_dir, 2) == batches[2]
+    batches = [[p.pair_id for p in source.next_batch(cfg.data.pairs_per_step)] for _ in range(6)]
+    for step in range(resumed_steps[0], 6):
+        assert _pair_ids(run_dir, step) == batches[step]
