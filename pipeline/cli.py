@@ -78,6 +78,7 @@ def _add_sft(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="Seed of the pairs, the answer coins and the learner.")
     p.add_argument("--answer-accuracy", type=float, default=0.5,
                    help="Probability that a target's answer is the preferred image (0.5: format only).")
+    p.add_argument("--image-size", type=int, default=56, help="Side of the synthetic images (as data.image_size).")
     p.add_argument("--freeze-vision", action="store_true", help="Keep the vision tower frozen.")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the learner rank.")
     p.set_defaults(handler=_sft)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,7 @@ def train(cfg: RunConfig, resume: Path | None = None) -> int:
     reasoner = resolve_checkpoint(cfg.model.reasoner, "model.reasoner", run_dir / "models")
     listener = resolve_checkpoint(cfg.model.listener, "model.listener", run_dir / "models")
     started_ray = _connect_ray(cfg)
+    _stop_on_sigterm()
     tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
                       params=flatten_config(cfg), tags=run_tags())
     actors = create_actors(cfg, reasoner, listener)
@@ -279,6 +282,17 @@ def _connect_ray(cfg: RunConfig) -> bool:
         ray.shutdown()
         raise
     return True
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, Kubernetes) stops the run like Ctrl-C: the tracker flushes, actors stop.
+
+    Installed after `ray.init`, which sets a handler of its own that aborts the process."""
+    def stop(signum, frame) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def run_tags() -> dict[str, str]:

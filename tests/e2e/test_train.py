@@ -107,7 +107,7 @@ def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: P
     while not manifest.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert manifest.exists(), (tmp_path / "first.log").read_text()[-4000:]
-    process.send_signal(signal.SIGINT)  # the user's Ctrl-C
+    process.send_signal(signal.SIGTERM)  # what `ray job stop` and Kubernetes send; handled like Ctrl-C
     assert process.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-4000:]
     first_steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert first_steps[0] == 0 and first_steps[-1] < 5, "the first run was meant to stop before the end"

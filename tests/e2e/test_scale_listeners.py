@@ -1,0 +1,66 @@
+"""`python -m pipeline scale-listeners` resizes the live listener pool of a running training job.
+
+A real `ray start --head` cluster, a training job joined to it (as `ray job submit` would run it), and
+the CLI run twice from another process: the pool grows 1 -> 2 and back to 1 while training continues;
+every listener request is answered exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+STEPS, PAIRS, GROUP = 8, 4, 8
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, "training ended before the pool was resized"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _scale(ray_head, replicas: int) -> str:
+    result = subprocess.run([sys.executable, "-m", "pipeline", "scale-listeners", "--address",
+                             ray_head.gcs_address, "--replicas", str(replicas)],
+                            capture_output=True, text=True, cwd=REPO, env=ray_head.env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_pool_grows_and_shrinks_during_training_without_losing_requests(ray_head, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pipeline", "train", f"trainer.steps={STEPS}", f"trainer.output_dir={run_dir}",
+               f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"data.pairs_per_step={PAIRS}",
+               f"rollout.group_size={GROUP}", "rollout.max_new_tokens=128", "trainer.checkpoint_every=100"]
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=(tmp_path / "train.log").open("w"))
+    try:
+        _wait_for(lambda: len(_rows(run_dir)) >= 1, process)
+        assert "1 -> 2 workers" in _scale(ray_head, 2)
+        _wait_for(lambda: any(r["listener/ready_workers"] == 2 for r in _rows(run_dir)), process)
+        assert "2 -> 1 workers" in _scale(ray_head, 1)
+        assert process.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert max(r["listener/num_workers"] for r in rows) == 2 and rows[-1]["listener/num_workers"] == 1
+    assert all(r["listener/failed"] == 0 for r in rows)
+    # Each completion is scored once: the pool's answered count is exactly the completions sampled.
+    assert rows[-1]["listener/completed"] == STEPS * PAIRS * GROUP
