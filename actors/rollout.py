@@ -6,8 +6,10 @@ engine sampled from (image placeholders expanded), and the run of image placehol
 checked against the checkpoint's own image processor, so the learner recomputes logprobs on the same
 tokens (a mismatch raises; it is never truncated silently).
 
-Logprobs are those of the distribution actually sampled from (vLLM `processed_logprobs`: after temperature
-and top-p), so with `temperature != 1` or `top_p < 1` the learner must score with the same temperature.
+Logprobs are those of the distribution actually sampled from (vLLM `processed_logprobs`: after the
+vision-token ban, temperature and top-p), so with `temperature != 1` or `top_p < 1` the learner must score
+with the same temperature; the ban itself shifts them by log(1 - p(vision tokens)), negligible for a
+trained model.
 
 Weights: `load_weights(bucket)` any number of times, then `finish_weight_update(version)`; buckets are
 subsets of the parameters under their `model.safetensors` names, and may split a fused layer (see

@@ -33,7 +33,11 @@ from pipeline.types import PreferencePair
 TiePolicy = Literal["skip", "random"]
 SKIP_REASONS: tuple[str, ...] = (
     "undecodable_image", "missing_field", "label_out_of_range", "empty_prompt", "oversized_image", "tie",
+    "extreme_aspect_ratio",
 )
+# Qwen2-VL's image processor (`smart_resize`, in transformers and vLLM) raises on a longer side over 200x
+# the shorter: such an image would crash a rollout or learner step, so its row is skipped here.
+MAX_ASPECT_RATIO = 200
 
 
 class BadRow(Exception):
@@ -73,8 +77,9 @@ class ImageBounds:
 
 def _image_bytes(value: Any, base_dir: Path | None) -> bytes:
     if isinstance(value, dict):  # datasets' Image(decode=False) struct
-        if value.get("bytes"):
-            return value["bytes"]
+        data = value.get("bytes")
+        if isinstance(data, (bytes, bytearray)) and data:  # anything else is not image data: try the path
+            return bytes(data)
         value = value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
@@ -101,24 +106,33 @@ def decode_image(value: Any, base_dir: Path | None, bounds: ImageBounds) -> Imag
         except (OSError, ValueError, SyntaxError) as exc:
             raise BadRow("undecodable_image", exc.__class__.__name__) from None
     width, height = image.size
+    if width < 1 or height < 1:  # an empty image (a PIL object from a row) has no pixels to resize
+        raise BadRow("undecodable_image", f"{width}x{height}")
     if width * height > bounds.max_image_pixels:  # checked before the full decode: no decompression bomb
         raise BadRow("oversized_image", f"{width}x{height}")
+    new_w, new_h = resized_size(width, height, bounds.min_pixels, bounds.max_pixels)
+    if max(new_w, new_h) > MAX_ASPECT_RATIO * min(new_w, new_h):  # after resizing, as the processor sees it
+        raise BadRow("extreme_aspect_ratio", f"{width}x{height}")
     try:
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
         raise BadRow("undecodable_image", exc.__class__.__name__) from None
 
 
-def resize_within(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
-    """Scale (keeping the aspect ratio) so that width * height lies in [min_pixels, max_pixels]."""
-    width, height = image.size
+def resized_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) scaled, keeping the aspect ratio, so that width * height lies in [min_pixels, max_pixels]."""
     area = width * height
     if min_pixels <= area <= max_pixels:
-        return image
+        return width, height
     scale = math.sqrt((max_pixels if area > max_pixels else min_pixels) / area)
     rounding = math.floor if area > max_pixels else math.ceil  # floor stays under max, ceil over min
-    size = (max(1, rounding(width * scale)), max(1, rounding(height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC)
+    return max(1, rounding(width * scale)), max(1, rounding(height * scale))
+
+
+def resize_within(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Scale (keeping the aspect ratio) so that width * height lies in [min_pixels, max_pixels]."""
+    size = resized_size(*image.size, min_pixels, max_pixels)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
 def swapped(seed: int, pair_id: str) -> bool:
@@ -196,10 +210,10 @@ def rapidata_row(row: dict, index: int, seed: int, ties: TiePolicy) -> RawPair:
 def hpdv2_row(row: dict, index: int, seed: int, ties: TiePolicy) -> RawPair:
     pair_id = f"hpdv2-{index}"
     paths, preference = need(row, "file_path"), need(row, "human_preference")
-    if len(paths) != 2 or any(not p for p in paths):
+    if not isinstance(paths, (list, tuple)) or len(paths) != 2 or any(not p for p in paths):
         raise BadRow("missing_field", "file_path")
-    if len(preference) != 2 or any(isinstance(p, bool) or not isinstance(p, (int, float)) or p < 0
-                                   for p in preference):
+    if not isinstance(preference, (list, tuple)) or len(preference) != 2 or any(
+            isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or p < 0 for p in preference):
         raise BadRow("label_out_of_range", f"human_preference={preference!r}")
     return RawPair(pair_id=pair_id, prompt=prompt_of(row, "prompt"), image_1=paths[0], image_2=paths[1],
                    preferred=winner(float(preference[0]), float(preference[1]), pair_id, seed, ties),

@@ -49,7 +49,7 @@ _NAMES_IMAGE_RE = re.compile(
 )
 # A verdict naming a bare number: "So the answer is 2.", "I choose 1", "my pick: 2".
 _BARE_VERDICT_RE = re.compile(
-    r"\b(answer|choice|choose|chose|pick|picked|prefer|preferred|verdict|winner)\b[^.!?\n\d]{0,15}?#?\b[12]\b",
+    r"\b(answer|choice|choose|chose|pick|picked|prefer|preferred|verdict|winner)\b[^.!?\d]{0,15}?#?\b[12]\b",
     re.IGNORECASE,
 )
 _VERDICT_RE = re.compile(
@@ -128,12 +128,18 @@ def mask_answer(text: str) -> str:
 
     A trailing sentence is a verdict when it names an image ("image 2", "the first image", "option 1") and
     uses a verdict word ("better", "prefer", "answer", "so", ...), or when a verdict word is followed by a
-    bare 1 or 2 ("so the answer is 2"). Returns "" when nothing usable is left.
+    bare 1 or 2 ("so the answer is 2"). Sentences split by a paragraph break ("The better one is:\n\nImage
+    2") are judged as the listener reads them, joined. Returns "" when nothing usable is left.
     """
-    sentences = [s for s in _SENTENCE_END_RE.split(extract_reasoning(text)) if s.strip()]
-    while sentences and _is_verdict(sentences[-1]):
-        sentences.pop()
-    return " ".join(s.strip() for s in sentences).strip()
+    masked = extract_reasoning(text)
+    while True:  # to a fixpoint: joining with " " can merge a line break's two halves into a new verdict
+        sentences = [s for s in _SENTENCE_END_RE.split(masked) if s.strip()]
+        while sentences and _is_verdict(sentences[-1]):
+            sentences.pop()
+        joined = " ".join(s.strip() for s in sentences).strip()
+        if joined == masked:
+            return joined
+        masked = joined
 
 
 def _is_verdict(sentence: str) -> bool:

@@ -8,7 +8,10 @@ reaches the server) and its id is kept in `RUN_DIR/mlflow_run_id`, so a resumed 
 MLflow run. HTTP retries are capped so an outage costs seconds per step, not minutes.
 
 The URI: `tracking_uri` from config, else `MLFLOW_TRACKING_URI`, else `sqlite:///./mlflow.db`.
-Credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never from config.
+Credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never from config. Should
+one slip into a config value anyway, it never reaches MLflow or the log: params and tags are redacted
+(`redact_params`: `user:password@` in URIs, secret query parameters, well-known token formats, and the
+values of keys named like secrets), and `Tracker.uri`, the form that is logged and printed, is redacted too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +28,38 @@ from typing import Any
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///./mlflow.db"
 _BATCH_LIMIT = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
+REDACTED = "***"
+# A key is secret-like when one of its words (split on . _ - /) is one of these: `max_new_tokens` is not.
+_SECRET_WORDS = frozenset({"token", "password", "passwd", "pwd", "secret", "key", "apikey", "credential",
+                           "credentials", "auth", "authorization", "cookie", "signature", "sig"})
+_URI_USERINFO_RE = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^/?#@\s]+@", re.IGNORECASE)
+_QUERY_PARAM_RE = re.compile(r"(?P<lead>[?&;](?P<name>[^=&#\s]+)=)(?P<value>[^&#\s]+)")
+# Token formats that are secrets wherever they appear (Hugging Face, OpenAI-style, AWS, GitHub, Slack, JWT).
+_TOKEN_RE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|(AKIA|ASIA)[0-9A-Z]{16}|"
+                       r"gh[pousr]_[A-Za-z0-9]{30,}|xox[abprs]-[A-Za-z0-9-]{10,}|"
+                       r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})")
 
 
 def resolve_tracking_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def secret_key(key: str) -> bool:
+    """Whether a (dotted) key names a secret: one of its words is token, password, secret, key, ..."""
+    return any(word in _SECRET_WORDS for word in re.split(r"[._\-/\s]+", key.lower()))
+
+
+def redact_value(value: str) -> str:
+    """`value` with URI credentials, secret query parameters and well-known tokens replaced by ***."""
+    value = _URI_USERINFO_RE.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+    value = _QUERY_PARAM_RE.sub(lambda m: m.group("lead") + REDACTED if secret_key(m.group("name")) else m.group(0),
+                                value)  # ?access_token=, &X-Amz-Signature=, &sig= (named like a secret)
+    return _TOKEN_RE.sub(REDACTED, value)
+
+
+def redact_params(params: dict[str, str]) -> dict[str, str]:
+    """Params or tags safe to log: a secret-named key keeps its name but not its value (unless empty)."""
+    return {key: (REDACTED if value and secret_key(key) else redact_value(value)) for key, value in params.items()}
 
 
 def _cap_http_retries() -> None:
@@ -52,12 +84,13 @@ class Tracker:
         _cap_http_retries()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.uri = resolve_tracking_uri(tracking_uri)
+        self._uri = resolve_tracking_uri(tracking_uri)  # what the client connects to
+        self.uri = redact_value(self._uri)  # what is logged and printed
         self.experiment, self.run_name = experiment, run_name
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self._run_id_file = self.run_dir / "mlflow_run_id"
         self.run_id: str | None = self._run_id_file.read_text().strip() if self._run_id_file.exists() else None
-        self._params, self._pending = params, _Pending(tags=dict(tags))
+        self._params, self._pending = redact_params(params), _Pending(tags=redact_params(tags))
         self.flush_failures = 0
         self._client = None
 
@@ -77,7 +110,7 @@ class Tracker:
         self.flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._pending.tags.update(tags)
+        self._pending.tags.update(redact_params(tags))
         self.flush()
 
     def flush(self) -> bool:
@@ -113,7 +146,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=self._uri)
         if self.run_id is None:
             experiment = self._client.get_experiment_by_name(self.experiment)
             experiment_id = (experiment.experiment_id if experiment is not None

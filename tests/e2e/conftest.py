@@ -10,9 +10,12 @@ import os
 import secrets
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +48,12 @@ def ray_head(tmp_path: Path):
            "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     process = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "8",
          "--resources", '{"rollout": 8, "listener": 8, "learner": 8}', "--disable-usage-stats",
-         "--temp-dir", str(tmp_path / "ray")],
+         "--temp-dir", temp_dir],
         env=env, cwd=REPO, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -57,6 +61,8 @@ def ray_head(tmp_path: Path):
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401 without the token: the job server is up
             break
         except OSError as exc:
             if process.poll() is not None:
@@ -70,3 +76,4 @@ def ray_head(tmp_path: Path):
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,164 @@
+"""One way to build a vLLM engine, shared by the rollout workers and the listeners, and the in-place
+weight-update extension the rollout engine loads.
+
+    llm = build_engine("runs/tiny/reasoner", EngineConfig(dtype="float32"), seed=0, num_threads=1)
+
+What `build_engine` settles, measured on the 2-core CPU machines (Nov 2026):
+- Threads: inside a Ray actor `OMP_NUM_THREADS=1`, and vLLM itself drops torch to one thread for serving
+  unless `OMP_NUM_THREADS` is set externally. The builder sets both to `num_threads` (the actor's CPUs).
+- In-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): 3.5 s start-up instead of 24 s.
+- No first-request stall: vLLM `torch.compile`s one sampler helper (`batched_count_greater_than`, used for
+  logprob ranks) even in eager mode; on CPU that is a 3 s Dynamo trace per process plus a gcc build of the
+  kernel when the inductor cache is cold (the 26 s first `generate` seen on a busy machine). An eager CPU
+  engine runs that helper eagerly instead (Dynamo off in the engine's process, which is an actor of its
+  own), and a one-token warm-up request moves the remaining first-call costs into start-up.
+
+Weight updates (`WeightUpdateExtension`): one layer-wise reload session spans several buckets. vLLM's
+layer-wise reload keeps each layer's processed (repacked) tensors, buffers the weights a layer receives,
+and processes the layer once all of its elements have arrived, so a bucket may end in the middle of a fused
+layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj): the rest completes it in a later bucket. Closing the
+session restores untouched layers; a half-loaded layer keeps its old weights and the update raises
+(loading it would fill the missing elements with garbage).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import EngineConfig
+
+if TYPE_CHECKING:
+    import torch
+    from vllm import LLM
+
+WEIGHT_UPDATE_EXTENSION = "actors.engine.WeightUpdateExtension"
+_LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def configure_threads(num_threads: int) -> None:
+    """Intra-op threads for this process, set before vLLM starts (which honours an external OMP_NUM_THREADS)."""
+    import torch
+
+    num_threads = max(1, int(num_threads))
+    os.environ["OMP_NUM_THREADS"] = str(num_threads)
+    torch.set_num_threads(num_threads)
+
+
+def engine_kwargs(engine: EngineConfig, seed: int, max_images: int, mm_processor_kwargs: dict | None) -> dict:
+    """The `vllm.LLM` arguments for one engine (pure; the CPU/GPU split is vLLM's, by platform)."""
+    kwargs: dict[str, Any] = dict(
+        enforce_eager=engine.enforce_eager, dtype=engine.dtype, max_model_len=engine.max_model_len,
+        seed=seed, limit_mm_per_prompt={"image": max_images, "video": 0},
+        gpu_memory_utilization=engine.gpu_memory_utilization, tensor_parallel_size=engine.tensor_parallel_size,
+    )
+    if mm_processor_kwargs:
+        kwargs["mm_processor_kwargs"] = dict(mm_processor_kwargs)
+    return kwargs
+
+
+def build_engine(model_path: str, engine: EngineConfig, seed: int, num_threads: int = 1, max_images: int = 2,
+                 mm_processor_kwargs: dict | None = None, **extra: Any) -> "LLM":
+    """A warmed-up `vllm.LLM` for `model_path`; `extra` goes to `LLM` (e.g. `worker_extension_cls`).
+
+    Sampling is made reproducible by the engine `seed` and the order of requests: vLLM CPU 0.32 crashes on
+    a per-request `SamplingParams(seed=...)`.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)  # the config, not a stray env var, decides
+    configure_threads(num_threads)
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and engine.enforce_eager:
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True  # see the module docstring: no compile in an eager CPU engine
+    llm = LLM(model=str(model_path), **engine_kwargs(engine, seed, max_images, mm_processor_kwargs), **extra)
+    warm_up(llm)
+    return llm
+
+
+def warm_up(llm: "LLM") -> None:
+    """One greedy one-token request with a logprob, so the first real request pays no first-call costs."""
+    from vllm import SamplingParams
+
+    llm.generate(["warm-up"], SamplingParams(max_tokens=1, temperature=0.0, logprobs=0), use_tqdm=False)
+
+
+def as_tensor(value: Any) -> "torch.Tensor":
+    """A CPU tensor from a tensor or numpy array (buckets may arrive either way through Ray)."""
+    import torch
+
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+@contextmanager
+def _quiet_layerwise():
+    # Closing a session logs "Failed to load weights" for every layer the update did not touch (e.g. the
+    # frozen vision tower); those layers are restored as they were, which is what we want.
+    logger = logging.getLogger(_LAYERWISE_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class WeightUpdateExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`); reached with `llm.collective_rpc(name, args=...)`."""
+
+    # Prefixed names: vLLM's worker has its own start/update/finish_weight_update (its weight-transfer API).
+
+    def lgrpo_begin_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(self.model_runner.get_model())
+
+    def lgrpo_load_bucket(self, named_tensors: Iterable[tuple[str, Any]]) -> int:
+        """Load one bucket (checkpoint names, any dtype) into the open session; returns bytes received."""
+        from vllm.config import set_current_vllm_config
+
+        model = self.model_runner.get_model()
+        tensors = [(name, as_tensor(t)) for name, t in named_tensors]
+        with set_current_vllm_config(self.vllm_config):
+            model.load_weights(iter(tensors))
+        return int(sum(t.numel() * t.element_size() for _, t in tensors))
+
+    def lgrpo_finish_update(self) -> None:
+        """Close the session; a half-loaded layer keeps its old weights and the update is refused."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        model = self.model_runner.get_model()
+        incomplete = _drop_incomplete_layers(model)
+        with set_current_vllm_config(self.vllm_config), _quiet_layerwise():
+            finalize_layerwise_reload(model, self.model_runner.model_config)
+        self.model_runner.reset_encoder_cache()
+        self.model_runner.reset_mm_cache()
+        if incomplete:
+            raise ValueError(f"weight update left layers half-loaded (a fused q/k/v or gate/up split "
+                             f"across updates?); they keep their old weights: {incomplete[:5]}")
+
+
+def _drop_incomplete_layers(model: Any) -> list[str]:
+    """Layers that received some but not all of their elements in the open session; their partial weights
+    are dropped (finalising then restores their old tensors instead of filling the gaps with garbage)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    incomplete = []
+    for name, layer in model.named_modules():
+        info = get_layerwise_info(layer)
+        if not info.can_load() or isinstance(layer, VocabParallelEmbedding):
+            continue  # not in a session; or an embedding whose vocab padding is never loaded
+        if 0 < info.load_numel < (info.load_numel_total or 0):
+            incomplete.append(name)
+            info.load_numel = 0
+    return incomplete

@@ -1,0 +1,350 @@
+"""The frozen listener: ListenerWorker (one vLLM engine) and ListenerPool (L of them, resizable live).
+
+ListenerWorker reads the pair's prompt, both images and the reasoner's reasoning with the answer masked
+(`pipeline.prompts.mask_answer`), and returns p(image 1) renormalised over the two answer tokens. Both
+tokens' logprobs are always read, never guessed: vLLM's `logprob_token_ids` returns the raw logprob of
+exactly those two tokens for the first generated position, wherever they rank (checked against
+transformers in the integration test). A completion with no reasoning left after masking is not sent to
+the engine: it scores the defined 0.5 with `usable=False`.
+
+ListenerPool is meant to run as a named async Ray actor (see `pipeline/placement.py`); the driver sends it
+rollout groups as they finish and `python -m pipeline scale-listeners` calls `resize` on it by name.
+- Load balancing and backpressure: a request goes to the ready worker with the fewest in flight, and a
+  worker never holds more than `ListenerConfig.max_in_flight` requests; the rest wait in the pool's queue.
+  Requests to one worker are sent as one batch (one engine call), split evenly over the free workers.
+- `resize(L)`: new workers take requests once their engine is up; removed workers stop taking requests,
+  finish what they hold, then are killed, so every request is answered exactly once.
+- A worker that dies (`RayActorError`) is replaced, and the requests it held are queued again at the
+  front (`retries` counts them); a request is given up (an error for its caller) after `max_attempts`.
+- Each worker asks for one unit of the pool's own Ray custom resource (`ListenerConfig.resource`), so a
+  cluster scales the listener group alone; the pool actor itself is a dispatcher and needs no CPU.
+
+Integration test: `pytest -m integration tests/integration/test_listener.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.engine import build_engine
+from pipeline.config import EngineConfig, ListenerConfig
+from pipeline.prompts import LISTENER_ANSWER_TOKENS, listener_p_image_1, listener_prompt, mask_answer
+from pipeline.types import ListenerPoolStats, ListenerRequest, ListenerScore, RolloutGroup
+
+logger = logging.getLogger(__name__)
+UNUSABLE_P = 0.5  # the defined score of a completion with no reasoning left after masking
+
+
+class ListenerWorker:
+    """One frozen listener engine; never receives weights."""
+
+    def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0, num_threads: int = 1,
+                 mm_processor_kwargs: dict | None = None) -> None:
+        self._llm = build_engine(model_path, engine, seed, num_threads=num_threads,
+                                 mm_processor_kwargs=mm_processor_kwargs)
+        self._answer_ids = answer_token_ids(self._llm.get_tokenizer())
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, requests: list[ListenerRequest]) -> list[ListenerScore]:
+        """One score per request, in order; one engine call for all the usable ones."""
+        from vllm import SamplingParams
+
+        masked = [mask_answer(r.text) for r in requests]
+        usable = [i for i, reasoning in enumerate(masked) if reasoning]
+        prompts = [{"prompt": listener_prompt(requests[i].pair.prompt, masked[i]),
+                    "multi_modal_data": {"image": [requests[i].pair.image_1, requests[i].pair.image_2]}}
+                   for i in usable]
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(self._answer_ids))
+        outputs = self._llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        p_image_1 = {i: self._p_image_1(output) for i, output in zip(usable, outputs, strict=True)}
+        return [make_score(r, p_image_1.get(i, UNUSABLE_P), usable=i in p_image_1) for i, r in enumerate(requests)]
+
+    def _p_image_1(self, output: Any) -> float:
+        first = output.outputs[0].logprobs[0]  # token id -> Logprob at the first generated position
+        missing = [t for t in self._answer_ids if t not in first]
+        if missing:
+            raise RuntimeError(f"engine returned no logprob for answer token ids {missing}")
+        return listener_p_image_1(first[self._answer_ids[0]].logprob, first[self._answer_ids[1]].logprob)
+
+
+def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
+    """The single-token ids of the listener's answers for image 1 and image 2."""
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in LISTENER_ANSWER_TOKENS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"listener answers {LISTENER_ANSWER_TOKENS} must be single tokens, got {ids}")
+    return ids[0][0], ids[1][0]
+
+
+def make_score(request: ListenerRequest, p_image_1: float, usable: bool = True) -> ListenerScore:
+    p_preferred = p_image_1 if request.pair.preferred == 1 else 1.0 - p_image_1
+    return ListenerScore(pair_id=request.pair.pair_id, completion_index=request.completion_index,
+                         p_image_1=float(p_image_1), p_preferred=float(p_preferred), usable=usable)
+
+
+def requests_of(groups: list[RolloutGroup]) -> list[ListenerRequest]:
+    """Every completion of every group, group by group, in completion order."""
+    return [ListenerRequest(pair=g.pair, completion_index=c.completion_index, text=c.text)
+            for g in groups for c in g.completions]
+
+
+def default_worker_options(listener: ListenerConfig) -> dict[str, Any]:
+    """Ray options of one ListenerWorker: its CPUs/GPUs and one unit of the pool's own resource."""
+    return {"num_cpus": listener.num_cpus, "num_gpus": listener.num_gpus, "resources": {listener.resource: 1}}
+
+
+# ---- the pool ----------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Item:
+    request: ListenerRequest
+    future: asyncio.Future
+    attempts: int = 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One worker position; its actor is replaced (generation + 1) when it dies."""
+
+    actor: Any
+    generation: int = 0
+    ready: bool = False
+    retiring: bool = False
+    start_failures: int = 0
+    in_flight: set[_Item] = field(default_factory=set)
+
+
+class ListenerPool:
+    """Dispatches score requests over L ListenerWorker actors. Run it as an async Ray actor."""
+
+    def __init__(self, model_path: str, listener: ListenerConfig, worker_options: dict[str, Any] | None = None,
+                 seed: int = 0, mm_processor_kwargs: dict | None = None, max_attempts: int = 3,
+                 max_start_failures: int = 3) -> None:
+        self._model_path = str(model_path)
+        self._cfg = listener
+        self._options = dict(worker_options or default_worker_options(listener))
+        self._seed = seed
+        self._mm_kwargs = mm_processor_kwargs
+        self._max_attempts = max_attempts
+        self._max_start_failures = max_start_failures
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._tasks: set[asyncio.Task] = set()  # strong references to running tasks
+        self._unwatched: list[_Slot] = []  # readiness is awaited once an event loop runs (first async call)
+        self._spawned = 0
+        self._target = listener.num_workers
+        self._resize_lock: asyncio.Lock | None = None
+        self._slots = [self._new_slot() for _ in range(listener.num_workers)]  # engines start now
+
+    # ---- public API (all async: the actor's event loop is the only thread touching the state) ----------
+
+    async def ready(self) -> bool:
+        """Wait until every worker's engine is up."""
+        self._start()
+        await self._wait_for(lambda: all(s.ready for s in self._slots if not s.retiring))
+        return True
+
+    async def score(self, groups: list[RolloutGroup]) -> list[ListenerScore]:
+        """Scores of every completion of `groups`, group by group, in completion order."""
+        return await self.score_requests(requests_of(groups))
+
+    async def score_requests(self, requests: list[ListenerRequest]) -> list[ListenerScore]:
+        """One score per request, in order; waits in the queue while every worker is full."""
+        self._start()
+        loop = asyncio.get_running_loop()
+        items = [_Item(request=r, future=loop.create_future()) for r in requests]
+        self._queue.extend(items)
+        self._pump()
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def resize(self, num_workers: int) -> int:
+        """Grow or shrink to `num_workers` while requests flow; returns the number serving once it does."""
+        if num_workers < 1:
+            raise ValueError(f"a listener pool needs at least one worker, got {num_workers}")
+        self._start()
+        async with self._resize_lock:
+            active = [s for s in self._slots if not s.retiring]
+            if num_workers > len(active):
+                await self._grow(num_workers - len(active))
+            elif num_workers < len(active):
+                await self._shrink(active, len(active) - num_workers)
+            self._target = num_workers
+            serving = sum(not s.retiring for s in self._slots)  # fewer if a new engine never started
+        logger.info("listener pool resized to %d workers (asked for %d)", serving, num_workers)
+        return serving
+
+    async def stats(self) -> ListenerPoolStats:
+        serving = [s for s in self._slots if not s.retiring]
+        return ListenerPoolStats(
+            num_workers=self._target, ready_workers=sum(s.ready for s in serving), queued=len(self._queue),
+            in_flight=sum(len(s.in_flight) for s in self._slots), completed=self._counts["completed"],
+            retries=self._counts["retries"], restarts=self._counts["restarts"], failed=self._counts["failed"])
+
+    async def metrics(self) -> dict[str, float]:
+        """`stats()` flattened for MLflow (`listener/retries`, ...)."""
+        return (await self.stats()).as_metrics()
+
+    async def workers(self) -> list[Any]:
+        """The current worker actor handles (operations and tests)."""
+        return [s.actor for s in self._slots if not s.retiring]
+
+    async def shutdown(self) -> None:
+        import ray
+
+        for slot in self._slots:
+            ray.kill(slot.actor, no_restart=True)
+        self._slots = []
+        self._fail_queued(RuntimeError("listener pool shut down"))
+
+    # ---- workers --------------------------------------------------------------------------------------
+
+    def _spawn(self) -> Any:
+        import ray
+
+        self._spawned += 1
+        return ray.remote(ListenerWorker).options(**self._options).remote(
+            self._model_path, self._cfg.engine, seed=self._seed + self._spawned - 1,
+            num_threads=max(1, int(self._cfg.num_cpus)), mm_processor_kwargs=self._mm_kwargs)
+
+    def _new_slot(self) -> _Slot:
+        slot = _Slot(actor=self._spawn())
+        self._unwatched.append(slot)
+        return slot
+
+    def _start(self) -> None:
+        """Begin awaiting the readiness of new engines (needs the running event loop)."""
+        if self._resize_lock is None:
+            self._resize_lock = asyncio.Lock()
+        while self._unwatched:
+            slot = self._unwatched.pop()
+            self._run_task(self._await_ready(slot, slot.generation))
+
+    async def _await_ready(self, slot: _Slot, generation: int) -> None:
+        try:
+            await slot.actor.ready.remote()
+        except Exception as exc:  # the engine failed to start, or the actor died while starting
+            if slot.generation != generation or slot.retiring or slot not in self._slots:
+                return
+            slot.start_failures += 1
+            logger.warning("listener worker failed to start (%d): %s", slot.start_failures, exc)
+            if slot.start_failures < self._max_start_failures:
+                self._restart(slot)
+            else:
+                self._slots.remove(slot)
+                if not self._slots:
+                    self._fail_queued(RuntimeError(f"no listener worker could start: {exc}"))
+            return
+        if slot.generation == generation:
+            slot.ready, slot.start_failures = True, 0
+            self._pump()
+
+    def _restart(self, slot: _Slot) -> None:
+        import ray
+
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        slot.actor, slot.generation, slot.ready = self._spawn(), slot.generation + 1, False
+        self._counts["restarts"] += 1
+        self._unwatched.append(slot)
+        self._start()
+
+    async def _grow(self, count: int) -> None:
+        new = [self._new_slot() for _ in range(count)]
+        self._slots.extend(new)
+        self._start()
+        await self._wait_for(lambda: all(s.ready or s not in self._slots for s in new))
+
+    async def _shrink(self, active: list[_Slot], count: int) -> None:
+        import ray
+
+        # Retire starting workers first, then the least loaded; they finish what they hold, take nothing new.
+        victims = sorted(active, key=lambda s: (s.ready, len(s.in_flight)))[:count]
+        for slot in victims:
+            slot.retiring = True
+        await self._wait_for(lambda: all(not s.in_flight for s in victims))
+        for slot in victims:
+            self._slots.remove(slot)
+            ray.kill(slot.actor, no_restart=True)
+
+    # ---- dispatch -------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Send queued requests to ready workers with room, fewest in flight first, split evenly."""
+        cap = self._cfg.max_in_flight
+        while self._queue:
+            free = [s for s in self._slots if s.ready and not s.retiring and len(s.in_flight) < cap]
+            if not free:
+                return
+            slot = min(free, key=lambda s: len(s.in_flight))
+            size = min(cap - len(slot.in_flight), -(-len(self._queue) // len(free)))
+            batch = [item for item in (self._queue.popleft() for _ in range(size)) if not item.future.done()]
+            if batch:
+                slot.in_flight.update(batch)
+                self._run_task(self._send(slot, slot.generation, batch))
+
+    async def _send(self, slot: _Slot, generation: int, batch: list[_Item]) -> None:
+        import ray
+
+        try:
+            scores = await slot.actor.score.remote([item.request for item in batch])
+        except ray.exceptions.RayActorError as exc:  # the worker died: retry elsewhere, replace it
+            self._requeue(batch, exc)
+            if slot.generation == generation and not slot.retiring and slot in self._slots:
+                logger.warning("listener worker died; restarting it: %s", exc)
+                self._restart(slot)
+        except Exception as exc:  # the worker raised on these requests: report, do not retry
+            self._counts["failed"] += len(batch)
+            for item in batch:
+                _resolve(item, exc=exc)
+        else:
+            for item, score in zip(batch, scores, strict=True):
+                self._counts["completed"] += _resolve(item, result=score)
+        finally:
+            slot.in_flight.difference_update(batch)
+            self._pump()
+
+    def _requeue(self, batch: list[_Item], exc: Exception) -> None:
+        again = []
+        for item in batch:
+            item.attempts += 1
+            if item.attempts < self._max_attempts:
+                again.append(item)
+            else:
+                self._counts["failed"] += _resolve(item, exc=RuntimeError(
+                    f"listener request {item.request.pair.pair_id}/{item.request.completion_index} lost "
+                    f"its worker {item.attempts} times: {exc}"))
+        self._counts["retries"] += len(again)
+        self._queue.extendleft(reversed(again))  # in front: they waited longest
+
+    def _fail_queued(self, exc: Exception) -> None:
+        while self._queue:
+            self._counts["failed"] += _resolve(self._queue.popleft(), exc=exc)
+
+    def _run_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait_for(self, predicate: Any, poll_s: float = 0.05) -> None:
+        while not predicate():
+            if not self._slots:
+                raise RuntimeError("the listener pool has no workers left (they failed to start)")
+            await asyncio.sleep(poll_s)
+
+
+def _resolve(item: _Item, result: ListenerScore | None = None, exc: Exception | None = None) -> int:
+    """Answer a request once; returns 1 if this call answered it (a cancelled caller's is skipped)."""
+    if item.future.done():
+        return 0
+    if exc is not None:
+        item.future.set_exception(exc)
+    else:
+        item.future.set_result(result)
+    return 1

@@ -1,0 +1,58 @@
+"""pipeline/placement.py without a cluster: what a run needs, and the refusal of a run the cluster cannot hold.
+
+`check_cluster_fits(cfg, available)` is pure (the driver passes it `ray.cluster_resources()`); the
+refusal is one line naming the resource, what the run needs and what the cluster has. The CLI end of it
+(a GPU asked for on this GPU-less machine): tests/e2e/test_cli_refusals.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.placement import check_cluster_fits, local_cluster_resources, required_resources
+
+REPO = Path(__file__).resolve().parents[2]
+CPU_CLUSTER = {"CPU": 8.0, "rollout": 8.0, "listener": 8.0, "learner": 8.0}  # like tests/conftest.py's ray_local
+
+
+def test_required_resources_add_up_per_actor_kind_by_hand() -> None:
+    cfg = load_config(None, ["rollout.num_workers=2", "rollout.num_cpus=1.5", "rollout.num_gpus=0.5",
+                             "listener.num_workers=3", "listener.num_gpus=0.25", "learner.num_ranks=2",
+                             "learner.num_gpus=1", "learner.resource=trainer"])
+    # CPU: 2 x 1.5 + 3 x 1 + 2 x 1 = 8; GPU: 2 x 0.5 + 3 x 0.25 + 2 x 1 = 3.75; one custom unit per actor.
+    assert required_resources(cfg) == {"CPU": 8.0, "GPU": 3.75, "rollout": 2.0, "listener": 3.0, "trainer": 2.0}
+
+
+def test_the_default_run_fits_a_cpu_cluster() -> None:
+    check_cluster_fits(load_config(), CPU_CLUSTER)
+
+
+def test_a_run_that_fits_exactly_is_accepted() -> None:
+    cfg = load_config(None, ["rollout.num_gpus=0.5", "rollout.num_workers=2"])
+    check_cluster_fits(cfg, {**CPU_CLUSTER, "GPU": 1.0})  # 2 x 0.5 GPUs == 1: fits, no float slack needed
+
+
+@pytest.mark.parametrize("overrides, available, message", [
+    (["rollout.num_gpus=1"], CPU_CLUSTER, "the run needs 1 GPU but the Ray cluster has 0"),
+    (["learner.num_gpus=1", "learner.num_ranks=4"], {**CPU_CLUSTER, "GPU": 2.0},
+     "needs 4 GPU but the Ray cluster has 2"),
+    (["rollout.num_workers=3", "rollout.num_cpus=4"], CPU_CLUSTER, "needs 14 CPU but the Ray cluster has 8"),
+    (["listener.num_workers=9"], {**CPU_CLUSTER, "CPU": 64.0}, "needs 9 listener but the Ray cluster has 8"),
+    (["learner.resource=tpu-pod"], CPU_CLUSTER, "needs 1 tpu-pod but the Ray cluster has 0"),
+])
+def test_a_run_the_cluster_cannot_hold_is_refused_in_one_line(overrides, available, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_cluster_fits(load_config(None, overrides), available)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_local_cluster_the_driver_starts_holds_every_cpu_config(path: Path) -> None:
+    cfg = load_config(path)
+    if required_resources(cfg)["GPU"] > 0:
+        pytest.skip("a GPU config: the local cluster gets the machine's GPUs from Ray, not from this function")
+    local = local_cluster_resources(cfg)
+    check_cluster_fits(cfg, {"CPU": local["num_cpus"], "GPU": 0.0, **local["resources"]})
