@@ -48,11 +48,12 @@ def configure_threads(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
-def engine_kwargs(engine: EngineConfig, seed: int, max_images: int, mm_processor_kwargs: dict | None) -> dict:
+def engine_kwargs(engine: EngineConfig, seed: int, max_images: int, mm_processor_kwargs: dict | None,
+                  trust_remote_code: bool = False) -> dict:
     """The `vllm.LLM` arguments for one engine (pure; the CPU/GPU split is vLLM's, by platform)."""
     kwargs: dict[str, Any] = dict(
         enforce_eager=engine.enforce_eager, dtype=engine.dtype, max_model_len=engine.max_model_len,
-        seed=seed, limit_mm_per_prompt={"image": max_images, "video": 0},
+        seed=seed, limit_mm_per_prompt={"image": max_images, "video": 0}, trust_remote_code=trust_remote_code,
         gpu_memory_utilization=engine.gpu_memory_utilization, tensor_parallel_size=engine.tensor_parallel_size,
     )
     if mm_processor_kwargs:
@@ -61,7 +62,7 @@ def engine_kwargs(engine: EngineConfig, seed: int, max_images: int, mm_processor
 
 
 def build_engine(model_path: str, engine: EngineConfig, seed: int, num_threads: int = 1, max_images: int = 2,
-                 mm_processor_kwargs: dict | None = None, **extra: Any) -> "LLM":
+                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False, **extra: Any) -> "LLM":
     """A warmed-up `vllm.LLM` for `model_path`; `extra` goes to `LLM` (e.g. `worker_extension_cls`).
 
     Sampling is made reproducible by the engine `seed` and the order of requests: vLLM CPU 0.32 crashes on
@@ -77,7 +78,8 @@ def build_engine(model_path: str, engine: EngineConfig, seed: int, num_threads: 
         import torch._dynamo
 
         torch._dynamo.config.disable = True  # see the module docstring: no compile in an eager CPU engine
-    llm = LLM(model=str(model_path), **engine_kwargs(engine, seed, max_images, mm_processor_kwargs), **extra)
+    kwargs = engine_kwargs(engine, seed, max_images, mm_processor_kwargs, trust_remote_code)
+    llm = LLM(model=str(model_path), **kwargs, **extra)
     warm_up(llm)
     return llm
 

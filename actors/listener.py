@@ -43,9 +43,9 @@ class ListenerWorker:
     """One frozen listener engine; never receives weights."""
 
     def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0, num_threads: int = 1,
-                 mm_processor_kwargs: dict | None = None) -> None:
+                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False) -> None:
         self._llm = build_engine(model_path, engine, seed, num_threads=num_threads,
-                                 mm_processor_kwargs=mm_processor_kwargs)
+                                 mm_processor_kwargs=mm_processor_kwargs, trust_remote_code=trust_remote_code)
         self._answer_ids = answer_token_ids(self._llm.get_tokenizer())
 
     def ready(self) -> bool:
@@ -124,8 +124,9 @@ class ListenerPool:
 
     def __init__(self, model_path: str, listener: ListenerConfig, worker_options: dict[str, Any] | None = None,
                  seed: int = 0, mm_processor_kwargs: dict | None = None, max_attempts: int = 3,
-                 max_start_failures: int = 3) -> None:
+                 max_start_failures: int = 3, trust_remote_code: bool = False) -> None:
         self._model_path = str(model_path)
+        self._trust_remote_code = trust_remote_code
         self._cfg = listener
         self._options = dict(worker_options or default_worker_options(listener))
         self._seed = seed
@@ -209,7 +210,8 @@ class ListenerPool:
         self._spawned += 1
         return ray.remote(ListenerWorker).options(**self._options).remote(
             self._model_path, self._cfg.engine, seed=self._seed + self._spawned - 1,
-            num_threads=max(1, int(self._cfg.num_cpus)), mm_processor_kwargs=self._mm_kwargs)
+            num_threads=max(1, int(self._cfg.num_cpus)), mm_processor_kwargs=self._mm_kwargs,
+            trust_remote_code=self._trust_remote_code)
 
     def _new_slot(self) -> _Slot:
         slot = _Slot(actor=self._spawn())

@@ -34,13 +34,14 @@ class RolloutWorker:
     """One reasoner engine at policy version `policy_version()`."""
 
     def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0, num_threads: int = 1,
-                 mm_processor_kwargs: dict | None = None) -> None:
+                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False) -> None:
         from transformers import AutoImageProcessor
 
         self._llm = build_engine(model_path, engine, seed, num_threads=num_threads,
-                                 mm_processor_kwargs=mm_processor_kwargs, logprobs_mode="processed_logprobs",
-                                 worker_extension_cls=WEIGHT_UPDATE_EXTENSION)
-        self._image_processor = AutoImageProcessor.from_pretrained(model_path, **(mm_processor_kwargs or {}))
+                                 mm_processor_kwargs=mm_processor_kwargs, trust_remote_code=trust_remote_code,
+                                 logprobs_mode="processed_logprobs", worker_extension_cls=WEIGHT_UPDATE_EXTENSION)
+        self._image_processor = AutoImageProcessor.from_pretrained(
+            model_path, trust_remote_code=trust_remote_code, **(mm_processor_kwargs or {}))
         self._tokenizer = self._llm.get_tokenizer()
         self._image_pad_id = self._tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         # Never sample vision tokens (see prompts.VISION_TOKENS); -100 leaves them ~e^-100 of the mass.

@@ -115,6 +115,10 @@ def _scale_listeners(args: argparse.Namespace) -> int:
     before = ray.get(pool.stats.remote()).num_workers
     after = ray.get(pool.resize.remote(args.replicas))
     print(f"listener pool: {before} -> {after} workers")
+    if after != args.replicas:
+        print(f"error: asked for {args.replicas} listener workers, {after} serving (a new engine failed to start, "
+              "or the job ended; see the job's log)", file=sys.stderr)
+        return 1
     return 0
 
 

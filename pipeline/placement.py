@@ -79,13 +79,15 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
     rollout_options = _options(cfg.rollout.num_cpus, cfg.rollout.num_gpus, cfg.rollout.resource)
     rollout = [
         ray.remote(RolloutWorker).options(**rollout_options, max_restarts=-1, max_task_retries=0)
-        .remote(reasoner_path, cfg.rollout.engine, seed=seed + index, num_threads=max(1, int(cfg.rollout.num_cpus)))
+        .remote(reasoner_path, cfg.rollout.engine, seed=seed + index, num_threads=max(1, int(cfg.rollout.num_cpus)),
+                trust_remote_code=cfg.model.trust_remote_code)
         for index in range(cfg.rollout.num_workers)
     ]
     listener_options = _options(cfg.listener.num_cpus, cfg.listener.num_gpus, cfg.listener.resource)
     listener_pool = ray.remote(ListenerPool).options(
         name=LISTENER_POOL_NAME, namespace=RAY_NAMESPACE, num_cpus=0, max_concurrency=64,
-    ).remote(listener_path, cfg.listener, worker_options=listener_options, seed=seed)
+    ).remote(listener_path, cfg.listener, worker_options=listener_options, seed=seed,
+             trust_remote_code=cfg.model.trust_remote_code)
     reward = ray.remote(RewardAggregator).options(num_cpus=0).remote(cfg.reward, cfg.algo.advantage_scaling)
     learner = LearnerGroup(
         reasoner_path, cfg.learner, cfg.algo, seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,

@@ -7,6 +7,7 @@ Ray's token authentication, as KubeRay clusters run it.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,12 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path: Path) -> N
     command = ["ray", "job", "submit", "--address", ray_head.address, "--working-dir", str(REPO), "--",
                "python", "-m", "pipeline", "train", "trainer.steps=2", f"trainer.output_dir={run_dir}",
                f"tracking.tracking_uri={tracking}", "tracking.run_name=ray-job"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=ray_head.env, timeout=1200)
+    for _ in range(24):  # a fresh head answers "No available agent" until its job agent has registered
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=ray_head.env,
+                                timeout=1200)
+        if "No available agent" not in result.stdout + result.stderr:
+            break
+        time.sleep(5)
     assert result.returncode == 0, (result.stdout[-5000:], result.stderr[-3000:])
     assert "succeeded" in result.stdout
     run_id = (run_dir / "mlflow_run_id").read_text().strip()

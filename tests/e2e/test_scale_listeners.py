@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
-STEPS, PAIRS, GROUP = 8, 4, 8
+STEPS, PAIRS, GROUP = 40, 4, 8  # long enough to outlast a listener engine's start-up
 
 
 def _rows(run_dir: Path) -> list[dict]:
