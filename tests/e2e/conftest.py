@@ -52,6 +52,11 @@ def ray_head(tmp_path: Path):
     process = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "8",
+         # Every port free, not Ray's defaults: another cluster on this machine (the test session's own)
+         # may hold those, and a head whose job agent cannot bind accepts no job.
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+         "--ray-client-server-port", str(free_port()),
          "--resources", '{"rollout": 8, "listener": 8, "learner": 8}', "--disable-usage-stats",
          "--temp-dir", temp_dir],
         env=env, cwd=REPO, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT,
