@@ -81,8 +81,10 @@ class LearnerRank:
     """One ZeRO-3 rank. Construct, then `setup(master_addr, master_port)` on every rank at once."""
 
     def __init__(self, model_path: str, learner: LearnerConfig, algo: AlgoConfig, rank: int, world_size: int,
-                 seed: int = 0, max_new_tokens: int = 32, temperature: float = 1.0) -> None:
+                 seed: int = 0, max_new_tokens: int = 32, temperature: float = 1.0,
+                 trust_remote_code: bool = False) -> None:
         self.model_path, self.cfg, self.algo = str(model_path), learner, algo
+        self.trust_remote_code = trust_remote_code  # ModelConfig.trust_remote_code: off unless asked
         self.rank, self.world_size, self.seed, self.max_new_tokens = rank, world_size, seed, max_new_tokens
         self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts: no rescaling
         self.engine: Any = None
@@ -121,8 +123,8 @@ class LearnerRank:
     def _load_processor(self) -> None:
         from transformers import AutoConfig, AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
-        config = AutoConfig.from_pretrained(self.model_path)
+        self.processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
+        config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
         tokenizer = self.processor.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.vision = VisionSpec(image_token_id=config.image_token_id, pad_token_id=int(pad),
@@ -136,7 +138,8 @@ class LearnerRank:
 
         config = deepspeed_config(self.cfg, self.world_size, with_optimizer)
         self._hf_ds_config = HfDeepSpeedConfig(config)  # must exist (and stay referenced) before from_pretrained
-        model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg.dtype))
+        model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg.dtype),
+                                                            trust_remote_code=self.trust_remote_code)
         if not with_optimizer:
             model.requires_grad_(False)
             engine, *_ = deepspeed.initialize(model=model, config=config)
@@ -311,7 +314,7 @@ class LearnerGroup:
     """W `LearnerRank` Ray actors forming one world; every method fans out to all ranks."""
 
     def __init__(self, model_path: str, learner: LearnerConfig, algo: AlgoConfig, *, seed: int = 0,
-                 max_new_tokens: int = 32, temperature: float = 1.0,
+                 max_new_tokens: int = 32, temperature: float = 1.0, trust_remote_code: bool = False,
                  actor_options: dict[str, Any] | None = None) -> None:
         import ray
 
@@ -319,8 +322,8 @@ class LearnerGroup:
             "num_cpus": learner.num_cpus, "num_gpus": learner.num_gpus, "resources": {learner.resource: 1}}
         remote = ray.remote(LearnerRank).options(**options)
         W = learner.num_ranks
-        self.ranks = [remote.remote(model_path, learner, algo, rank, W, seed, max_new_tokens, temperature)
-                      for rank in range(W)]
+        self.ranks = [remote.remote(model_path, learner, algo, rank, W, seed, max_new_tokens, temperature,
+                                    trust_remote_code) for rank in range(W)]
         addresses = ray.get([rank.node_address.remote() for rank in self.ranks])
         node0, ip0, port = addresses[0]
         master = "127.0.0.1" if all(node == node0 for node, _, _ in addresses) else ip0

@@ -91,7 +91,7 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
     reward = ray.remote(RewardAggregator).options(num_cpus=0).remote(cfg.reward, cfg.algo.advantage_scaling)
     learner = LearnerGroup(
         reasoner_path, cfg.learner, cfg.algo, seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature,
+        temperature=cfg.rollout.temperature, trust_remote_code=cfg.model.trust_remote_code,
         actor_options=_options(cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resource))
     ray.get([worker.ready.remote() for worker in rollout] + [listener_pool.ready.remote()])
     return Actors(rollout=rollout, listener_pool=listener_pool, reward=reward, learner=learner)
