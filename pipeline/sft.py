@@ -127,16 +127,6 @@ def sft_batch(step: int, pairs: list[tuple[int, PreferencePair]], processor, set
     return TrainBatch(step=step, policy_version=0, sequences=tuple(sequences))
 
 
-def max_target_tokens(model: str | Path, settings: SftSettings, count: int = 64) -> int:
-    """The longest target (with its end of turn) over `count` pairs: what max_new_tokens must allow."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(str(model))
-    batch = sft_batch(0, [(i, synthetic_pair(settings.seed + SFT_SEED_OFFSET, i, settings.image_size))
-                          for i in range(count)], processor, settings)
-    return max(len(s.completion_token_ids) for s in batch.sequences)
-
-
 # ---- the run -----------------------------------------------------------------------------------------
 
 def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSettings(),
@@ -150,7 +140,9 @@ def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSe
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     started = not ray.is_initialized()
-    if started:
+    if started and os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the job's cluster
+        ray.init(log_to_driver=False)
+    elif started:
         ray.init(num_cpus=max(2, int(settings.num_cpus)), resources={"learner": 1}, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     learner_cfg = LearnerConfig(num_ranks=1, lr=settings.lr, freeze_vision=settings.freeze_vision,
@@ -190,7 +182,8 @@ def sft_command(args) -> int:
     if not (Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model {args.model}: not a checkpoint directory (no config.json)")
     settings = SftSettings(steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr, seed=args.seed,
-                           answer_accuracy=args.answer_accuracy, freeze_vision=args.freeze_vision,
+                           answer_accuracy=args.answer_accuracy, image_size=args.image_size,
+                           freeze_vision=args.freeze_vision,
                            num_cpus=args.threads)
     result = warm_start(args.model, args.out, settings)
     print(f"{result.out}  ({settings.steps} steps, final loss {result.losses[-1]:.4f}, {result.seconds:.0f} s)")

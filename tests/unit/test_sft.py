@@ -1,0 +1,76 @@
+"""The format warm start's targets (pipeline/sft.py) and its loss (pipeline/grpo.py `sft_loss`)."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.grpo import LossNormalizer, sft_loss
+from pipeline.prompts import format_target, mask_answer, parse_completion
+from pipeline.sft import SftSettings, describe_synthetic_image, sft_answer, sft_pairs, sft_reasoning
+from pipeline.synthetic import draw_shape, synthetic_pairs
+
+
+def test_descriptions_read_off_the_pixels_match_the_generator() -> None:
+    import random
+
+    for colour in ("red", "white", "purple"):
+        for shape in ("circle", "square", "triangle"):
+            for trial in range(5):
+                image = draw_shape(colour, shape, 56, random.Random(trial))
+                assert describe_synthetic_image(image) == f"{colour} {shape}"
+    for pair in synthetic_pairs(seed=3, count=100):
+        preferred, other = (pair.image_1, pair.image_2) if pair.preferred == 1 else (pair.image_2, pair.image_1)
+        assert f"a {describe_synthetic_image(preferred)}" == pair.prompt
+        assert f"a {describe_synthetic_image(other)}" != pair.prompt
+
+
+def test_reasoning_describes_without_a_verdict_and_parses() -> None:
+    pair = next(synthetic_pairs(seed=0, count=1))
+    reasoning = sft_reasoning(pair)
+    assert reasoning.startswith(f"The prompt asks for {pair.prompt}. Image 1 shows a ")
+    target = format_target(reasoning, 2)
+    assert parse_completion(target).answer == 2
+    assert mask_answer(target) == reasoning  # the listener sees all of it: nothing names a verdict
+
+
+def test_answers_are_seeded_coins_right_about_half_the_time() -> None:
+    settings = SftSettings(pairs_per_step=50)
+    pairs = [p for step in range(4) for p in sft_pairs(settings, step)]
+    answers = [sft_answer(pair, settings.seed, i, 0.5) for i, pair in pairs]
+    assert answers == [sft_answer(pair, settings.seed, i, 0.5) for i, pair in pairs]  # reproducible
+    right = sum(a == pair.preferred for a, (_, pair) in zip(answers, pairs)) / len(pairs)
+    assert 0.4 < right < 0.6
+    assert all(sft_answer(pair, 0, i, 1.0) == pair.preferred for i, pair in pairs)
+    assert all(sft_answer(pair, 0, i, 0.0) != pair.preferred for i, pair in pairs)
+
+
+def test_sft_pairs_are_disjoint_from_training_and_heldout_streams() -> None:
+    ids = {pair.pair_id for _, pair in sft_pairs(SftSettings(), 0)}
+    assert not ids & {p.pair_id for p in synthetic_pairs(seed=0, count=16)}
+    assert not ids & {p.pair_id for p in synthetic_pairs(seed=1_000_003, count=16)}
+
+
+def test_sft_loss_is_the_token_mean_nll_over_the_whole_batch_by_hand() -> None:
+    logp_BT = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -0.5, -3.0]])
+    mask_BT = torch.tensor([[True, True, False], [True, True, True]])
+    whole = LossNormalizer(total_tokens=5, total_sequences=2, max_tokens=8)
+    assert torch.isclose(sft_loss(logp_BT, mask_BT, whole), torch.tensor(7.0 / 5))
+    # Micro-batches' contributions add up to the whole batch's loss (the global normaliser).
+    parts = sft_loss(logp_BT[:1], mask_BT[:1], whole) + sft_loss(logp_BT[1:], mask_BT[1:], whole)
+    assert torch.isclose(parts, torch.tensor(7.0 / 5))
+
+
+def test_sft_loss_gradient_is_minus_one_over_total_tokens_on_real_tokens() -> None:
+    logp_BT = torch.tensor([[-1.0, -2.0, -4.0]], requires_grad=True)
+    mask_BT = torch.tensor([[True, True, False]])
+    sft_loss(logp_BT, mask_BT, LossNormalizer(total_tokens=4, total_sequences=2, max_tokens=8)).backward()
+    assert torch.equal(logp_BT.grad, torch.tensor([[-0.25, -0.25, 0.0]]))
+
+
+def test_tiny_reasoner_sft_is_reused_once_built(tmp_path) -> None:
+    from pipeline.models import resolve_checkpoint
+
+    built = tmp_path / "tiny-reasoner-sft"
+    built.mkdir()
+    (built / "sft_manifest.json").write_text("{}")  # written last by warm_start: the build is complete
+    assert resolve_checkpoint("tiny://reasoner-sft", "model.reasoner", tmp_path) == str(built)
