@@ -139,6 +139,19 @@ class RolloutWorker:
             self._llm.reset_prefix_cache()
         self._version = int(version)
 
+    def abort_weight_update(self) -> None:
+        """Close an update a failed sync left open; the model keeps its last complete weights and version."""
+        if not self._updating:
+            return
+        try:
+            self._llm.collective_rpc("lgrpo_finish_update")
+        except Exception:  # half-loaded layers raise and keep their old weights: what an abort wants
+            pass
+        finally:
+            self._updating = False
+            self._llm.llm_engine.reset_encoder_cache()
+            self._llm.reset_prefix_cache()
+
     def update_weights(self, named_tensors: list[tuple[str, Any]], version: int) -> int:
         """`load_weights` and `finish_weight_update` in one call; returns the bytes loaded."""
         num_bytes = self.load_weights(named_tensors)

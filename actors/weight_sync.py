@@ -122,17 +122,30 @@ def sync_weights(model: torch.nn.Module, transport: "WeightTransport | None", ve
     start = time.perf_counter()
     stats: dict[str, int] = {}
     num_bytes = num_buckets = 0
+    error = ""
     for named in iter_gathered_buckets(model, bucket_bytes, stats=stats):
-        if transport is not None:
-            transport.send_bucket(named)
+        if transport is not None and not error:
+            try:
+                transport.send_bucket(named)
+            except Exception as exc:  # a rollout worker died mid-sync: report it, but keep gathering in
+                error = _describe(exc)  # step with the other ranks (they would wait for rank 0 forever)
         num_bytes += sum(t.numel() * t.element_size() for _, t in named)
         num_buckets += 1
     if transport is None:
         return None
-    transport.finish(version)
+    if not error:
+        try:
+            transport.finish(version)
+        except Exception as exc:
+            error = _describe(exc)
     return WeightVersion(version=version, num_bytes=num_bytes, num_buckets=num_buckets,
                          seconds=time.perf_counter() - start, transport=transport_name,
-                         peak_gathered_bytes=stats.get("peak_gathered_bytes", 0))
+                         peak_gathered_bytes=stats.get("peak_gathered_bytes", 0), error=error)
+
+
+def _describe(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()  # a RayTaskError's last line is the remote error itself
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 # ---- transports -------------------------------------------------------------------------------------

@@ -139,6 +139,9 @@ def grpo_step(step: int, pairs: list[PreferencePair], actors: Actors, cfg: RunCo
         timings["time/learn_s"] = time.perf_counter() - t_learn
         t_sync = time.perf_counter()
         synced = actors.learner.sync_weights(actors.rollout, policy.version + 1, cfg.sync)
+        if synced.error:  # a rollout worker died during the sync: restart it, then sync everyone again
+            log.warning("weight sync failed (%s)", synced.error)
+            synced = recover_rollout_workers(range(len(actors.rollout)), actors, cfg, policy, policy.version + 1)
         policy.version = synced.version
         timings["time/sync_s"] = time.perf_counter() - t_sync
         metrics.update({"sync/bytes": float(synced.num_bytes), "learn/skipped": 0.0})
@@ -180,7 +183,7 @@ def rollout_and_score(pairs: list[PreferencePair], actors: Actors, cfg: RunConfi
         try:
             shard_groups = ray.get(done[0])
         except RayActorError:
-            recover_rollout_worker(index, actors, cfg, policy)
+            recover_rollout_workers([index], actors, cfg, policy, policy.version)
             pending[submit(index)] = index
             continue
         groups.extend(shard_groups)
@@ -195,27 +198,32 @@ def rollout_and_score(pairs: list[PreferencePair], actors: Actors, cfg: RunConfi
                             "time/listener_s": t_scored - (t_first_score or t_scored)}
 
 
-def recover_rollout_worker(index: int, actors: Actors, cfg: RunConfig, policy: PolicyState) -> None:
-    """Wait for Ray to restart rollout worker `index`, then give it the current policy's weights."""
+def recover_rollout_workers(indices, actors: Actors, cfg: RunConfig, policy: PolicyState, version: int):
+    """Wait for Ray to restart the rollout workers `indices`, then sync weights `version` to every worker."""
     policy.rollout_restarts += 1
     if policy.rollout_restarts > cfg.rollout.max_restarts:
         raise TrainingAborted(f"rollout workers died {policy.rollout_restarts} times (rollout.max_restarts="
                               f"{cfg.rollout.max_restarts}); the run stopped")
-    log.warning("rollout worker %d died; restarting it at policy version %d", index, policy.version)
-    worker = actors.rollout[index]
+    log.warning("rollout worker(s) %s died; restarting at policy version %d", list(indices), version)
     deadline = time.monotonic() + cfg.rollout.restart_timeout_s
-    while True:
-        try:
-            ray.get(worker.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            break
-        except (RayActorError, GetTimeoutError):
-            if time.monotonic() > deadline:
-                raise TrainingAborted(f"rollout worker {index} did not come back within "
-                                      f"{cfg.rollout.restart_timeout_s:g} s") from None
-            time.sleep(0.5)
-    # The restarted process loaded the base checkpoint; the weight-sync groups it was in are gone.
+    for index in indices:
+        while True:
+            try:
+                ray.get(actors.rollout[index].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise TrainingAborted(f"rollout worker {index} did not come back within "
+                                          f"{cfg.rollout.restart_timeout_s:g} s") from None
+                time.sleep(0.5)
+    # A restarted process loaded the base checkpoint, and the weight-sync groups it was in are gone; the
+    # workers that lived may hold an update the failed sync left open.
+    ray.get([worker.abort_weight_update.remote() for worker in actors.rollout])
     actors.learner.reset_transports()
-    actors.learner.sync_weights(actors.rollout, policy.version, cfg.sync)
+    synced = actors.learner.sync_weights(actors.rollout, version, cfg.sync)
+    if synced.error:
+        raise TrainingAborted(f"weight sync to the restarted rollout workers failed ({synced.error})")
+    return synced
 
 
 def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig) -> dict[str, float]:

@@ -157,6 +157,7 @@ class WeightVersion:
     seconds: float
     transport: str = ""  # SyncConfig.transport that carried the weights
     peak_gathered_bytes: int = 0  # most bytes of gathered (unpartitioned) parameters alive at once
+    error: str = ""  # non-empty: the sync did not reach every rollout worker (one died); the driver re-syncs
 
 
 @dataclass(frozen=True)
