@@ -80,6 +80,8 @@ def _add_sft(subparsers) -> None:
                    help="Probability that a target's answer is the preferred image (0.5: format only).")
     p.add_argument("--image-size", type=int, default=56, help="Side of the synthetic images (as data.image_size).")
     p.add_argument("--freeze-vision", action="store_true", help="Keep the vision tower frozen.")
+    p.add_argument("--tasks", nargs="+", choices=["match", "render"], default=["match", "render"],
+                   help="Synthetic tasks the pairs come from, in turn (see pipeline/synthetic.py).")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the learner rank.")
     p.set_defaults(handler=_sft)
 

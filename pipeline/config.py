@@ -46,6 +46,9 @@ class DataConfig(_Section):
     eval_pairs: int = Field(32, ge=0, description="Held-out pairs scored every trainer.eval_every steps.")
     eval_split: str = Field("test", description="Split of the held-out pairs (synthetic: another seed).")
     image_size: int = Field(56, gt=0, description="Side of synthetic images, in pixels.")
+    synthetic_task: Literal["match", "render"] = Field(
+        "match", description="Synthetic pairs: 'match' (the rejected image changes the prompt's colour or "
+        "shape) or 'render' (it shows the shape in grey, a failed render); see pipeline/synthetic.py.")
     seed: int = Field(0, description="Seed of data order and of the per-pair image-order swap.")
     split: str = Field("train", description="Dataset split to train on.")
     subset: str = Field("", description="Dataset config name on the hub (e.g. ImageRewardDB '8k'); '' = default.")

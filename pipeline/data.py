@@ -47,7 +47,7 @@ from PIL import Image
 from pipeline import formats
 from pipeline.formats import BadRow, ImageBounds, RawPair, TiePolicy
 from pipeline.metrics import imagereward_pairs
-from pipeline.synthetic import synthetic_pair
+from pipeline.synthetic import SyntheticTask, synthetic_pair
 from pipeline.types import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -255,13 +255,15 @@ class PairSource:
     def __init__(self, source: str = "synthetic", *, split: str = "train", fmt: str = "auto", subset: str = "",
                  streaming: bool = False, shuffle: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
                  ties: TiePolicy = "skip", bounds: ImageBounds = ImageBounds(), image_size: int = 56,
-                 shard_index: int = 0, num_shards: int = 1, start: int = 0, loop: bool = True,
+                 synthetic_task: SyntheticTask = "match", shard_index: int = 0, num_shards: int = 1, start: int = 0,
+                 loop: bool = True,
                  swap: bool = True, skip_counts: dict[str, int] | None = None):
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
         self.seed, self.ties, self.bounds, self.swap = seed, ties, bounds, swap
         self.shuffle, self.shuffle_buffer, self.loop = shuffle, shuffle_buffer, loop
         self.shard_index, self.num_shards, self.image_size = shard_index, num_shards, image_size
+        self.synthetic_task = synthetic_task
         self.skip_counts: Counter = Counter(skip_counts or {})
         self._logged: Counter = Counter()
         self.position = start
@@ -282,14 +284,15 @@ class PairSource:
 
     @classmethod
     def from_config(cls, data, model, *, state: dict | None = None, shard_index: int = 0,
-                    num_shards: int = 1) -> "PairSource":
+                    num_shards: int = 1, loop: bool = True) -> "PairSource":
         """The training source of `DataConfig` `data` and `ModelConfig` `model` (pixel bounds)."""
         state = state or {}
         return cls(data.source, split=data.split, fmt=data.format, subset=data.subset, streaming=data.streaming,
                    shuffle_buffer=data.shuffle_buffer, seed=data.seed, ties=data.tie_policy,
                    bounds=ImageBounds(model.min_pixels, model.max_pixels, data.max_image_pixels),
-                   image_size=data.image_size, shard_index=shard_index, num_shards=num_shards,
-                   start=int(state.get("position", 0)), skip_counts=state.get("skip_counts"))
+                   image_size=data.image_size, synthetic_task=data.synthetic_task, shard_index=shard_index,
+                   num_shards=num_shards, start=int(state.get("position", 0)), loop=loop,
+                   skip_counts=state.get("skip_counts"))
 
     def state(self) -> dict:
         """What a checkpoint must keep to resume this source: position and skip counts so far."""
@@ -331,7 +334,8 @@ class PairSource:
     def _candidates(self, start: int) -> Iterator[Callable[[], Any]]:
         if self.format == "synthetic":
             # Shard by stride over the infinite synthetic stream: shard s takes indices s, s+S, s+2S, ...
-            return (lambda k=k: synthetic_pair(self.seed, self.shard_index + k * self.num_shards, self.image_size)
+            return (lambda k=k: synthetic_pair(self.seed, self.shard_index + k * self.num_shards, self.image_size,
+                                               self.synthetic_task)
                     for k in itertools.count(start))
         if self._indexed is not None:
             return self._indexed_from(start)

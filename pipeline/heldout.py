@@ -24,9 +24,7 @@ def heldout_pairs(data: DataConfig, model: ModelConfig) -> list[PreferencePair]:
         held = data.model_copy(update={"seed": data.seed + HELDOUT_SEED_OFFSET})
         return PairSource.from_config(held, model).next_batch(data.eval_pairs)
     held = data.model_copy(update={"split": data.eval_split, "streaming": False})
-    source = PairSource.from_config(held, model)
-    source.loop = False
-    return source.next_batch(data.eval_pairs)
+    return PairSource.from_config(held, model, loop=False).next_batch(data.eval_pairs)
 
 
 def heldout_metrics(groups: list[RolloutGroup]) -> dict[str, float]:

@@ -10,6 +10,7 @@ loading code (vLLM, transformers) that local directories use, which resolves it 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipeline.config import ConfigError
@@ -44,9 +45,23 @@ def _ensure_tiny(out: Path, role: str) -> Path:
 
 
 def _ensure_tiny_sft(cache_dir: Path) -> Path:
-    from pipeline.sft import MANIFEST, warm_start
+    from pipeline.sft import warm_start
 
     out = cache_dir / "tiny-reasoner-sft"
-    if (out / MANIFEST).is_file():
+    if built_with_default_settings(out):
         return out
     return warm_start(_ensure_tiny(cache_dir / "tiny-reasoner", "reasoner"), out).out
+
+
+def built_with_default_settings(sft_dir: Path) -> bool:
+    """Whether `sft_dir` holds a complete warm start (its manifest is written last) made with today's
+    default `SftSettings`: one cached under older defaults is rebuilt, not silently reused."""
+    from dataclasses import asdict
+
+    from pipeline.sft import MANIFEST, SftSettings
+
+    manifest = sft_dir / MANIFEST
+    if not manifest.is_file():
+        return False
+    wanted = json.loads(json.dumps(asdict(SftSettings())))  # tuples become lists, as in the manifest
+    return json.loads(manifest.read_text()).get("settings") == wanted

@@ -39,7 +39,7 @@ from PIL import Image
 
 from pipeline.config import AlgoConfig, LearnerConfig
 from pipeline.prompts import format_target, reasoner_prompt
-from pipeline.synthetic import BACKGROUND, COLOURS, synthetic_pair
+from pipeline.synthetic import BACKGROUND, DRAWN_COLOURS, SYNTHETIC_TASKS, synthetic_pair
 from pipeline.types import ImageIndex, PreferencePair, TrainBatch, TrainSequence
 
 SFT_SEED_OFFSET = 2_000_003  # the SFT pairs' synthetic stream: disjoint from training (seed) and held-out
@@ -57,6 +57,7 @@ class SftSettings:
     seed: int = 0  # pairs, answer coins and learner seed
     answer_accuracy: float = 0.5  # probability that a target's answer is the preferred image
     image_size: int = 56  # side of the synthetic images (as data.image_size)
+    tasks: tuple[str, ...] = SYNTHETIC_TASKS  # synthetic tasks, in turn by pair: the warm start sees every kind
     freeze_vision: bool = False  # the vision tower learns to see colours and shapes too
     num_cpus: float = 1  # CPUs (intra-op threads) of the learner rank
 
@@ -78,12 +79,12 @@ def describe_synthetic_image(image: Image.Image) -> str:
     shape fills: a square about 1, a circle pi/4, a triangle 1/2.
     """
     pixels_N3 = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    counts = {name: int(np.all(pixels_N3 == rgb, axis=1).sum()) for name, rgb in COLOURS.items()
+    counts = {name: int(np.all(pixels_N3 == rgb, axis=1).sum()) for name, rgb in DRAWN_COLOURS.items()
               if rgb != BACKGROUND}
     colour = max(counts, key=counts.get)
     if counts[colour] == 0:
         raise ValueError("no shape of a known colour in the image")
-    mask_HW = np.all(np.asarray(image.convert("RGB")) == COLOURS[colour], axis=-1)
+    mask_HW = np.all(np.asarray(image.convert("RGB")) == DRAWN_COLOURS[colour], axis=-1)
     rows, cols = np.flatnonzero(mask_HW.any(axis=1)), np.flatnonzero(mask_HW.any(axis=0))
     fill = mask_HW.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
     shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
@@ -105,7 +106,8 @@ def sft_answer(pair: PreferencePair, seed: int, index: int, answer_accuracy: flo
 def sft_pairs(settings: SftSettings, step: int) -> list[tuple[int, PreferencePair]]:
     """(stream index, pair) of step `step`."""
     start = step * settings.pairs_per_step
-    return [(i, synthetic_pair(settings.seed + SFT_SEED_OFFSET, i, settings.image_size))
+    tasks = settings.tasks
+    return [(i, synthetic_pair(settings.seed + SFT_SEED_OFFSET, i, settings.image_size, tasks[i % len(tasks)]))
             for i in range(start, start + settings.pairs_per_step)]
 
 
@@ -183,8 +185,7 @@ def sft_command(args) -> int:
         raise ConfigError(f"--model {args.model}: not a checkpoint directory (no config.json)")
     settings = SftSettings(steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr, seed=args.seed,
                            answer_accuracy=args.answer_accuracy, image_size=args.image_size,
-                           freeze_vision=args.freeze_vision,
-                           num_cpus=args.threads)
+                           freeze_vision=args.freeze_vision, tasks=tuple(args.tasks), num_cpus=args.threads)
     result = warm_start(args.model, args.out, settings)
     print(f"{result.out}  ({settings.steps} steps, final loss {result.losses[-1]:.4f}, {result.seconds:.0f} s)")
     return 0

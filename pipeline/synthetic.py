@@ -1,8 +1,13 @@
 """Synthetic preference pairs whose answer is decidable from the prompt and the pixels.
 
-The prompt names a colour and a shape ("a red circle"); exactly one of the two images shows that
-colour and shape, the other changes one attribute (the colour or the shape). The preferred image's
-position is random. Pair `index` of seed `seed` is a pure function of (seed, index), so any size can be
+The prompt names a colour and a shape ("a red circle"); exactly one of the two images shows that colour
+and shape. What the other one shows depends on the task:
+- `match`: it changes one attribute (the colour or the shape). Telling them apart means comparing the
+  prompt with the image: the label is an XOR of prompt and image features, with no correlation to any one
+  of them, which a 1M-parameter model does not learn in CPU minutes (see BENCHMARKS.md).
+- `render`: the generator failed to render the colour: the prompt's shape, drawn in grey. The failure is
+  visible in the rejected image alone, as the defects people reject generations for often are.
+The preferred image's position is random. Pair `index` of seed `seed` is a pure function of (seed, index), so any size can be
 generated, in any order, identically on every machine.
 """
 
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 from PIL import Image, ImageDraw
 
@@ -25,6 +31,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUND = (40, 40, 40)
+UNRENDERED_COLOUR = "grey"  # what a `render` failure is drawn in; never a prompt's colour
+DRAWN_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, UNRENDERED_COLOUR: (128, 128, 128)}
+SyntheticTask = Literal["match", "render"]
+SYNTHETIC_TASKS: tuple[str, ...] = get_args(SyntheticTask)
 
 
 def draw_shape(colour: str, shape: str, size: int, rng: random.Random) -> Image.Image:
@@ -35,7 +45,7 @@ def draw_shape(colour: str, shape: str, size: int, rng: random.Random) -> Image.
     x0 = rng.uniform(0, size - extent)
     y0 = rng.uniform(0, size - extent)
     box = (x0, y0, x0 + extent, y0 + extent)
-    fill = COLOURS[colour]
+    fill = DRAWN_COLOURS[colour]
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
@@ -47,12 +57,16 @@ def draw_shape(colour: str, shape: str, size: int, rng: random.Random) -> Image.
     return image
 
 
-def synthetic_pair(seed: int, index: int, image_size: int = 56) -> PreferencePair:
-    """Pair `index` of the stream for `seed`."""
-    rng = random.Random(f"synthetic:{seed}:{index}")
+def synthetic_pair(seed: int, index: int, image_size: int = 56, task: SyntheticTask = "match") -> PreferencePair:
+    """Pair `index` of the stream for (`seed`, `task`)."""
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {SYNTHETIC_TASKS}")
+    rng = random.Random(f"synthetic:{seed}:{index}" if task == "match" else f"synthetic-{task}:{seed}:{index}")
     colour = rng.choice(sorted(COLOURS))
     shape = rng.choice(SHAPES)
-    if rng.random() < 0.5:
+    if task == "render":
+        wrong_colour, wrong_shape = UNRENDERED_COLOUR, shape
+    elif rng.random() < 0.5:
         wrong_colour, wrong_shape = rng.choice([c for c in sorted(COLOURS) if c != colour]), shape
     else:
         wrong_colour, wrong_shape = colour, rng.choice([s for s in SHAPES if s != shape])
@@ -61,17 +75,18 @@ def synthetic_pair(seed: int, index: int, image_size: int = 56) -> PreferencePai
     preferred = 1 if rng.random() < 0.5 else 2
     image_1, image_2 = (right, wrong) if preferred == 1 else (wrong, right)
     return PreferencePair(
-        pair_id=f"synthetic-{seed}-{index}",
+        pair_id=f"synthetic-{seed}-{index}" if task == "match" else f"synthetic-{task}-{seed}-{index}",
         prompt=f"a {colour} {shape}",
         image_1=image_1,
         image_2=image_2,
         preferred=preferred,
-        prompt_id=f"synthetic-{seed}-{index}",
+        prompt_id=f"synthetic-{seed}-{index}" if task == "match" else f"synthetic-{task}-{seed}-{index}",
         category=shape,
     )
 
 
-def synthetic_pairs(seed: int, count: int, start: int = 0, image_size: int = 56) -> Iterator[PreferencePair]:
-    """Pairs `start .. start + count - 1` of the stream for `seed`."""
+def synthetic_pairs(seed: int, count: int, start: int = 0, image_size: int = 56,
+                    task: SyntheticTask = "match") -> Iterator[PreferencePair]:
+    """Pairs `start .. start + count - 1` of the stream for (`seed`, `task`)."""
     for index in range(start, start + count):
-        yield synthetic_pair(seed, index, image_size)
+        yield synthetic_pair(seed, index, image_size, task)

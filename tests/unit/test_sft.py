@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import torch
 
 from pipeline.grpo import LossNormalizer, sft_loss
@@ -48,6 +51,17 @@ def test_sft_pairs_are_disjoint_from_training_and_heldout_streams() -> None:
     ids = {pair.pair_id for _, pair in sft_pairs(SftSettings(), 0)}
     assert not ids & {p.pair_id for p in synthetic_pairs(seed=0, count=16)}
     assert not ids & {p.pair_id for p in synthetic_pairs(seed=1_000_003, count=16)}
+    assert not ids & {p.pair_id for p in synthetic_pairs(seed=0, count=16, task="render")}
+
+
+def test_sft_pairs_take_the_tasks_in_turn_and_describe_the_grey_failures() -> None:
+    pairs = [pair for _, pair in sft_pairs(SftSettings(), 0)]
+    assert [p.pair_id.startswith("synthetic-render-") for p in pairs] == [i % 2 == 1 for i in range(len(pairs))]
+    render = pairs[1]
+    rejected = render.image_2 if render.preferred == 1 else render.image_1
+    assert describe_synthetic_image(rejected) == f"grey {render.prompt.split()[2]}"
+    assert [p.pair_id for _, p in sft_pairs(SftSettings(tasks=("match",)), 0)] == [
+        f"synthetic-{SftSettings().seed + 2_000_003}-{i}" for i in range(16)]
 
 
 def test_sft_loss_is_the_token_mean_nll_over_the_whole_batch_by_hand() -> None:
@@ -72,5 +86,17 @@ def test_tiny_reasoner_sft_is_reused_once_built(tmp_path) -> None:
 
     built = tmp_path / "tiny-reasoner-sft"
     built.mkdir()
-    (built / "sft_manifest.json").write_text("{}")  # written last by warm_start: the build is complete
+    # written last by warm_start: the build is complete, and made with the default settings
+    (built / "sft_manifest.json").write_text(json.dumps({"settings": asdict(SftSettings())}))
     assert resolve_checkpoint("tiny://reasoner-sft", "model.reasoner", tmp_path) == str(built)
+
+
+def test_a_warm_start_built_with_other_settings_is_not_reused(tmp_path) -> None:
+    from pipeline.models import built_with_default_settings
+
+    assert not built_with_default_settings(tmp_path)  # nothing built
+    (tmp_path / "sft_manifest.json").write_text(json.dumps({"settings": asdict(SftSettings())}))
+    assert built_with_default_settings(tmp_path)
+    older = {**asdict(SftSettings()), "tasks": ["match"]}  # the defaults before the render task
+    (tmp_path / "sft_manifest.json").write_text(json.dumps({"settings": older}))
+    assert not built_with_default_settings(tmp_path)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from pipeline.synthetic import BACKGROUND, COLOURS, synthetic_pair, synthetic_pairs
+from pipeline.synthetic import (BACKGROUND, COLOURS, DRAWN_COLOURS, UNRENDERED_COLOUR, synthetic_pair,
+                                synthetic_pairs)
 
 
 def _colours_present(image) -> set[str]:
@@ -53,3 +55,25 @@ def test_the_preferred_image_shows_the_prompt_and_the_other_does_not() -> None:
 def test_positions_are_balanced() -> None:
     labels = [p.preferred for p in synthetic_pairs(0, 400)]
     assert 160 < labels.count(1) < 240
+
+
+def test_render_pairs_reject_the_prompts_shape_drawn_in_grey() -> None:
+    pairs = list(synthetic_pairs(0, 60, task="render"))
+    for pair in pairs:
+        colour, shape = pair.prompt.split()[1:]
+        preferred, other = (pair.image_1, pair.image_2) if pair.preferred == 1 else (pair.image_2, pair.image_1)
+        assert (_colours_present(preferred), _shape_of(preferred)) == ({colour}, shape)
+        assert _colours_present(other) == set() and _shape_of(other) == shape  # grey is not a prompt colour
+        assert tuple(np.asarray(other).reshape(-1, 3).max(axis=0)) == DRAWN_COLOURS[UNRENDERED_COLOUR]
+    assert 20 < sum(p.preferred == 1 for p in pairs) < 40
+    assert not {p.pair_id for p in pairs} & {p.pair_id for p in synthetic_pairs(0, 60)}  # streams kept apart
+
+
+def test_match_stream_is_unchanged_by_the_task_argument() -> None:
+    a, b = synthetic_pair(3, 17), synthetic_pair(3, 17, task="match")
+    assert a.pair_id == b.pair_id and a.image_1.tobytes() == b.image_1.tobytes()
+
+
+def test_unknown_task_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown synthetic task 'blur'"):
+        synthetic_pair(0, 0, task="blur")
