@@ -71,7 +71,7 @@ class RolloutWorker:
         # vLLM refuses n > 1 with greedy decoding; the G greedy completions are one, repeated.
         n = 1 if temperature == 0 else group_size
         params = SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens,
-                                temperature=temperature, top_p=top_p, logprobs=0, detokenize=False,
+                                temperature=temperature, top_p=top_p, logprobs=0, flat_logprobs=True, detokenize=False,
                                 logit_bias=self._no_vision_tokens)
         requests = [{"prompt": reasoner_prompt(p.prompt), "multi_modal_data": {"image": [p.image_1, p.image_2]}}
                     for p in pairs]
@@ -88,8 +88,7 @@ class RolloutWorker:
 
     def _completion(self, pair_id: str, index: int, sample: Any) -> Completion:
         token_ids = np.asarray(sample.token_ids, dtype=np.int64)
-        logprobs = np.asarray([step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs,
-                                                                           strict=True)], dtype=np.float32)
+        logprobs = sampled_logprobs(sample.token_ids, sample.logprobs)
         # Decoded here, whole: vLLM's streaming detokenizer holds back a trailing partial UTF-8 character.
         text = self._tokenizer.decode(sample.token_ids, skip_special_tokens=True)
         return Completion(pair_id=pair_id, completion_index=index, policy_version=self._version,
@@ -157,6 +156,20 @@ class RolloutWorker:
         num_bytes = self.load_weights(named_tensors)
         self.finish_weight_update(version)
         return num_bytes
+
+
+def sampled_logprobs(token_ids: list[int], logprobs: Any) -> np.ndarray:
+    """Per-token logprob of each sampled token, from vLLM's sample logprobs with `logprobs=0`.
+
+    `flat_logprobs=True` returns one flat list (one entry per position when only the sampled token is asked
+    for), read at once: no Logprob object and dict per token (32k of them per 256 x 128-token rollout).
+    Any other layout is read position by position.
+    """
+    flat_ids, flat_values = getattr(logprobs, "token_ids", None), getattr(logprobs, "logprobs", None)
+    if flat_ids is not None and list(flat_ids) == list(token_ids):
+        return np.asarray(flat_values, dtype=np.float32)
+    return np.asarray([step[token].logprob for token, step in zip(token_ids, logprobs, strict=True)],
+                      dtype=np.float32)
 
 
 def placeholder_runs(token_ids: np.ndarray, pad_id: int) -> list[int]:

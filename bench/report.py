@@ -41,9 +41,12 @@ def targets_table(r: dict[str, Any]) -> list[str]:
             best = min(by_transport.values(), key=lambda v: v["ratio_to_copy"])
             rows.append(f"| weight sync within 1.5x of a raw copy ({size}) | {best['ratio_to_copy']:.1f}x "
                         f"(best transport) | {_status(best['ratio_to_copy'] <= 1.5)} |")
-    if rollout:
-        rows.append(f"| vLLM rollout >= 5x transformers generate (mid) | {rollout['ratio']:.2f}x "
-                    f"| {_status(rollout['ratio'] >= 5)} |")
+    for name, result in {"rollout": rollout, **r.get("rollout_variants", {})}.items():
+        if result:
+            engines = (f"vLLM {'compiled' if result.get('compiled') else 'eager'} {result.get('dtype', '?')} vs "
+                       f"transformers {result.get('hf_dtype', result.get('dtype', '?'))}, {name}.json")
+            rows.append(f"| vLLM rollout >= 5x transformers generate (mid; {engines}) | {result['ratio']:.2f}x "
+                        f"| {_status(result['ratio'] >= 5)} |")
     if step and "memory" in step:
         m = step["memory"]
         rows.append(f"| default demo peak memory, all processes <= 8 GiB | RSS {m['peak_total_rss_gib']:.2f} GiB "
@@ -180,6 +183,9 @@ def plots(r: dict[str, Any]) -> list[Path]:
 
 def main() -> str:
     results = {name: load(name) for name in ("rollout", "weight_sync", "step", "learning")}
+    # Other rollout variants (`--compiled`, `--hf-dtype float32`), each written with its own --out.
+    results["rollout_variants"] = {path.stem: json.loads(path.read_text())
+                                   for path in sorted(RESULTS.glob("rollout_*.json"))}
     lines = targets_table(results) + detail_tables(results)
     plots(results)
     text = "\n".join(lines) + "\n"

@@ -1,7 +1,12 @@
 """Rollout throughput: the RolloutWorker (vLLM) against transformers `generate` on the same work.
 
     python -m bench.rollout                      # tiny and mid checkpoints, 32 pairs x G=8 x 128 tokens
+    python -m bench.rollout --sizes mid --compiled --hf-dtype float32    # the issue's comparison, compiled vLLM
     python -m bench.rollout --sizes mid --pairs 8 --group-size 4 --new-tokens 32   # a quick look
+
+Three engines on the same work: the RolloutWorker, the bare vLLM engine it wraps (`build_engine` +
+`LLM.generate`: what the worker costs over vLLM itself), and transformers. `--compiled` builds both vLLM
+engines with torch.compile (`enforce_eager=false`): slower to start, faster per token.
 
 Same checkpoint, pairs, G, sampling (temperature 1, top-p 1) and dtype on both sides, and exactly the same
 number of new tokens: the end of sequence is suppressed until `--new-tokens` (vLLM `min_tokens`,
@@ -46,7 +51,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_vllm(ckpt: str, dtype: str, threads: int, repeats: int, pairs: int, group_size: int,
-             new_tokens: int) -> dict:
+             new_tokens: int, compiled: bool = False) -> dict:
     """In a fresh process: a RolloutWorker, one warm-up generate, `repeats` timed ones."""
     _setup_child(threads)
     from actors.rollout import RolloutWorker
@@ -54,7 +59,8 @@ def run_vllm(ckpt: str, dtype: str, threads: int, repeats: int, pairs: int, grou
     from pipeline.synthetic import synthetic_pairs
 
     start = time.perf_counter()
-    worker = RolloutWorker(ckpt, EngineConfig(dtype=dtype, max_model_len=1024), seed=0, num_threads=threads)
+    engine = EngineConfig(dtype=dtype, max_model_len=1024, enforce_eager=not compiled)
+    worker = RolloutWorker(ckpt, engine, seed=0, num_threads=threads)
     startup_s = time.perf_counter() - start
     work = list(synthetic_pairs(seed=0, count=pairs))
     worker.generate(work[:2], 2, 8, 1.0, 1.0, min_new_tokens=8)  # warm-up
@@ -64,6 +70,35 @@ def run_vllm(ckpt: str, dtype: str, threads: int, repeats: int, pairs: int, grou
         return sum(len(c.token_ids) for g in groups for c in g.completions)
 
     return {**timed(generate, repeats), "startup_s": startup_s, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_bare_vllm(ckpt: str, dtype: str, threads: int, repeats: int, pairs: int, group_size: int,
+                  new_tokens: int, compiled: bool = False) -> dict:
+    """In a fresh process: the bare engine the worker wraps (`build_engine`, `LLM.generate`, no logprobs, no
+    extension), on the same requests: what the worker costs over vLLM itself."""
+    _setup_child(threads)
+    from vllm import SamplingParams
+
+    from actors.engine import build_engine
+    from pipeline.config import EngineConfig
+    from pipeline.prompts import reasoner_prompt
+    from pipeline.synthetic import synthetic_pairs
+
+    start = time.perf_counter()
+    llm = build_engine(ckpt, EngineConfig(dtype=dtype, max_model_len=1024, enforce_eager=not compiled), seed=0,
+                       num_threads=threads)
+    startup_s = time.perf_counter() - start
+
+    def generate(count: int, tokens: int) -> int:
+        requests = [{"prompt": reasoner_prompt(p.prompt), "multi_modal_data": {"image": [p.image_1, p.image_2]}}
+                    for p in synthetic_pairs(seed=0, count=count)]
+        params = SamplingParams(n=group_size, max_tokens=tokens, min_tokens=tokens, temperature=1.0, top_p=1.0)
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        return sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
+
+    generate(2, 8)  # warm-up
+    return {**timed(lambda: generate(pairs, new_tokens), repeats), "startup_s": startup_s,
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def run_hf(ckpt: str, dtype: str, threads: int, repeats: int, pairs: int, group_size: int,
@@ -122,15 +157,19 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict:
     ckpt = str(make_tiny(workdir / f"reasoner-{size}", role="reasoner", size=size))
     work = (args.pairs, args.group_size, args.new_tokens)
     expected = args.pairs * args.group_size * args.new_tokens
-    vllm = in_fresh_process(run_vllm, ckpt, args.dtype, args.threads, args.repeats, *work)
+    vllm = in_fresh_process(run_vllm, ckpt, args.dtype, args.threads, args.repeats, *work, args.compiled)
+    bare = in_fresh_process(run_bare_vllm, ckpt, args.dtype, args.threads, args.repeats, *work, args.compiled)
     hf = in_fresh_process(run_hf, ckpt, args.hf_dtype or args.dtype, args.threads, args.repeats, *work)
-    for name, result in (("vllm", vllm), ("hf", hf)):
+    for name, result in (("vllm", vllm), ("bare_vllm", bare), ("hf", hf)):
         if result["tokens"] != expected:
             raise RuntimeError(f"{size}/{name}: generated {result['tokens']} tokens, expected {expected}")
     # Best of the repeats: the machine is shared, and the fastest run is the least disturbed one.
     vllm_tps, hf_tps = expected / min(vllm["times"]), expected / min(hf["times"])
+    bare_tps = expected / min(bare["times"])
     return {"vllm_tokens_per_s": round(vllm_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
             "ratio": round(vllm_tps / hf_tps, 2), "tokens": expected,
+            "bare_vllm_tokens_per_s": round(bare_tps, 1), "bare_ratio": round(bare_tps / hf_tps, 2),
+            "worker_over_bare": round(vllm_tps / bare_tps, 2),
             "vllm_median_tokens_per_s": round(expected / statistics.median(vllm["times"]), 1),
             "hf_median_tokens_per_s": round(expected / statistics.median(hf["times"]), 1),
             "vllm_seconds": [round(t, 2) for t in vllm["times"]], "hf_seconds": [round(t, 2) for t in hf["times"]],
@@ -139,13 +178,14 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def print_table(results: dict[str, dict]) -> None:
-    header = (f"{'size':6} {'tokens':>7} {'vLLM tok/s':>11} {'HF tok/s':>9} {'ratio':>6} "
-              f"{'vLLM RSS MB':>12} {'HF RSS MB':>10}")
+    header = (f"{'size':6} {'tokens':>7} {'worker tok/s':>12} {'bare vLLM':>10} {'HF tok/s':>9} {'ratio':>6} "
+              f"{'bare ratio':>10} {'vLLM RSS MB':>12} {'HF RSS MB':>10}")
     print(header)
     print("-" * len(header))
     for size, r in results.items():
-        print(f"{size:6} {r['tokens']:>7} {r['vllm_tokens_per_s']:>11.0f} {r['hf_tokens_per_s']:>9.0f} "
-              f"{r['ratio']:>6.2f} {r['vllm_peak_rss_mb']:>12} {r['hf_peak_rss_mb']:>10}")
+        print(f"{size:6} {r['tokens']:>7} {r['vllm_tokens_per_s']:>12.0f} {r['bare_vllm_tokens_per_s']:>10.0f} "
+              f"{r['hf_tokens_per_s']:>9.0f} {r['ratio']:>6.2f} {r['bare_ratio']:>10.2f} "
+              f"{r['vllm_peak_rss_mb']:>12} {r['hf_peak_rss_mb']:>10}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads of each engine (rollout.num_cpus defaults to 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine; the best counts")
+    parser.add_argument("--compiled", action="store_true",
+                        help="vLLM with torch.compile (rollout.engine.enforce_eager=false): slower start, faster steps")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
@@ -168,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"ratio": results.get("mid", next(iter(results.values())))["ratio"], "sizes": results,
               "workload": {"pairs": args.pairs, "group_size": args.group_size, "new_tokens": args.new_tokens,
                            "temperature": 1.0, "top_p": 1.0},
-              "dtype": args.dtype, "hf_dtype": args.hf_dtype or args.dtype, "threads": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+              "dtype": args.dtype, "compiled": args.compiled, "hf_dtype": args.hf_dtype or args.dtype, "threads": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
               "load_average_1m_at_end": round(os.getloadavg()[0], 2),
               "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)

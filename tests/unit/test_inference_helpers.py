@@ -6,7 +6,7 @@ import numpy as np
 
 from actors.engine import engine_kwargs
 from actors.listener import UNUSABLE_P, default_worker_options, make_score, requests_of
-from actors.rollout import placeholder_runs
+from actors.rollout import placeholder_runs, sampled_logprobs
 from pipeline.config import EngineConfig, ListenerConfig
 from pipeline.synthetic import synthetic_pair
 from pipeline.types import Completion, ListenerRequest, RolloutGroup
@@ -57,3 +57,21 @@ def test_requests_of_groups_keeps_group_then_completion_order():
 def test_listener_workers_ask_for_the_pools_own_resource():
     options = default_worker_options(ListenerConfig(num_cpus=2, num_gpus=0.5, resource="listener-group"))
     assert options == {"num_cpus": 2, "num_gpus": 0.5, "resources": {"listener-group": 1}}
+
+
+def test_sampled_logprobs_read_vllm_flat_and_per_position_layouts_alike():
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    token_ids, values = [5, 9, 5], [-0.25, -1.5, -0.125]
+    per_position = [{t: Logprob(logprob=v, rank=1)} for t, v in zip(token_ids, values)]
+    flat = FlatLogprobs()
+    for position in per_position:
+        flat.append(position)
+    assert sampled_logprobs(token_ids, flat).tolist() == values
+    assert sampled_logprobs(token_ids, per_position).tolist() == values
+    assert sampled_logprobs(token_ids, flat).dtype == np.float32
+    # A flat layout that is not one sampled token per position is read position by position.
+    wider = FlatLogprobs()
+    for t, v in zip(token_ids, values):
+        wider.append({t: Logprob(logprob=v, rank=1), 0: Logprob(logprob=-9.0, rank=2)})
+    assert sampled_logprobs(token_ids, wider).tolist() == values
