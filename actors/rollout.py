@@ -73,8 +73,7 @@ class RolloutWorker:
         params = SamplingParams(n=n, max_tokens=max_new_tokens, min_tokens=min_new_tokens,
                                 temperature=temperature, top_p=top_p, logprobs=0, flat_logprobs=True, detokenize=False,
                                 logit_bias=self._no_vision_tokens)
-        requests = [{"prompt": reasoner_prompt(p.prompt), "multi_modal_data": {"image": [p.image_1, p.image_2]}}
-                    for p in pairs]
+        requests = [reasoner_request(p) for p in pairs]
         outputs = self._llm.generate(requests, params, use_tqdm=False)
         return [self._group(pair, output, group_size) for pair, output in zip(pairs, outputs, strict=True)]
 
@@ -156,6 +155,11 @@ class RolloutWorker:
         num_bytes = self.load_weights(named_tensors)
         self.finish_weight_update(version)
         return num_bytes
+
+
+def reasoner_request(pair: PreferencePair) -> dict:
+    """The vLLM request for one pair: the reasoner prompt and the two images, in prompt order."""
+    return {"prompt": reasoner_prompt(pair.prompt), "multi_modal_data": {"image": [pair.image_1, pair.image_2]}}
 
 
 def sampled_logprobs(token_ids: list[int], logprobs: Any) -> np.ndarray:

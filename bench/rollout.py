@@ -80,8 +80,8 @@ def run_bare_vllm(ckpt: str, dtype: str, threads: int, repeats: int, pairs: int,
     from vllm import SamplingParams
 
     from actors.engine import build_engine
+    from actors.rollout import reasoner_request
     from pipeline.config import EngineConfig
-    from pipeline.prompts import reasoner_prompt
     from pipeline.synthetic import synthetic_pairs
 
     start = time.perf_counter()
@@ -90,8 +90,7 @@ def run_bare_vllm(ckpt: str, dtype: str, threads: int, repeats: int, pairs: int,
     startup_s = time.perf_counter() - start
 
     def generate(count: int, tokens: int) -> int:
-        requests = [{"prompt": reasoner_prompt(p.prompt), "multi_modal_data": {"image": [p.image_1, p.image_2]}}
-                    for p in synthetic_pairs(seed=0, count=count)]
+        requests = [reasoner_request(p) for p in synthetic_pairs(seed=0, count=count)]
         params = SamplingParams(n=group_size, max_tokens=tokens, min_tokens=tokens, temperature=1.0, top_p=1.0)
         outputs = llm.generate(requests, params, use_tqdm=False)
         return sum(len(sample.token_ids) for output in outputs for sample in output.outputs)

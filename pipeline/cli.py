@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
-from pipeline.config import ConfigError, config_to_yaml, load_config
+from pipeline.config import ConfigError, SyntheticTask, config_to_yaml, load_config
 from pipeline.errors import TrainingAborted
 
 
@@ -80,7 +81,7 @@ def _add_sft(subparsers) -> None:
                    help="Probability that a target's answer is the preferred image (0.5: format only).")
     p.add_argument("--image-size", type=int, default=56, help="Side of the synthetic images (as data.image_size).")
     p.add_argument("--freeze-vision", action="store_true", help="Keep the vision tower frozen.")
-    p.add_argument("--tasks", nargs="+", choices=["match", "render"], default=["match", "render"],
+    p.add_argument("--tasks", nargs="+", choices=get_args(SyntheticTask), default=list(get_args(SyntheticTask)),
                    help="Synthetic tasks the pairs come from, in turn (see pipeline/synthetic.py).")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the learner rank.")
     p.set_defaults(handler=_sft)

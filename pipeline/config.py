@@ -40,13 +40,16 @@ class ModelConfig(_Section):
         return self
 
 
+SyntheticTask = Literal["match", "render"]  # see pipeline/synthetic.py
+
+
 class DataConfig(_Section):
     source: str = Field("synthetic", description="'synthetic', a dataset hub id, or a local path.")
     pairs_per_step: int = Field(4, gt=0, description="Preference pairs per GRPO step.")
     eval_pairs: int = Field(32, ge=0, description="Held-out pairs scored every trainer.eval_every steps.")
     eval_split: str = Field("test", description="Split of the held-out pairs (synthetic: another seed).")
     image_size: int = Field(56, gt=0, description="Side of synthetic images, in pixels.")
-    synthetic_task: Literal["match", "render"] = Field(
+    synthetic_task: SyntheticTask = Field(
         "match", description="Synthetic pairs: 'match' (the rejected image changes the prompt's colour or "
         "shape) or 'render' (it shows the shape in grey, a failed render); see pipeline/synthetic.py.")
     seed: int = Field(0, description="Seed of data order and of the per-pair image-order swap.")

@@ -45,9 +45,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline import formats
+from pipeline.config import SyntheticTask
 from pipeline.formats import BadRow, ImageBounds, RawPair, TiePolicy
 from pipeline.metrics import imagereward_pairs
-from pipeline.synthetic import SyntheticTask, synthetic_pair
+from pipeline.synthetic import synthetic_pair
 from pipeline.types import PreferencePair
 
 log = logging.getLogger(__name__)

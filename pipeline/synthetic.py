@@ -4,21 +4,22 @@ The prompt names a colour and a shape ("a red circle"); exactly one of the two i
 and shape. What the other one shows depends on the task:
 - `match`: it changes one attribute (the colour or the shape). Telling them apart means comparing the
   prompt with the image: the label is an XOR of prompt and image features, with no correlation to any one
-  of them, which a 1M-parameter model does not learn in CPU minutes (see BENCHMARKS.md).
+  of them, which a 1M-parameter model does not reliably learn in CPU minutes (see BENCHMARKS.md).
 - `render`: the generator failed to render the colour: the prompt's shape, drawn in grey. The failure is
   visible in the rejected image alone, as the defects people reject generations for often are.
-The preferred image's position is random. Pair `index` of seed `seed` is a pure function of (seed, index), so any size can be
-generated, in any order, identically on every machine.
+The preferred image's position is random. Pair `index` of seed `seed` is a pure function of (seed, index),
+so any size can be generated, in any order, identically on every machine.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import Literal, get_args
+from typing import get_args
 
 from PIL import Image, ImageDraw
 
+from pipeline.config import SyntheticTask
 from pipeline.types import PreferencePair
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -33,7 +34,6 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUND = (40, 40, 40)
 UNRENDERED_COLOUR = "grey"  # what a `render` failure is drawn in; never a prompt's colour
 DRAWN_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, UNRENDERED_COLOUR: (128, 128, 128)}
-SyntheticTask = Literal["match", "render"]
 SYNTHETIC_TASKS: tuple[str, ...] = get_args(SyntheticTask)
 
 
@@ -61,7 +61,8 @@ def synthetic_pair(seed: int, index: int, image_size: int = 56, task: SyntheticT
     """Pair `index` of the stream for (`seed`, `task`)."""
     if task not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {SYNTHETIC_TASKS}")
-    rng = random.Random(f"synthetic:{seed}:{index}" if task == "match" else f"synthetic-{task}:{seed}:{index}")
+    stream = "synthetic" if task == "match" else f"synthetic-{task}"  # `match` keeps the stream it always had
+    rng = random.Random(f"{stream}:{seed}:{index}")
     colour = rng.choice(sorted(COLOURS))
     shape = rng.choice(SHAPES)
     if task == "render":
@@ -75,12 +76,12 @@ def synthetic_pair(seed: int, index: int, image_size: int = 56, task: SyntheticT
     preferred = 1 if rng.random() < 0.5 else 2
     image_1, image_2 = (right, wrong) if preferred == 1 else (wrong, right)
     return PreferencePair(
-        pair_id=f"synthetic-{seed}-{index}" if task == "match" else f"synthetic-{task}-{seed}-{index}",
+        pair_id=f"{stream}-{seed}-{index}",
         prompt=f"a {colour} {shape}",
         image_1=image_1,
         image_2=image_2,
         preferred=preferred,
-        prompt_id=f"synthetic-{seed}-{index}" if task == "match" else f"synthetic-{task}-{seed}-{index}",
+        prompt_id=f"{stream}-{seed}-{index}",
         category=shape,
     )
 
