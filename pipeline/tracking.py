@@ -12,10 +12,16 @@ Credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN),
 one slip into a config value anyway, it never reaches MLflow or the log: params and tags are redacted
 (`redact_params`: `user:password@` in URIs, secret query parameters, well-known token formats, and the
 values of keys named like secrets), and `Tracker.uri`, the form that is logged and printed, is redacted too.
+
+Names: every metric, param and tag key and every artifact path goes to MLflow through `mlflow_safe_name`
+(MLflow accepts only ASCII-ish `[/\w.\- :]` names that are normalised paths, at most 250 characters),
+so a dataset category such as "Food & Beverage" cannot fail a run; the original names stay in the
+local records (metrics.jsonl, the evaluation report).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +44,55 @@ _QUERY_PARAM_RE = re.compile(r"(?P<lead>[?&;](?P<name>[^=&#\s]+)=)(?P<value>[^&#
 _TOKEN_RE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|(AKIA|ASIA)[0-9A-Z]{16}|"
                        r"gh[pousr]_[A-Za-z0-9]{30,}|xox[abprs]-[A-Za-z0-9-]{10,}|"
                        r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})")
+
+
+_UNSAFE_NAME_CHAR_RE = re.compile(r"[^A-Za-z0-9_.\- /]")  # ASCII subset of MLflow's rule, valid on every OS
+MAX_NAME_LENGTH = 250  # MLflow's limit on metric, param and tag keys
+
+
+def mlflow_safe_name(name: str) -> str:
+    """`name` as MLflow accepts it: unchanged when already valid, else a stable valid form with a short hash.
+
+    Characters outside `[A-Za-z0-9_.- /]` become `_`; empty, `.` and `..` path segments are dropped (a
+    leading `.` gets a `_` before it); when anything changed, 8 hex digits of the original's SHA-1
+    are appended after a `-` (before an extension such as `.json`), so two names that differ only in replaced characters stay distinct
+    ("Food & Drink" -> "Food _ Drink-1a2b3c4d").
+    """
+    text = str(name)
+    safe = _UNSAFE_NAME_CHAR_RE.sub("_", text)
+    safe = "/".join(part for part in safe.split("/") if part.strip(" ") not in ("", ".", ".."))
+    if safe.startswith("."):
+        safe = "_" + safe
+    if safe == text and 0 < len(safe) <= MAX_NAME_LENGTH and _mlflow_accepts(safe):
+        return safe
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    stem, ext = _split_extension(safe)  # an artifact keeps its extension (MLflow tables must end in .json)
+    return f"{stem[:MAX_NAME_LENGTH - 9 - len(ext)]}-{digest}{ext}"
+
+
+def _split_extension(name: str) -> tuple[str, str]:
+    match = re.search(r"(?<=[^/.])\.[A-Za-z][A-Za-z0-9]{0,7}\Z", name)
+    return (name[:match.start()], match.group(0)) if match else (name, "")
+
+
+def _mlflow_accepts(name: str) -> bool:
+    import posixpath
+
+    return posixpath.normpath(name) == name and not name.startswith(("/", ".."))
+
+
+def mlflow_safe_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every key made safe by `mlflow_safe_name`; distinct keys never merge (a numbered
+    suffix resolves the rare hash collision)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        safe = mlflow_safe_name(key)
+        candidate, n = safe, 1
+        while candidate in out:
+            n += 1
+            candidate = f"{safe[:MAX_NAME_LENGTH - 8]}-{n}"
+        out[candidate] = value
+    return out
 
 
 def resolve_tracking_uri(configured: str) -> str:
@@ -90,7 +145,8 @@ class Tracker:
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self._run_id_file = self.run_dir / "mlflow_run_id"
         self.run_id: str | None = self._run_id_file.read_text().strip() if self._run_id_file.exists() else None
-        self._params, self._pending = redact_params(params), _Pending(tags=redact_params(tags))
+        self._params = mlflow_safe_keys(redact_params(params))
+        self._pending = _Pending(tags=mlflow_safe_keys(redact_params(tags)))
         self.flush_failures = 0
         self._client = None
 
@@ -98,7 +154,7 @@ class Tracker:
         stamp = int(time.time() * 1000)
         with self.metrics_file.open("a") as out:
             out.write(json.dumps({"step": step, "timestamp_ms": stamp, **metrics}) + "\n")
-        self._pending.metrics += [(k, float(v), stamp, step) for k, v in metrics.items()]
+        self._pending.metrics += [(k, float(v), stamp, step) for k, v in mlflow_safe_keys(metrics).items()]
         self.flush()
 
     def log_table(self, artifact_file: str, columns: dict[str, list[Any]]) -> None:
@@ -106,11 +162,11 @@ class Tracker:
         local = self.run_dir / artifact_file
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(json.dumps(columns, default=str))
-        self._pending.tables.append((artifact_file, columns))
+        self._pending.tables.append((mlflow_safe_name(artifact_file), columns))
         self.flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._pending.tags.update(redact_params(tags))
+        self._pending.tags.update(mlflow_safe_keys(redact_params(tags)))
         self.flush()
 
     def flush(self) -> bool:
