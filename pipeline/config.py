@@ -67,7 +67,9 @@ class DataConfig(_Section):
 
 class EngineConfig(_Section):
     enforce_eager: bool = Field(True, description="vLLM: no graph capture / compile (fast start on CPU).")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="vLLM dtype.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="vLLM dtype; 'auto' is bfloat16 where the hardware runs it fast (a GPU with bf16, "
+        "a CPU with AVX512_BF16 or AMX) and float32 otherwise (actors/engine.py resolve_dtype).")
     max_model_len: int = Field(1024, gt=0, description="vLLM context length.")
     kv_cache_gib: int = Field(1, gt=0, description="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU fraction for vLLM (GPU only).")
