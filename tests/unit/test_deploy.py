@@ -2,9 +2,12 @@
 
 - Core objects (Deployment, StatefulSet, Service, PVC, NetworkPolicy) and every pod template inside the
   Ray objects are validated, strictly, against the Kubernetes OpenAPI schemas that kubernetes-validate
-  ships. No registry package ships the KubeRay CRDs, so RayCluster/RayJob are validated against
-  kuberay_v1.schema.yaml (beside this file), written from the ray.io/v1 API types (KubeRay 1.5-1.7),
-  plus KubeRay's own spec checks (replica bounds, unique groups) in kuberay_errors().
+  ships. RayCluster/RayJob are validated against the KubeRay operator's released CRDs (v1.5.1, kept
+  unchanged in tests/data/kuberay-crds/), made strict the way `kubectl apply` (field validation Strict)
+  treats them, plus the checks the operator makes on a spec before acting on it (kuberay_errors()).
+- The cluster works as an operator would run it: token auth through `authOptions` (the operator's own
+  dashboard client needs it), no pinned `replicas` a re-apply could reset, custom resources in the
+  group-level `resources` field, a pull secret in every pod, one shared Hugging Face cache.
 - The manifests agree with the code: entrypoints parse with the real CLI parser and name existing
   configs; each worker group advertises the custom Ray resource that configs/qwen25vl_7b.yaml asks for,
   with matching GPUs; MLflow's URI reaches the job; containers run as non-root; nothing is public.
@@ -39,32 +42,93 @@ K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests must apply to
 KINDS = ("rollout", "listener", "learner")
 GPU = "nvidia.com/gpu"
 
-# KubeRay ray.io/v1 schema: the fields this project may use, written from the API types (see the file).
-KUBERAY_V1 = yaml.safe_load((Path(__file__).parent / "kuberay_v1.schema.yaml").read_text())
+CRDS = Path(__file__).resolve().parents[1] / "data" / "kuberay-crds"
+CRD_FILES = {"RayCluster": CRDS / "ray.io_rayclusters.yaml", "RayJob": CRDS / "ray.io_rayjobs.yaml"}
+# Group-level `resources` keys KubeRay maps to `ray start` flags; every other key is a custom Ray resource.
+RAY_BUILTIN = {"cpu", "memory", "gpu", "nvidia.com/gpu"}
 
 
-def kuberay_errors(doc: dict) -> list[str]:
-    """Schema errors plus the checks KubeRay's operator makes on the spec."""
-    validator = jsonschema.Draft202012Validator(KUBERAY_V1)
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-    spec = doc.get("spec", {})
-    cluster = spec if doc.get("kind") == "RayCluster" else spec.get("rayClusterSpec") or {}
-    names = [g.get("groupName") for g in cluster.get("workerGroupSpecs", [])]
+def strict(node):
+    """A CRD's structural schema as `kubectl apply` enforces it: unknown fields are errors (except under
+    x-kubernetes-preserve-unknown-fields), and int-or-string accepts either."""
+    if isinstance(node, list):
+        return [strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: strict(v) for k, v in node.items()}
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if out.get("x-kubernetes-int-or-string") and "anyOf" not in out:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    return out
+
+
+@functools.cache
+def crd_schema(kind: str) -> dict:
+    crd = yaml.load(CRD_FILES[kind].read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["spec"]["names"]["kind"] == kind
+    served = {v["name"]: v for v in crd["spec"]["versions"]}
+    schema = strict(served["v1"]["schema"]["openAPIV3Schema"])
+    schema["properties"]["apiVersion"] = {"const": f"{crd['spec']['group']}/v1"}
+    schema["properties"]["kind"] = {"const": kind}
+    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
+    return schema
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def operator_errors(cluster: dict) -> list[str]:
+    """What KubeRay 1.5's ValidateRayClusterSpec (and its replica clamping) rejects or silently changes."""
+    errors = []
+    groups_ = [("head", cluster.get("headGroupSpec", {}))] + [(g.get("groupName"), g)
+                                                              for g in cluster.get("workerGroupSpecs", [])]
+    names = [name for name, _ in groups_[1:]]
     if len(names) != len(set(names)):
         errors.append(f"duplicate worker group names {names}")
+    for name, group in groups_:
+        params = group.get("rayStartParams", {})
+        if group.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
+            errors.append(f"group {name}: resources set in both rayStartParams and resources")
+        if "labels" in params:
+            errors.append(f"group {name}: rayStartParams labels is not supported")
     for group in cluster.get("workerGroupSpecs", []):
         lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
         replicas = group.get("replicas", lo)
         if not lo <= replicas <= hi:
             errors.append(f"group {group.get('groupName')}: replicas {replicas} outside [{lo}, {hi}]")
-    if doc.get("kind") == "RayJob" and spec.get("clusterSelector") and spec.get("shutdownAfterJobFinishes"):
-        errors.append("shutdownAfterJobFinishes cannot be used with clusterSelector")
+    if cluster.get("authOptions", {}).get("mode") == "token" and \
+            _version(str(cluster.get("rayVersion", "0"))) < (2, 52, 0):
+        errors.append("authOptions.mode token needs rayVersion >= 2.52.0")
     return errors
 
 
+def kuberay_errors(doc: dict) -> list[str]:
+    """Errors against the released CRD schema plus the operator's own spec checks."""
+    if doc.get("kind") not in CRD_FILES:
+        return [f"not a KubeRay kind: {doc.get('kind')}"]
+    validator = jsonschema.Draft202012Validator(crd_schema(doc["kind"]))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    spec = doc.get("spec", {})
+    if doc["kind"] == "RayCluster":
+        return errors + operator_errors(spec)
+    if not spec.get("clusterSelector") and not spec.get("rayClusterSpec"):
+        errors.append("one of rayClusterSpec or clusterSelector must be set")
+    if spec.get("clusterSelector") is not None and not spec["clusterSelector"].get("ray.io/cluster"):
+        errors.append("cluster name in clusterSelector should not be empty")
+    if spec.get("clusterSelector") and spec.get("shutdownAfterJobFinishes"):
+        errors.append("shutdownAfterJobFinishes cannot be used with clusterSelector")
+    return errors + operator_errors(spec.get("rayClusterSpec") or {})
+
+
 # ---------------------------------------------------------------------------------------------------
+RUNTIME_ENV = DEPLOY / "runtime_env.yaml"  # a Ray runtime_env for `ray job submit`, not a Kubernetes object
+
+
 def manifest_files() -> list[Path]:
-    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")
+    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml" and p != RUNTIME_ENV)
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -95,13 +159,12 @@ def groups() -> dict[str, dict]:
 
 
 def ray_resources(group: dict) -> dict[str, float]:
-    """The custom resources a group's pods advertise. KubeRay passes rayStartParams to `ray start`
-    through a shell, hence the documented quoting: '"{\\"listener\\": 1}"'."""
-    raw = group["rayStartParams"].get("resources")
-    if raw is None:
-        return {}
-    assert raw.startswith('"') and raw.endswith('"'), f"unquoted resources param {raw!r}"
-    return json.loads(raw[1:-1].replace('\\"', '"'))
+    """The custom resources a group's pods advertise: the non-CPU/GPU/memory keys of the group-level
+    `resources` field (KubeRay >= 1.5), which the operator and the autoscaler both read. Quoted JSON in
+    rayStartParams (the older way) is refused: only the operator would see it."""
+    assert "resources" not in group.get("rayStartParams", {}), "custom resources belong in the group's `resources`"
+    return {name: float(amount) for name, amount in group.get("resources", {}).items()
+            if name.lower() not in RAY_BUILTIN}
 
 
 def pod_templates() -> list[tuple[str, dict]]:
@@ -117,6 +180,8 @@ def pod_templates() -> list[tuple[str, dict]]:
             out += [(f"{where}:{g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]]
         elif doc["kind"] == "RayJob" and "submitterPodTemplate" in spec:
             out.append((f"{where}:submitter", spec["submitterPodTemplate"]))
+        elif doc["kind"] == "Job":
+            out.append((where, spec["template"]))
     return out
 
 
@@ -139,7 +204,8 @@ def gpu_config():
 def test_manifests_exist_and_parse():
     kinds = sorted(d["kind"] for _, d in all_docs())
     assert kinds == sorted(["RayCluster", "RayJob", "PersistentVolumeClaim", "PersistentVolumeClaim",
-                            "Service", "Service", "Deployment", "StatefulSet", "NetworkPolicy"])
+                            "PersistentVolumeClaim", "Service", "Service", "Deployment", "StatefulSet",
+                            "NetworkPolicy", "Job"])
     for path, doc in all_docs():
         assert {"apiVersion", "kind", "metadata"} <= set(doc), path
         assert "namespace" not in doc["metadata"], f"{path}: namespace comes from the kustomization"
@@ -157,6 +223,18 @@ def test_pod_templates_match_kubernetes_schema(template):
     kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
 
 
+def test_crds_are_the_released_ones_with_the_fields_we_use():
+    cluster = crd_schema("RayCluster")["properties"]["spec"]["properties"]
+    assert cluster["authOptions"]["properties"]["mode"]["enum"] == ["disabled", "token"]
+    worker = cluster["workerGroupSpecs"]["items"]["properties"]
+    assert worker["resources"] == {"type": "object", "additionalProperties": {"type": "string"}}
+    assert "resources" in cluster["headGroupSpec"]["properties"]
+    job = crd_schema("RayJob")["properties"]["spec"]["properties"]
+    assert "authOptions" in job["rayClusterSpec"]["properties"]
+    for path in CRD_FILES.values():
+        assert "controller-gen.kubebuilder.io/version" in path.read_text()[:2000], path
+
+
 @pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
 def test_ray_objects_match_kuberay_schema(kind):
     assert kuberay_errors(one(kind)) == []
@@ -170,16 +248,28 @@ def test_ray_objects_match_kuberay_schema(kind):
     lambda d: d["spec"]["headGroupSpec"].pop("template"),
     lambda d: d["spec"]["workerGroupSpecs"].append(copy.deepcopy(d["spec"]["workerGroupSpecs"][0])),
     lambda d: d.update(apiVersion="ray.io/v1alpha1"),
-], ids=["no-group-name", "typo", "replicas-over-max", "bad-enum", "no-head-template", "dup-group", "old-api"])
+    lambda d: d["spec"].update(authOptions={"mode": "bearer"}),
+    lambda d: d["spec"].update(rayVersion="2.50.0"),
+    lambda d: d["spec"]["workerGroupSpecs"][0]["rayStartParams"].update({"num-cpus": "4"}),
+    lambda d: d["spec"]["workerGroupSpecs"][0].update(resources={"rollout": 1}),  # a number, not a string
+], ids=["no-group-name", "typo", "replicas-over-max", "bad-enum", "no-head-template", "dup-group", "old-api",
+        "bad-auth-mode", "auth-on-old-ray", "resources-twice", "resource-not-string"])
 def test_kuberay_schema_rejects_broken_clusters(breakage):
     doc = copy.deepcopy(ray_cluster())
     breakage(doc)
     assert kuberay_errors(doc)
 
 
-def test_kuberay_schema_rejects_a_job_with_two_cluster_sources():
+@pytest.mark.parametrize("breakage", [
+    lambda s: s.pop("clusterSelector"),
+    lambda s: s.update(clusterSelector={"ray.io/cluster": ""}),
+    lambda s: s.update(entrypoint=["python"]),
+    lambda s: s["submitterPodTemplate"]["spec"].update(restartPolicyy="Never"),  # typo
+    lambda s: s.update(authOptions={"mode": "token"}),  # belongs to the cluster, not the job
+], ids=["no-cluster", "empty-cluster-name", "entrypoint-list", "pod-typo", "auth-on-job"])
+def test_kuberay_schema_rejects_broken_jobs(breakage):
     job = copy.deepcopy(one("RayJob"))
-    job["spec"]["rayClusterSpec"] = copy.deepcopy(ray_cluster()["spec"])
+    breakage(job["spec"])
     assert kuberay_errors(job)
 
 
@@ -220,6 +310,20 @@ def test_rayjob_entrypoint_is_a_real_training_command():
     assert "WORKDIR /app" in (ROOT / "docker" / "Dockerfile").read_text()
 
 
+def test_rayjob_and_ray_job_submit_share_the_runtime_env():
+    """deploy/runtime_env.yaml (for `ray job submit`) and the RayJob differ only in working_dir; the
+    excludes keep local outputs from being uploaded, and .rayignore repeats them."""
+    local = yaml.safe_load(RUNTIME_ENV.read_text())
+    job = yaml.safe_load(one("RayJob")["spec"]["runtimeEnvYAML"])
+    assert local["working_dir"] == "." and job["working_dir"] == "/app"
+    assert {k: v for k, v in local.items() if k != "working_dir"} == {k: v for k, v in job.items() if k != "working_dir"}
+    assert {".git", ".venv", "runs", "mlflow.db", "models"} <= set(local["excludes"])
+    rayignore = {line.strip().rstrip("/") for line in (ROOT / ".rayignore").read_text().splitlines()}
+    assert {".git", ".venv", "runs", "mlflow.db", "models"} <= rayignore
+    assert "--runtime-env deploy/runtime_env.yaml" in README.read_text()
+    assert "--runtime-env deploy/runtime_env.yaml" in (ROOT / "README.md").read_text()
+
+
 def readme_pipeline_commands() -> list[str]:
     text = README.read_text()
     blocks = re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S)
@@ -247,7 +351,7 @@ def test_readme_documents_the_training_and_scaling_commands():
     assert "train --config configs/qwen25vl_7b.yaml" in commands
     assert any(c.startswith("scale-listeners ") and "--replicas" in c and "--address" in c for c in commands)
     text = README.read_text()
-    assert ("ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
+    assert ("ray job submit --address http://127.0.0.1:8265 --runtime-env deploy/runtime_env.yaml -- "
             "python -m pipeline train --config configs/qwen25vl_7b.yaml") in text
 
 
@@ -293,14 +397,17 @@ def test_group_sizes_cover_the_config_and_only_listeners_scale():
               "learner": cfg.learner.num_ranks}
     for kind in KINDS:
         group = groups()[kind]
-        assert group["replicas"] * _units(kind) >= demand[kind], kind
+        # No `replicas`: the operator clamps the live value to [min, max] and the autoscaler owns it, so a
+        # re-apply of this file cannot reset a pool that `scale-listeners` grew.
+        assert "replicas" not in group, kind
         assert group["maxReplicas"] * _units(kind) >= demand[kind], kind
-    # Rollout workers and learner ranks form fixed collective groups; the listener pool is the one that
-    # grows and shrinks at run time, through the autoscaler.
+    # Rollout workers and learner ranks form fixed collective groups (min == max: their size is set by the
+    # bounds alone); the listener pool is the one that grows and shrinks at run time, through the autoscaler.
     for kind in ("rollout", "learner"):
-        assert groups()[kind]["minReplicas"] == groups()[kind]["maxReplicas"], kind
+        group = groups()[kind]
+        assert group["minReplicas"] == group["maxReplicas"] and group["minReplicas"] * _units(kind) >= demand[kind]
     listener = groups()["listener"]
-    assert listener["minReplicas"] >= 1 and listener["maxReplicas"] > listener["replicas"]
+    assert 1 <= listener["minReplicas"] <= demand["listener"] < listener["maxReplicas"]
     assert ray_cluster()["spec"]["enableInTreeAutoscaling"] is True
 
 
@@ -313,14 +420,15 @@ def _ray_capacity(group: dict, replicas: int) -> dict[str, float]:
 
 
 def test_cluster_holds_what_the_driver_placement_asks_for():
-    """pipeline.placement (the driver's one placement function) against the cluster at its start size:
-    every resource it needs exists, and the custom ones are exactly those the worker groups advertise."""
+    """pipeline.placement (the driver's one placement function) against what the autoscaler can reach
+    (fixed groups at their size, the listener group at most maxReplicas): every resource it needs exists,
+    and the custom ones are exactly those the worker groups advertise."""
     from pipeline.placement import required_resources
 
     need = required_resources(gpu_config())
     have: dict[str, float] = {}
     spec = ray_cluster()["spec"]
-    parts = [_ray_capacity(spec["headGroupSpec"], 1)] + [_ray_capacity(g, g["replicas"]) for g in groups().values()]
+    parts = [_ray_capacity(spec["headGroupSpec"], 1)] + [_ray_capacity(g, g["maxReplicas"]) for g in groups().values()]
     for part in parts:
         for name, amount in part.items():
             have[name] = have.get(name, 0.0) + amount
@@ -404,23 +512,65 @@ def test_credentials_come_from_secrets_only():
             ref = env.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 referenced.add(ref["name"])
-    assert referenced == {"listener-grpo-ray-auth", "mlflow-postgres"}
-    # ... and the README creates each of them, with the keys the manifests read.
+    assert referenced == {"mlflow-postgres"}  # the Ray token Secret is the operator's (authOptions)
+    # ... and the README creates it, with the keys the manifests read.
     text = README.read_text()
-    assert re.search(r"create secret generic listener-grpo-ray-auth\b.*--from-literal=auth_token=", text, re.S)
     assert re.search(r"create secret generic mlflow-postgres\b.*--from-literal=username=.*--from-literal=password=",
                      text, re.S)
 
 
-def test_ray_auth_token_reaches_every_ray_process():
-    """Ray 2.60's job server demands token auth (DESIGN.md): head, workers, autoscaler and submitter."""
-    holders = ray_containers() + [ray_cluster()["spec"]["autoscalerOptions"],
+def test_ray_auth_is_the_operators():
+    """Ray 2.60's job server demands token auth (docs/design.md). With `authOptions: {mode: token}` the
+    operator creates the Secret named after the cluster, gives the token to head, workers, autoscaler and
+    submitter, and sends it on its own job-status calls; hand-written RAY_AUTH_* env would leave the
+    operator out (its calls get 401: the RayJob never finishes and cannot be stopped)."""
+    spec = ray_cluster()["spec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    holders = ray_containers() + [spec["autoscalerOptions"],
                                   one("RayJob")["spec"]["submitterPodTemplate"]["spec"]["containers"][0]]
     for container in holders:
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env_of(container)), container.get("name")
+    text = README.read_text()
+    name = ray_cluster()["metadata"]["name"]
+    assert f"get secret {name} -o jsonpath='{{.data.auth_token}}'" in text
+
+
+def test_every_pod_can_pull_from_a_private_registry():
+    """The pull secret is in each pod template: the head pod (and its autoscaler sidecar) runs under the
+    operator's own service account, so a secret on the namespace's `default` account would not reach it."""
+    for where, template in pod_templates():
+        assert {"name": "listener-grpo-registry"} in template["spec"].get("imagePullSecrets", []), where
+    assert "create secret docker-registry listener-grpo-registry" in README.read_text()
+
+
+def test_every_ray_pod_shares_one_hugging_face_cache():
+    claim = one("PersistentVolumeClaim", "listener-grpo-hf-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    templates = [(w, t) for w, t in pod_templates() if "RayCluster" in w or w.endswith("prestage")]
+    assert len(templates) == 5  # head, three worker groups, the pre-staging job
+    for where, template in templates:
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        container = template["spec"]["containers"][0]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         env = env_of(container)
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "listener-grpo-ray-auth",
-                                                                       "key": "auth_token"}
+        for var in ("HF_HOME", "HF_DATASETS_CACHE"):
+            path = Path(env[var]["value"])
+            mount = [m for m in mounts if path.is_relative_to(m)]
+            assert mount, f"{where}: {var}={path} is on no volume"
+            assert volumes[mounts[mount[0]]]["persistentVolumeClaim"]["claimName"] == "listener-grpo-hf-cache", where
+
+
+def test_prestage_job_reads_the_run_config():
+    args = one("Job", "listener-grpo-prestage")["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    config = re.search(r'load_config\("([^"]+)"\)', args).group(1)
+    assert (ROOT / config).resolve() == GPU_CONFIG.resolve()
+    compile(args, "prestage", "exec")
+
+
+def test_readme_never_scales_by_editing_and_reapplying():
+    text = README.read_text()
+    assert "kubectl apply -k deploy` again" not in text and "replicas:" not in text
+    assert "kubectl -n listener-grpo patch raycluster listener-grpo --type=json" in text
 
 
 def _effective(pod_spec: dict, container: dict, key: str):
@@ -440,7 +590,7 @@ def test_every_container_runs_as_non_root():
             checked += 1
     autoscaler = ray_cluster()["spec"]["autoscalerOptions"]["securityContext"]
     assert autoscaler["runAsNonRoot"] is True and autoscaler["runAsUser"] != 0
-    assert checked == 7  # postgres, mlflow, ray head, three worker groups, job submitter
+    assert checked == 8  # postgres, mlflow, ray head, three worker groups, job submitter, pre-staging job
 
 
 def test_images_run_as_the_uid_the_pods_ask_for():
@@ -488,10 +638,11 @@ def test_kustomizations_cover_every_manifest_and_agree():
             assert (path.parent / resource).is_file(), f"{path}: missing {resource}"
             covered.add((path.parent / resource).resolve())
     assert covered == {p.resolve() for p in manifest_files()}
-    root, job = kustomizations()[DEPLOY / "kustomization.yaml"], kustomizations()[DEPLOY / "job" / "kustomization.yaml"]
+    root = kustomizations()[DEPLOY / "kustomization.yaml"]
     root_images = {i["name"]: i for i in root["images"]}
-    for image in job["images"]:
-        assert root_images[image["name"]] == image, "deploy/ and deploy/job/ push different images"
+    for path, k in kustomizations().items():
+        for image in k["images"]:
+            assert root_images[image["name"]] == image, f"deploy/ and {path.parent.name}/ push different images"
 
 
 def test_every_project_image_is_rewritten_by_its_kustomization():
@@ -505,7 +656,7 @@ def test_every_project_image_is_rewritten_by_its_kustomization():
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (the machine image has it)")
-@pytest.mark.parametrize("directory", ["deploy", "deploy/job"])
+@pytest.mark.parametrize("directory", ["deploy", "deploy/job", "deploy/prestage"])
 def test_kustomize_renders_what_kubectl_apply_will_send(directory):
     """kubectl's own kustomize (offline): images rewritten inside the Ray CRDs too, one namespace."""
     result = subprocess.run(["kubectl", "kustomize", str(ROOT / directory)], capture_output=True, text=True,
@@ -513,7 +664,7 @@ def test_kustomize_renders_what_kubectl_apply_will_send(directory):
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.load_all(result.stdout, Loader=_LOADER) if d]
     assert docs and all(d["metadata"]["namespace"] == "listener-grpo" for d in docs)
-    images = re.findall(r"^\s*image: (\S+)$", result.stdout, re.M)
+    images = re.findall(r"^\s*(?:- )?image: (\S+)$", result.stdout, re.M)
     mapped = {f"{i['newName']}:{i['newTag']}" for i in yaml.safe_load((ROOT / directory / "kustomization.yaml")
                                                                       .read_text())["images"]}
     project = [i for i in images if not i.startswith("postgres:")]
