@@ -228,3 +228,98 @@ def test_mlflow_image_matches_the_training_stack():
 def test_build_context_leaves_local_state_out():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "runs", "mlflow.db"} <= ignored
+
+
+# --- scripts/setup_venv.sh off this machine ----------------------------------------------------------
+def _setup_plan(tmp_path: Path, wheels: Path) -> list[list[str]]:
+    """The commands setup_venv.sh would run (DRY_RUN=1: printed, nothing installed, no network)."""
+    venv = tmp_path / "venv"
+    env = {"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "WHEELS": str(wheels), "VENV": str(venv)}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "setup_venv.sh")], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not venv.exists(), "a dry run created the venv"
+    return [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def _torch_install(plan: list[list[str]]) -> list[str]:
+    torch_pin = f"torch=={pins(CPU_LOCK)['torch']}"
+    found = [words for words in plan if "install" in words and torch_pin in words]
+    assert len(found) == 1, plan
+    return found[0]
+
+
+def test_setup_without_local_wheels_asks_pytorchs_cpu_index(tmp_path):
+    words = _torch_install(_setup_plan(tmp_path, tmp_path / "no-wheels-here"))
+    assert words[words.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    assert "--no-deps" in words and "--find-links" not in words
+    assert pins(CPU_LOCK)["torch"] == "2.13.0+cpu"
+
+
+def test_setup_with_local_wheels_uses_them_and_then_installs_the_lock(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    plan = _setup_plan(tmp_path, wheels)
+    words = _torch_install(plan)
+    assert words[words.index("--find-links") + 1] == str(wheels) and "--index-url" not in words
+    lock = [i for i, w in enumerate(plan) if "-r" in w and w[w.index("-r") + 1] == "requirements/cpu.lock"]
+    assert len(lock) == 1 and plan.index(words) < lock[0] and "--no-deps" in plan[lock[0]]
+    assert "--index-url" not in plan[lock[0]]  # everything else comes from PyPI alone
+
+
+# --- what the Dockerfiles copy and build -------------------------------------------------------------
+def _copy_sources(dockerfile: Path) -> list[str]:
+    sources = []
+    for op, args in instructions(dockerfile):
+        if op not in ("COPY", "ADD"):
+            continue
+        words = [w for w in shlex.split(args) if not w.startswith("--")]
+        assert not any(w.startswith("--from") for w in shlex.split(args)), "no multi-stage copies expected"
+        sources += words[:-1]
+    return sources
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_copied_path_exists(dockerfile):
+    """The build context is the repository root (deploy/README.md: `docker build -f docker/... .`)."""
+    sources = _copy_sources(dockerfile)
+    assert sources, dockerfile.name
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for source in sources:
+        assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source}: no such path in the repo"
+        assert source not in ignored, f"{dockerfile.name}: COPY {source} is excluded by .dockerignore"
+
+
+def test_copy_check_catches_a_missing_path(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:3.11.9-slim\nCOPY requirements/nope.lock scripts/ /app/\n")
+    missing = [s for s in _copy_sources(bad) if not (ROOT / s).exists()]
+    assert missing == ["requirements/nope.lock"]
+
+
+def test_gpu_image_has_one_cuda_toolkit_and_a_commit():
+    dockerfile = DOCKER / "Dockerfile"
+    base = next(args for op, args in instructions(dockerfile) if op == "FROM")
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-runtime-ubuntu\d\d\.\d\d", base), base  # not -devel
+    gpu = pins(GPU_LOCK)
+    assert gpu["nvidia-cuda-runtime"].startswith("13.")  # the lock's CUDA matches the base's major
+    runs = " ".join(args for op, args in instructions(dockerfile) if op == "RUN")
+    imports = re.search(r'python -c "import ([^"]+)"', runs).group(1)
+    assert {"torch", "torchvision", "vllm", "deepspeed", "ray"} <= {m.strip() for m in imports.split(",")}
+    ops = instructions(dockerfile)
+    assert ("ARG", "GIT_COMMIT=unknown") in ops and ("ENV", "GIT_COMMIT=${GIT_COMMIT}") in ops
+    driver = (ROOT / "pipeline" / "driver.py").read_text()
+    assert 'os.environ.get("GIT_COMMIT"' in driver  # the run tag reads what the image sets
+    for doc in (ROOT / "deploy" / "README.md", dockerfile):
+        text = doc.read_text()
+        assert "--platform linux/amd64" in text and '--build-arg GIT_COMMIT="$(git rev-parse HEAD)"' in text, doc
+    assert "driver **580 or newer**" in (ROOT / "deploy" / "README.md").read_text()
+
+
+def test_gpu_lock_keeps_the_torch_family_consistent():
+    """torchaudio/torchcodec (unused; vllm declares them for audio) stay out, as in cpu.lock; torchvision
+    is the release built for the pinned torch (0.28 <-> 2.13: minor = torch minor + 15)."""
+    gpu = pins(GPU_LOCK)
+    assert "torchaudio" not in gpu and "torchcodec" not in gpu
+    torch_minor = int(public(gpu["torch"]).split(".")[1])
+    assert gpu["torchvision"].split(".")[:2] == ["0", str(torch_minor + 15)]
