@@ -5,7 +5,8 @@ ListenerWorker reads the pair's prompt, both images and the reasoner's reasoning
 tokens' logprobs are always read, never guessed: vLLM's `logprob_token_ids` returns the raw logprob of
 exactly those two tokens for the first generated position, wherever they rank (checked against
 transformers in the integration test). A completion with no reasoning left after masking is not sent to
-the engine: it scores the defined 0.5 with `usable=False`.
+the engine: its score has `usable=False` and carries p = 0.5 only as a placeholder; the reward gives it no
+listener credit and no listener metric reads it (`pipeline.rewards`).
 
 ListenerPool is meant to run as a named async Ray actor (see `pipeline/placement.py`); the driver sends it
 rollout groups as they finish and `python -m pipeline scale-listeners` calls `resize` on it by name.
@@ -36,7 +37,7 @@ from pipeline.prompts import LISTENER_ANSWER_TOKENS, listener_p_image_1, listene
 from pipeline.types import ListenerPoolStats, ListenerRequest, ListenerScore, RolloutGroup
 
 logger = logging.getLogger(__name__)
-UNUSABLE_P = 0.5  # the defined score of a completion with no reasoning left after masking
+UNUSABLE_P = 0.5  # the placeholder p of an unusable score (nothing left after masking); never a reward
 
 
 class ListenerWorker:
@@ -82,6 +83,8 @@ def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
 
 
 def make_score(request: ListenerRequest, p_image_1: float, usable: bool = True) -> ListenerScore:
+    """The score of one request from the listener's p(image 1): p(preferred) is p(image 1) when the pair's
+    preferred image is 1, else 1 - p(image 1) (pure; tested by hand for both labels in tests/unit)."""
     p_preferred = p_image_1 if request.pair.preferred == 1 else 1.0 - p_image_1
     return ListenerScore(pair_id=request.pair.pair_id, completion_index=request.completion_index,
                          p_image_1=float(p_image_1), p_preferred=float(p_preferred), usable=usable)
@@ -157,6 +160,8 @@ class ListenerPool:
     async def score_requests(self, requests: list[ListenerRequest]) -> list[ListenerScore]:
         """One score per request, in order; waits in the queue while every worker is full."""
         self._start()
+        if not self._slots:  # every worker failed to start: nothing would ever take these requests
+            raise RuntimeError("the listener pool has no workers left (they failed to start)")
         loop = asyncio.get_running_loop()
         items = [_Item(request=r, future=loop.create_future()) for r in requests]
         self._queue.extend(items)

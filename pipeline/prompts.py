@@ -1,8 +1,8 @@
 """Reasoner and listener prompts, the strict answer parser and answer masking (pure, no heavy imports).
 
 The reasoner writes `<think>REASONING</think><answer>N</answer>` with N in {1, 2} (`Image N` is accepted
-too). The listener reads the reasoning with the answer block and any final verdict naming an image
-removed, and answers with a single token, `1` or `2`.
+too). The listener reads the reasoning with the answer block and the trailing verdicts removed (the one
+masking rule, `mask_answer`, docs/masking.md), and answers with a single token, `1` or `2`.
 
 Prompts are rendered in the Qwen2.5-VL chat format (`<|im_start|>role ... <|im_end|>`, each image as
 `<|vision_start|><|image_pad|><|vision_end|>`); the tiny checkpoints carry the same chat template, so
@@ -43,19 +43,24 @@ _STRICT_RE = re.compile(
 )
 _TAG_RE = re.compile(r"</?(think|answer)>", re.IGNORECASE)
 _ANSWER_BLOCK_RE = re.compile(r"<answer>.*?(</answer>|\Z)", re.IGNORECASE | re.DOTALL)
+# The one masking rule (docs/masking.md): a sentence is a verdict when it has a verdict cue and refers to
+# an image, by name anywhere in the sentence or by a bare 1/2 shortly after the cue.
+VERDICT_CUES: tuple[str, ...] = (
+    "answer", "choice", "choose", "chose", "chosen", "pick", "picked", "prefer", "preferred", "preference",
+    "verdict", "winner", "wins", "win", "better", "best", "so", "therefore", "thus", "hence", "overall",
+    "conclusion", "conclude", "final", "finally", "go with", "going with", "went with", "select", "selected",
+    "opt", "favour", "favor",
+)
+_CUE = r"\b(?:" + "|".join(c.replace(" ", r"\s+") for c in VERDICT_CUES) + r")\b"
+_CUE_RE = re.compile(_CUE, re.IGNORECASE)
+# An image named: "image 2", "picture #1", "option 2", "the first image", "the second one".
 _NAMES_IMAGE_RE = re.compile(
-    r"\b((image|picture|option|choice|candidate)\s*#?\s*[12]|(first|second)\s+(image|one|picture|option))\b",
+    r"\b(?:(?:image|picture|option|choice|candidate)\s*#?\s*(?P<digit>[12])"
+    r"|(?P<ordinal>first|second)\s+(?:image|one|picture|option|choice|candidate))\b",
     re.IGNORECASE,
 )
-# A verdict naming a bare number: "So the answer is 2.", "I choose 1", "my pick: 2".
-_BARE_VERDICT_RE = re.compile(
-    r"\b(answer|choice|choose|chose|pick|picked|prefer|preferred|verdict|winner)\b[^.!?\d]{0,15}?#?\b[12]\b",
-    re.IGNORECASE,
-)
-_VERDICT_RE = re.compile(
-    r"\b(answer|prefer|preferred|better|best|choose|chose|pick|winner|verdict|wins|so|therefore|thus)\b",
-    re.IGNORECASE,
-)
+# A bare number shortly after a cue: "So the answer is 2.", "I choose 1", "Final: 2", "I'd go with 2".
+_BARE_VERDICT_RE = re.compile(_CUE + r"[^.!?\d]{0,15}?#?\b(?P<digit>[12])\b", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?\n])\s+")
 
 
@@ -124,17 +129,21 @@ def extract_reasoning(text: str) -> str:
 
 
 def mask_answer(text: str) -> str:
-    """The reasoning the listener sees: answer blocks removed, then trailing verdict sentences dropped.
+    """The reasoning the listener sees: answer blocks and tags removed, then trailing verdicts dropped.
 
-    A trailing sentence is a verdict when it names an image ("image 2", "the first image", "option 1") and
-    uses a verdict word ("better", "prefer", "answer", "so", ...), or when a verdict word is followed by a
-    bare 1 or 2 ("so the answer is 2"). Sentences split by a paragraph break ("The better one is:\n\nImage
-    2") are judged as the listener reads them, joined. Returns "" when nothing usable is left.
+    The one masking rule (docs/masking.md): a sentence is a verdict when it has a verdict cue
+    (`VERDICT_CUES`: "better", "prefer", "answer", "so", "hence", "overall", "in conclusion", "go with",
+    "final", ...) and refers to an image, either by name anywhere in the sentence ("image 2", "picture #1",
+    "option 2", "the second image", "the first one") or by a bare 1 or 2 within 15 characters after a cue
+    ("so the answer is 2", "I choose 1", "Final: 2"). Trailing verdict sentences are dropped, one after
+    another; an earlier verdict stays (the `answer_leak_rate` metric counts those). Sentences split by a
+    paragraph break ("The better one is:\n\nImage 2") are judged as the listener reads them, joined.
+    Returns "" when nothing is left: such a completion earns no listener credit (`pipeline.rewards`).
     """
     masked = extract_reasoning(text)
     while True:  # to a fixpoint: joining with " " can merge a line break's two halves into a new verdict
-        sentences = [s for s in _SENTENCE_END_RE.split(masked) if s.strip()]
-        while sentences and _is_verdict(sentences[-1]):
+        sentences = _sentences(masked)
+        while sentences and is_verdict(sentences[-1]):
             sentences.pop()
         joined = " ".join(s.strip() for s in sentences).strip()
         if joined == masked:
@@ -142,9 +151,37 @@ def mask_answer(text: str) -> str:
         masked = joined
 
 
-def _is_verdict(sentence: str) -> bool:
-    named = _NAMES_IMAGE_RE.search(sentence) and _VERDICT_RE.search(sentence)
-    return bool(named or _BARE_VERDICT_RE.search(sentence))
+def is_verdict(sentence: str) -> bool:
+    """The masking rule on one sentence: a verdict cue and an image named, or a cue then a bare 1/2."""
+    if _BARE_VERDICT_RE.search(sentence):
+        return True
+    return bool(_CUE_RE.search(sentence) and _NAMES_IMAGE_RE.search(sentence))
+
+
+def verdict_images(sentence: str) -> set[ImageIndex]:
+    """The images a verdict sentence points at (empty when it is not a verdict by `is_verdict`)."""
+    if not is_verdict(sentence):
+        return set()
+    found: set[ImageIndex] = set()
+    for match in _NAMES_IMAGE_RE.finditer(sentence):
+        digit, ordinal = match.group("digit"), match.group("ordinal")
+        found.add(1 if digit == "1" or (ordinal or "").lower() == "first" else 2)
+    found.update(1 if m.group("digit") == "1" else 2 for m in _BARE_VERDICT_RE.finditer(sentence))
+    return found
+
+
+def answer_leaks(masked: str, answer: ImageIndex) -> bool:
+    """Whether the listener's context `masked` still gives `answer` away: some sentence of it (not only
+    the last) is a verdict, by the masking rule, pointing at that image ("Picture #2 wins. Image 1 is red.").
+
+    Descriptions name both images in any faithful reasoning ("Image 2 shows a square."), so a leak is a
+    verdict naming the answer, not a mere mention of it.
+    """
+    return any(answer in verdict_images(sentence) for sentence in _sentences(masked))
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END_RE.split(text) if s.strip()]
 
 
 def format_target(reasoning: str, answer: ImageIndex) -> str:

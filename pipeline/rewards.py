@@ -5,32 +5,39 @@
 - r_format: 1 when `pipeline.prompts.parse_completion` accepts the completion, else 0. A bad format earns
   no accuracy and no listener credit (PAPER.md).
 - r_accuracy: 1 when the parsed answer is the human-preferred image, else 0.
-- r_listener: the listener's p(preferred image) given the masked reasoning, or p - 0.5 when centred. An
-  unusable listener score (nothing left after masking) carries the defined p = 0.5 and is used as is.
-  With no listener score at all (listener off, w_listener = 0) it is 0.
+- r_listener: the listener's p(preferred image) given the masked reasoning, or p - 0.5 when centred. A
+  well-formed completion whose reasoning is empty after masking (an unusable score: the reasoning was
+  only a verdict) gets no listener credit: it is scored as p = 0, the least any real score can give
+  (0, or -0.5 centred), so saying nothing never beats a reasoning the listener doubts. With no listener
+  score at all (listener off, w_listener = 0) it is 0.
 - Contradiction: the listener prefers image k when p(image k) > 0.5; a completion contradicts when its
-  parsed answer names the other image. Ties (p = 0.5), bad formats, unusable or missing scores are not
-  contradictions.
+  parsed answer names the other image, agrees when it names the same. Ties (p = 0.5), bad formats,
+  unusable or missing scores are neither (`agreement_metrics`: accuracy and rate of each, the paper's
+  agreement analysis, shared by the training metrics and `pipeline.evaluate`).
+- Answer leak: a well-formed completion whose masked reasoning still has a verdict naming its answer
+  (`pipeline.prompts.answer_leaks`); `listener/answer_leak_rate` is their fraction of the well-formed
+  completions with a non-empty masked reasoning.
 - Calibration of the listener: the event "image 1 is preferred" with the listener's p(image 1) as its
   forecast (derived from p_preferred and the label). Brier score = mean (p - y)^2, which equals
   mean (1 - p_preferred)^2; ECE uses `num_bins` equal-width bins on [0, 1] (the last one closed):
   sum over bins of (bin count / N) * |mean forecast - mean outcome|.
-- `reward_metrics`: the step's means of each component, format rate, accuracy, contradiction rate and
-  calibration, for the reward aggregator (`actors/reward.py`).
+- `reward_metrics`: the step's means of each component, format rate, accuracy, agreement analysis,
+  answer leak rate and calibration, for the reward aggregator (`actors/reward.py`).
 
 Run the tests: `.venv/bin/python -m pytest tests/unit/test_rewards.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.prompts import parse_completion
+from pipeline.prompts import answer_leaks, mask_answer, parse_completion
 from pipeline.types import Completion, CompletionReward, ImageIndex, ListenerScore, RolloutGroup
 
 ScoreKey = tuple[str, int]  # (pair_id, completion_index): how a listener score joins its completion
+NO_CREDIT_P = 0.0  # the p(preferred) an unusable score (no reasoning left after masking) is rewarded as
 
 
 def format_reward(answer: ImageIndex | None) -> float:
@@ -43,11 +50,13 @@ def accuracy_reward(answer: ImageIndex | None, preferred: ImageIndex) -> float:
     return 1.0 if answer is not None and answer == preferred else 0.0
 
 
-def listener_reward(p_preferred: float, well_formed: bool, center: bool = False) -> float:
-    """The listener's p(preferred), or p - 0.5 when centred; 0 for a bad format."""
+def listener_reward(p_preferred: float, well_formed: bool, center: bool = False, usable: bool = True) -> float:
+    """The listener's p(preferred), or p - 0.5 when centred; 0 for a bad format. An unusable score (no
+    reasoning left after masking) earns no credit: it is rewarded as p = `NO_CREDIT_P`, whatever p it carries."""
     if not well_formed:
         return 0.0
-    return p_preferred - 0.5 if center else p_preferred
+    p = p_preferred if usable else NO_CREDIT_P
+    return p - 0.5 if center else p
 
 
 def total_reward(
@@ -84,6 +93,47 @@ def is_contradiction(answer: ImageIndex | None, score: ListenerScore | None, pre
     return choice is not None and choice != answer
 
 
+def agreement_metrics(
+    judged: Iterable[tuple[ImageIndex | None, ListenerScore | None, ImageIndex]],
+) -> dict[str, float]:
+    """The paper's agreement analysis over (answer, listener score, preferred) of each completion.
+
+    Counted: completions with a parsed answer and a usable score (`judged`). Among them the reasoner agrees
+    when the listener prefers the image it answered, contradicts when the listener prefers the other one
+    (`is_contradiction`); a listener tie (p = 0.5) is neither, so agree_rate + contradiction_rate <= 1.
+    accuracy_when_agree / _contradict: the fraction of those answers naming the preferred image. A rate
+    or accuracy over an empty set is NaN.
+    """
+    n = 0
+    agree: list[bool] = []  # per agreeing answer: was it right
+    contradict: list[bool] = []
+    for answer, score, preferred in judged:
+        if answer is None or score is None or not score.usable:
+            continue
+        n += 1
+        if is_contradiction(answer, score, preferred):
+            contradict.append(answer == preferred)
+        elif listener_choice(score.p_preferred, preferred) == answer:
+            agree.append(answer == preferred)
+    nan = float("nan")
+    return {
+        "judged": float(n),
+        "agree_rate": len(agree) / n if n else nan,
+        "contradiction_rate": len(contradict) / n if n else nan,
+        "accuracy_when_agree": float(np.mean(agree)) if agree else nan,
+        "accuracy_when_contradict": float(np.mean(contradict)) if contradict else nan,
+    }
+
+
+def answer_leak_rate(answers_and_texts: Iterable[tuple[ImageIndex | None, str]]) -> float:
+    """The fraction of well-formed completions whose masked reasoning (what the listener reads) still has a
+    verdict naming their answer (`pipeline.prompts.answer_leaks`); over those with a non-empty masked
+    reasoning (the ones the listener reads), NaN when none."""
+    leaks = [answer_leaks(masked, answer) for answer, text in answers_and_texts
+             if answer is not None and (masked := mask_answer(text))]
+    return float(np.mean(leaks)) if leaks else float("nan")
+
+
 def completion_reward(
     completion: Completion,
     preferred: ImageIndex,
@@ -103,7 +153,8 @@ def completion_reward(
     r_format = format_reward(answer)
     r_accuracy = accuracy_reward(answer, preferred)
     p_preferred = score.p_preferred if score is not None else float("nan")
-    r_listener = listener_reward(p_preferred, answer is not None, center_listener) if score is not None else 0.0
+    r_listener = (listener_reward(p_preferred, answer is not None, center_listener, usable=score.usable)
+                  if score is not None else 0.0)
     return CompletionReward(
         pair_id=completion.pair_id,
         completion_index=completion.completion_index,
@@ -149,11 +200,13 @@ def reward_metrics(
     rewards: Sequence[Sequence[CompletionReward]],
     scores: dict[ScoreKey, ListenerScore],
 ) -> dict[str, float]:
-    """Means of each reward component, format rate, accuracy, and the listener's agreement and calibration.
+    """Means of each reward component, format rate, accuracy, the listener's agreement, leaks and calibration.
 
-    Contradiction rate: over well-formed completions with a usable listener score. Calibration: over every
-    usable score (the listener is judged whatever the format). A metric over an empty set is NaN, so every
-    key is present at every step (MLflow plots NaN as a gap).
+    Agreement (`agreement_metrics`, listener/agree_rate, contradiction_rate, accuracy_when_agree,
+    accuracy_when_contradict, judged): over well-formed completions with a usable listener score.
+    Calibration: over every usable score (the listener is judged whatever the format). Answer leak rate:
+    from the completions' texts, so it is defined with the listener off too. A metric over an empty set is
+    NaN, so every key is present at every step (MLflow plots NaN as a gap).
     """
     nan = float("nan")
     flat = [r for group in rewards for r in group]
@@ -179,9 +232,12 @@ def reward_metrics(
         metrics["listener/brier"] = brier_score(probs, outcomes)
         metrics["listener/ece"] = expected_calibration_error(probs, outcomes)
         metrics["listener/p_preferred"] = float(np.mean([s.p_preferred for _, s in usable]))
-    judged = [r for r in well_formed
-              if (s := scores.get((r.pair_id, r.completion_index))) is not None and s.usable]
-    metrics["listener/contradiction_rate"] = float(np.mean([r.contradiction for r in judged])) if judged else nan
+    agreement = agreement_metrics((r.answer, scores.get((r.pair_id, r.completion_index)), g.pair.preferred)
+                                  for g, group_rewards in zip(groups, rewards, strict=True) for r in group_rewards)
+    metrics.update({f"listener/{name}": value for name, value in agreement.items()})
+    metrics["listener/answer_leak_rate"] = answer_leak_rate(
+        (r.answer, c.text) for g, group_rewards in zip(groups, rewards, strict=True)
+        for c, r in zip(g.completions, group_rewards, strict=True))
     metrics["listener/usable_rate"] = float(np.mean([s.usable for s in scores.values()])) if scores else nan
     return metrics
 

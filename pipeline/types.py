@@ -68,7 +68,7 @@ class ListenerScore:
     completion_index: int
     p_image_1: float  # p(image 1) renormalised over the two answer tokens
     p_preferred: float  # p(the human-preferred image)
-    usable: bool = True  # False: no reasoning left after masking; p is the defined 0.5
+    usable: bool = True  # False: no reasoning left after masking; p is a 0.5 placeholder, earns no credit
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,14 +11,17 @@ from pipeline.prompts import (
     IMAGE_PLACEHOLDER,
     LISTENER_ANSWER_TOKENS,
     SYSTEM_PROMPT,
+    answer_leaks,
     extract_reasoning,
     format_target,
+    is_verdict,
     listener_p_image_1,
     listener_prompt,
     mask_answer,
     parse_completion,
     reasoner_prompt,
     render_chat,
+    verdict_images,
 )
 
 # ---- the strict parser ---------------------------------------------------------------------------------
@@ -105,6 +108,19 @@ def test_extract_reasoning_of_malformed_text_drops_tags_and_answers():
     ("<think>red</think><answer>1", "red"),
     ("<think>a</think><answer>1</answer><answer>2</answer>", "a"),
     ("<think>红色圆圈 🎨 matches.</think><answer>1</answer>", "红色圆圈 🎨 matches."),
+    # the verdict phrasings of issue 15: conclusions, "overall", "hence", a bare "Final: N"
+    ("<think>Image 2 has the red cube. In conclusion, I'd go with Image 2</think><answer>2</answer>",
+     "Image 2 has the red cube."),
+    ("<think>Both have cubes. Overall, the second image is more faithful.</think><answer>2</answer>",
+     "Both have cubes."),
+    ("<think>Image 1 is blue. The cube in image 2 is red, hence Image 2.</think><answer>2</answer>", "Image 1 is blue."),
+    ("<think>Image 1 is blue.\nhence Image 2.</think><answer>2</answer>", "Image 1 is blue."),
+    ("<think>Image 1 is blue.\n\nFinal: 2</think><answer>2</answer>", "Image 1 is blue."),
+    ("<think>Image 1 is blue. Final answer: image 2.</think><answer>2</answer>", "Image 1 is blue."),
+    ("<think>Image 1 is blue. I'd pick the first one.</think><answer>1</answer>", "Image 1 is blue."),
+    ("<think>Image 1 is blue. I'd go with 2.</think><answer>2</answer>", "Image 1 is blue."),
+    # a cue with no image named stays: "overall" alone names nothing
+    ("<think>Overall, both are sharp. Image 2 is red.</think><answer>2</answer>", "Overall, both are sharp. Image 2 is red."),
 ])
 def test_mask_answer(text, masked):
     assert mask_answer(text) == masked
@@ -117,6 +133,26 @@ def test_mask_answer(text, masked):
 ])
 def test_mask_answer_leaves_nothing_usable(text):
     assert mask_answer(text) == ""
+
+
+@pytest.mark.parametrize("sentence, images", [
+    ("In conclusion, I'd go with Image 2", {2}), ("Overall, the second image matches.", {2}), ("hence Image 2.", {2}),
+    ("Final: 2", {2}), ("So image 1 is better than image 2.", {1, 2}), ("I choose 1", {1}),
+    ("Image 2 shows a square.", set()), ("The first one is red.", set()), ("It shows 2 shapes.", set()),
+])
+def test_verdict_images(sentence, images):
+    assert verdict_images(sentence) == images and is_verdict(sentence) is bool(images)
+
+
+@pytest.mark.parametrize("masked, answer, leaks", [
+    ("Picture #2 wins. Image 1 shows red.", 2, True),  # an early verdict survives masking: a leak
+    ("Picture #2 wins. Image 1 shows red.", 1, False),  # it names the other image
+    ("Image 1 shows red. Image 2 shows blue.", 2, False),  # descriptions name both images: no verdict
+    ("The answer is 2, clearly. It is red.", 2, True),
+    ("", 1, False),
+])
+def test_answer_leaks(masked, answer, leaks):
+    assert answer_leaks(masked, answer) is leaks
 
 
 def test_masked_reasoning_never_contains_the_answer_block():

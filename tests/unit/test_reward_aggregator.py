@@ -1,4 +1,5 @@
-"""actors/reward.py RewardAggregator: the join, advantages, the zero-variance filter and the metrics."""
+"""actors/reward.py RewardAggregator: the join, advantages, the zero-variance filter and the metrics; scores
+made by the listener worker's own `make_score`, pairs of both labels, every value worked by hand."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from actors.listener import UNUSABLE_P, make_score
 from actors.reward import RewardAggregator
 from pipeline.config import RewardConfig
 from pipeline.prompts import format_target
-from pipeline.types import Completion, ListenerScore, PreferencePair, RolloutGroup
+from pipeline.types import Completion, ListenerRequest, ListenerScore, PreferencePair, RolloutGroup
 
 BAD = "no tags at all"
 PIXEL = Image.new("RGB", (1, 1))
@@ -68,7 +70,10 @@ def test_scores_groups_by_hand():
         "listener/brier": (0.2**2 + 0.4**2 + 0.5**2) / 3,  # .15
         "listener/ece": (0.2 + 0.4 + 0.5) / 3,  # each in its own bin of 10
         "listener/p_preferred": (0.8 + 0.6 + 0.5) / 3,
-        "listener/contradiction_rate": 1 / 2,  # over a0, a1 (well formed, usable)
+        # agreement over a0, a1 (well formed, usable): a0 agrees (right), a1 contradicts (wrong)
+        "listener/judged": 2, "listener/agree_rate": 1 / 2, "listener/contradiction_rate": 1 / 2,
+        "listener/accuracy_when_agree": 1.0, "listener/accuracy_when_contradict": 0.0,
+        "listener/answer_leak_rate": 0.0,  # "One is right." / "Two is right." name no image in a verdict
         "listener/usable_rate": 3 / 4,
         "groups/total": 2, "groups/kept": 1, "groups/dropped": 1,
     }
@@ -107,7 +112,61 @@ def test_listener_off_needs_no_scores():
     assert [r.total for r in kept[0].rewards] == pytest.approx([1.5, 1.0])
     listener_metrics = {name: value for name, value in m.items() if name.startswith("listener/")}
     assert "listener/contradiction_rate" in listener_metrics and "listener/brier" in listener_metrics
+    # the leak rate is read off the texts (defined without a listener); nothing is judged
+    assert (listener_metrics.pop("listener/answer_leak_rate"), listener_metrics.pop("listener/judged")) == (0, 0)
     assert all(math.isnan(value) for value in listener_metrics.values())
+
+
+# Scores come from the listener worker's make_score(request, p(image 1)), as in production.
+# Pair c (preferred 2):  answer  p(image 1)  p(preferred)  total                     listener
+#   c0 "Image 2 has ..."    2      .3          .7        1 + .5 + .35 = 1.85        agrees, right
+#   c1 "Image 1 has ..."    1      .6          .4        1 + 0 + .2 = 1.2           agrees, wrong
+#   c2 "Image 1 is better." 1      unusable (nothing left after masking): 1 + 0 + 0 = 1.0
+#   c3 "Picture #2 wins..." 2      .8          .2        1 + .5 + .1 = 1.6          contradicts, right; leaks
+# Pair d (preferred 1):
+#   d0 "... left."          1      .9          .9        1 + .5 + .45 = 1.95        agrees, right
+#   d1 "... right."         2      .7          .7        1 + 0 + .35 = 1.35         contradicts, wrong
+#   d2 bad format           -      .2          .2        0
+#   d3 "The cube is red."   2      .5          .5        1 + 0 + .25 = 1.25         a tie: neither
+BOTH = [
+    group("c", 2, [format_target("Image 2 has the red cube.", 2), format_target("Image 1 has the red cube.", 1),
+                   format_target("Image 1 is better.", 1), format_target("Picture #2 wins. Red is there.", 2)]),
+    group("d", 1, [format_target("Red cube on the left.", 1), format_target("Red cube on the right.", 2), BAD,
+                   format_target("The cube is red.", 2)]),
+]
+P_IMAGE_1 = {("c", 0): 0.3, ("c", 1): 0.6, ("c", 3): 0.8, ("d", 0): 0.9, ("d", 1): 0.7, ("d", 2): 0.2, ("d", 3): 0.5}
+
+
+def both_label_scores() -> list[ListenerScore]:
+    out = []
+    for g in BOTH:
+        for c in g.completions:
+            request = ListenerRequest(pair=g.pair, completion_index=c.completion_index, text=c.text)
+            p1 = P_IMAGE_1.get((g.pair_id, c.completion_index))
+            out.append(make_score(request, p1) if p1 is not None else make_score(request, UNUSABLE_P, usable=False))
+    return out
+
+
+def test_both_labels_by_hand():
+    kept, m = RewardAggregator(RewardConfig()).score(BOTH, both_label_scores())
+    by_pair = {s.group.pair_id: s.rewards for s in kept}
+    assert [r.total for r in by_pair["c"]] == pytest.approx([1.85, 1.2, 1.0, 1.6])
+    assert [r.total for r in by_pair["d"]] == pytest.approx([1.95, 1.35, 0.0, 1.25])
+    assert [r.r_listener for r in by_pair["c"]] == pytest.approx([0.7, 0.4, 0.0, 0.2])
+    assert [r.contradiction for r in by_pair["c"] + by_pair["d"]] == [False] * 3 + [True, False, True] + [False] * 2
+    expected = {
+        "reward/listener": (0.7 + 0.4 + 0 + 0.2 + 0.9 + 0.7 + 0 + 0.5) / 8,  # .425
+        "listener/judged": 6,  # all but c2 (unusable) and d2 (bad format)
+        "listener/agree_rate": 3 / 6, "listener/accuracy_when_agree": 2 / 3,  # c0 right, c1 wrong, d0 right
+        "listener/contradiction_rate": 2 / 6, "listener/accuracy_when_contradict": 1 / 2,  # c3 right, d1 wrong
+        "listener/answer_leak_rate": 1 / 6,  # c3 of the six with a masked reasoning
+        "listener/usable_rate": 7 / 8,
+        "listener/p_preferred": (0.7 + 0.4 + 0.2 + 0.9 + 0.7 + 0.2 + 0.5) / 7,
+        # mean (1 - p(preferred))^2 over usable: .09 + .36 + .64 + .01 + .09 + .64 + .25 = 2.08
+        "listener/brier": 2.08 / 7,
+    }
+    for name, value in expected.items():
+        assert m[name] == pytest.approx(value), name
 
 
 @pytest.mark.parametrize("scores, message", [

@@ -1,17 +1,23 @@
-"""pipeline/rewards.py: each component, the weighted sum, contradictions, the filter and calibration."""
+"""pipeline/rewards.py: each component, the weighted sum, contradictions, agreement, leaks, the filter and
+calibration; and actors/listener.py `make_score`, the listener's p(image 1) -> p(preferred) for both labels."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actors.listener import UNUSABLE_P, make_score
 from pipeline.prompts import format_target
 from pipeline.rewards import (
     accuracy_reward,
+    agreement_metrics,
+    answer_leak_rate,
     brier_score,
     completion_reward,
     expected_calibration_error,
@@ -23,7 +29,8 @@ from pipeline.rewards import (
     p_image_1,
     total_reward,
 )
-from pipeline.types import Completion, ListenerScore
+from pipeline.synthetic import synthetic_pair
+from pipeline.types import Completion, ListenerRequest, ListenerScore
 
 FAST = settings(max_examples=25, deadline=None)
 GOOD_1 = format_target("Image 1 has the red cube the prompt asks for.", 1)
@@ -77,9 +84,64 @@ def test_completion_reward_without_listener():
     assert math.isnan(r.listener_p_preferred)
 
 
-def test_unusable_score_keeps_defined_half():
-    r = completion_reward(completion(GOOD_1), preferred=1, score=score(0.5, usable=False))
-    assert r.r_listener == 0.5 and not r.contradiction
+def scored(p_image_1: float, p_preferred: float, usable: bool = True, index: int = 0) -> ListenerScore:
+    """A score written out by hand: both probabilities literal, nothing derived by the code under test."""
+    return ListenerScore(pair_id="p", completion_index=index, p_image_1=p_image_1, p_preferred=p_preferred,
+                         usable=usable)
+
+
+@pytest.mark.parametrize("text, preferred, p_image_1, p_preferred, expected", [
+    # preferred 1: p(preferred) = p(image 1) = .8; answer 1 right -> 1 + .5 + .5 * .8 = 1.9
+    (GOOD_1, 1, 0.8, 0.8, (1.0, 0.4 + 1.5, False)),
+    # preferred 2, listener p(image 1) = .3, so p(image 2) = p(preferred) = .7; answer 2 right:
+    # 1 + .5 + .5 * .7 = 1.85 (reading p(image 1) would give 1.65)
+    (GOOD_2, 2, 0.3, 0.7, (1.0, 1.85, False)),
+    # preferred 2, listener p(image 1) = .9 (p(preferred) .1); answer 1 wrong and agrees with the listener:
+    # 1 + 0 + .5 * .1 = 1.05 (reading p(image 1) would give 1.45)
+    (GOOD_1, 2, 0.9, 0.1, (0.0, 1.05, False)),
+    # preferred 2, p(image 1) = .9; answer 2 right but the listener prefers image 1: a contradiction
+    (GOOD_2, 2, 0.9, 0.1, (1.0, 1.55, True)),
+    # preferred 1, p(image 1) = .2 (p(preferred) .2); answer 2 wrong, agrees with the listener: 1 + .1
+    (GOOD_2, 1, 0.2, 0.2, (0.0, 1.1, False)),
+])
+def test_completion_reward_both_labels_by_hand(text, preferred, p_image_1, p_preferred, expected):
+    r = completion_reward(completion(text), preferred=preferred, score=scored(p_image_1, p_preferred))
+    assert r.r_listener == pytest.approx(p_preferred)
+    assert (r.r_accuracy, r.total) == pytest.approx(expected[:2])
+    assert r.contradiction is expected[2]
+
+
+@pytest.mark.parametrize("center, expected_listener", [(False, 0.0), (True, -0.5)])
+def test_unusable_score_gets_no_listener_credit(center, expected_listener):
+    # the reasoning was only a verdict: nothing left to read, scored as p = 0 whatever p the score carries
+    r = completion_reward(completion(GOOD_1), preferred=1, score=scored(0.5, 0.5, usable=False),
+                          center_listener=center)
+    assert r.r_listener == expected_listener and not r.contradiction
+    assert r.total == pytest.approx(1.0 + 0.5 + 0.5 * expected_listener)  # format + accuracy only (1.5, 1.25)
+    doubted = completion_reward(completion(GOOD_1), preferred=1, score=scored(0.1, 0.1), center_listener=center)
+    assert doubted.total > r.total  # a reasoning the listener doubts still beats saying nothing
+    assert listener_reward(0.9, well_formed=True, usable=False) == 0.0
+
+
+@pytest.mark.parametrize("preferred, p_image_1, p_preferred", [(1, 0.8, 0.8), (2, 0.8, 0.2), (2, 0.3, 0.7),
+                                                                (1, 0.3, 0.3)])
+def test_make_score_maps_p_image_1_to_the_preferred_image_by_hand(preferred, p_image_1, p_preferred):
+    pair = next(synthetic_pair(0, i) for i in range(50) if synthetic_pair(0, i).preferred == preferred)
+    s = make_score(ListenerRequest(pair=pair, completion_index=3, text="x"), p_image_1)
+    assert (s.pair_id, s.completion_index, s.usable) == (pair.pair_id, 3, True)
+    assert (s.p_image_1, s.p_preferred) == pytest.approx((p_image_1, p_preferred))
+    unusable = make_score(ListenerRequest(pair=pair, completion_index=0, text=""), UNUSABLE_P, usable=False)
+    assert not unusable.usable
+    r = completion_reward(completion(format_target("x", preferred), pair_id=pair.pair_id, index=3),
+                          preferred=preferred, score=s)
+    assert r.r_listener == pytest.approx(p_preferred)  # the reward reads p(preferred), never p(image 1)
+
+
+def test_listener_module_imports_without_ray():
+    # make_score is pure: the actor module must import (and be unit-tested) without Ray, vLLM or torch
+    code = "import sys, actors.listener; print(sorted(m for m in ('ray', 'vllm', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_completion_reward_rejects_a_foreign_score():
@@ -109,6 +171,39 @@ def test_contradiction(answer, p_preferred, preferred, usable, expected):
     s = score(p_preferred, preferred=preferred, usable=usable)
     assert is_contradiction(answer, s, preferred) is expected
     assert is_contradiction(answer, None, preferred) is False
+
+
+def test_agreement_metrics_by_hand():
+    judged = [
+        (1, scored(0.8, 0.8), 1),  # listener prefers 1 (p(image 1) .8), answer 1: agree, right
+        (2, scored(0.3, 0.7), 2),  # preferred 2, listener p(image 1) .3 -> prefers 2; answer 2: agree, right
+        (1, scored(0.3, 0.7), 2),  # listener prefers 2, answer 1: contradict, wrong
+        (2, scored(0.9, 0.1), 2),  # listener prefers 1 (p(preferred 2) .1), answer 2: contradict, right
+        (2, scored(0.9, 0.9), 1),  # preferred 1, listener prefers 1, answer 2: contradict, wrong
+        (1, scored(0.5, 0.5), 2),  # a tie: judged, neither
+        (None, scored(0.9, 0.9), 1),  # bad format: not judged
+        (1, scored(0.5, 0.5, usable=False), 1),  # unusable: not judged
+        (1, None, 1),  # no score: not judged
+    ]
+    m = agreement_metrics(judged)
+    assert m["judged"] == 6
+    assert (m["agree_rate"], m["contradiction_rate"]) == pytest.approx((2 / 6, 3 / 6))
+    assert (m["accuracy_when_agree"], m["accuracy_when_contradict"]) == pytest.approx((1.0, 1 / 3))
+    empty = agreement_metrics([(None, None, 1)])
+    assert empty["judged"] == 0 and all(math.isnan(v) for k, v in empty.items() if k != "judged")
+
+
+def test_answer_leak_rate_by_hand():
+    texts = [
+        (2, "<think>Picture #2 wins. Image 1 shows red.</think><answer>2</answer>"),  # early verdict: leak
+        (1, "<think>Picture #2 wins. Image 1 shows red.</think><answer>1</answer>"),  # names the other: no
+        (1, "<think>Image 1 shows red. Image 2 shows blue.</think><answer>1</answer>"),  # descriptions: no
+        (2, "<think>Image 1 is red. So image 2 is better.</think><answer>2</answer>"),  # verdict masked: no
+        (2, "<think>Image 2 is better.</think><answer>2</answer>"),  # nothing left to read: not counted
+        (None, "<think>Picture #2 wins. x"),  # bad format: not counted
+    ]
+    assert answer_leak_rate(texts) == pytest.approx(1 / 4)
+    assert math.isnan(answer_leak_rate(texts[4:]))
 
 
 def test_zero_variance_filter():
