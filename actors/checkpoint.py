@@ -56,8 +56,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(engine, processor, root: str, step: int, data_position: dict, keep: int, *, rank: int,
-                    model_path: str) -> CheckpointInfo:
-    """All ranks: write checkpoint `step` atomically, then prune to the last `keep`. Returns its info."""
+                    model_path: str, run_config: str = "") -> CheckpointInfo:
+    """All ranks: write checkpoint `step` atomically, then prune to the last `keep`. Returns its info.
+
+    `run_config` (the run's resolved YAML) goes to `policy/run_config.yaml`, so `evaluate` uses the
+    image bounds, token budget and dtype the policy was trained with."""
     import torch.distributed as dist
 
     root_path = Path(root)
@@ -74,6 +77,8 @@ def save_checkpoint(engine, processor, root: str, step: int, data_position: dict
     export_policy(engine.module, processor, staging / "policy", rank=rank)
     dist.barrier()
     if rank == 0:
+        if run_config:
+            (staging / "policy" / "run_config.yaml").write_text(run_config)
         write_manifest(staging, step, data_position, dist.get_world_size(), model_path)
         if final.exists():
             shutil.rmtree(final)

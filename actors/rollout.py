@@ -26,7 +26,7 @@ import numpy as np
 
 from actors.engine import WEIGHT_UPDATE_EXTENSION, build_engine
 from pipeline.config import EngineConfig
-from pipeline.prompts import IMAGE_PAD, VISION_TOKENS, reasoner_prompt
+from pipeline.prompts import IMAGE_PAD, VISION_TOKENS, listener_p_image_1, reasoner_prompt
 from pipeline.types import Completion, PreferencePair, RolloutGroup
 
 
@@ -102,6 +102,23 @@ class RolloutWorker:
         if found != expected:
             raise ValueError(f"pair {pair.pair_id}: image placeholder tokens per image {found} != the "
                              f"processor's {expected} (engine and processor disagree on image size)")
+
+    def answer_p_image_1(self, pairs: list[PreferencePair], prefixes: list[str]) -> list[float]:
+        """p(image 1) at the answer position: the reasoner prompt plus `prefixes[i]` (a completion up to its
+        answer digit), then one step reading both answer tokens' logprobs, renormalised over the two
+        (`prompts.listener_p_image_1`, the listener's rule). `evaluate --anchor` ranks images by it."""
+        from vllm import SamplingParams
+
+        from actors.listener import answer_token_ids
+
+        ids = answer_token_ids(self._tokenizer)
+        # temperature 1, no bias: the processed logprobs are the model's own distribution
+        params = SamplingParams(max_tokens=1, temperature=1.0, logprob_token_ids=list(ids), detokenize=False)
+        requests = [{**reasoner_request(pair), "prompt": reasoner_request(pair)["prompt"] + prefix}
+                    for pair, prefix in zip(pairs, prefixes, strict=True)]
+        outputs = self._llm.generate(requests, params, use_tqdm=False) if requests else []
+        first = [output.outputs[0].logprobs[0] for output in outputs]  # token id -> Logprob, first position
+        return [listener_p_image_1(step[ids[0]].logprob, step[ids[1]].logprob) for step in first]
 
     # ---- weights ---------------------------------------------------------------------------------
     # The collective transport (actors/weight_sync.py) adds `init_weight_group` and `receive_weight_bucket`

@@ -13,6 +13,7 @@ from typing import get_args
 
 from pipeline.config import ConfigError, SyntheticTask, config_to_yaml, load_config
 from pipeline.errors import TrainingAborted
+from pipeline.synthetic import TRAINING_TASKS
 
 
 def _add_train(subparsers) -> None:
@@ -28,16 +29,21 @@ def _add_train(subparsers) -> None:
 def _add_evaluate(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Pairwise accuracy of a reasoner on a preference dataset.")
     p.add_argument("--model", required=True, help="Reasoner checkpoint: local dir or hub id.")
-    p.add_argument("--dataset", required=True, help="Dataset name or local path.")
+    p.add_argument("--dataset", required=True, help="Hub id, local path, or a preset of the paper's test sets: "
+                   "imagereward-test, hpdv2-test, rapidata-style (docs/evaluation.md).")
     p.add_argument("--split", default="test", help="Dataset split.")
     p.add_argument("--listener", default=None, help="Listener checkpoint for the contradiction rate.")
     p.add_argument("--out", type=Path, default=Path("report.json"), help="JSON report path.")
     p.add_argument("--samples", type=int, default=1, help="Answers per pair: 1 is greedy, n > 1 a majority "
                    "vote of n samples (a tie counts as wrong).")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature when --samples > 1.")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="Generation budget per answer.")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="Generation budget per answer (default: "
+                   "the checkpoint's run, else 256).")
     p.add_argument("--anchor", action="store_true", help="Rank each prompt's n images by n-1 comparisons with "
-                   "its first image instead of comparing every pair.")
+                   "its first image, scored by the reasoner's probability of each answer, instead of comparing "
+                   "every pair.")
+    p.add_argument("--both-orders", action="store_true", help="Judge each pair in both image orders; reports "
+                   "accuracy per order, their mean and the position-bias rate.")
     p.add_argument("--max-groups", type=int, default=None, help="Evaluate only the first N prompts (pairs for "
                    "two-image datasets).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the image-order swap and of sampling.")
@@ -45,11 +51,13 @@ def _add_evaluate(subparsers) -> None:
                                                         "local"], help="Dataset schema (default: inferred).")
     p.add_argument("--subset", default="", help="Hub dataset config name (e.g. ImageRewardDB '8k').")
     p.add_argument("--ties", default="skip", choices=["skip", "random"], help="Human ties in pair datasets.")
-    p.add_argument("--min-pixels", type=int, default=3136, help="Images are resized to at least this many pixels.")
-    p.add_argument("--max-pixels", type=int, default=12544, help="... and at most this many.")
+    p.add_argument("--min-pixels", type=int, default=None, help="Images are resized to at least this many pixels "
+                   "(default: the checkpoint's run, else 3136).")
+    p.add_argument("--max-pixels", type=int, default=None, help="... and at most this many (default: the "
+                   "checkpoint's run, else 12544).")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="Larger images are skipped.")
-    p.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="vLLM dtype.")
+    p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="vLLM dtype (default: the checkpoint's run, else float32).")
     p.add_argument("--max-model-len", type=int, default=4096, help="vLLM context length.")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per engine.")
     p.set_defaults(handler=_evaluate)
@@ -81,7 +89,9 @@ def _add_sft(subparsers) -> None:
                    help="Probability that a target's answer is the preferred image (0.5: format only).")
     p.add_argument("--image-size", type=int, default=56, help="Side of the synthetic images (as data.image_size).")
     p.add_argument("--freeze-vision", action="store_true", help="Keep the vision tower frozen.")
-    p.add_argument("--tasks", nargs="+", choices=get_args(SyntheticTask), default=list(get_args(SyntheticTask)),
+    p.add_argument("--role", choices=("reasoner", "listener"), default="reasoner",
+                   help="reasoner: the answer format; listener: answer from the reasoning read (docs/listener.md).")
+    p.add_argument("--tasks", nargs="+", choices=get_args(SyntheticTask), default=list(TRAINING_TASKS),
                    help="Synthetic tasks the pairs come from, in turn (see pipeline/synthetic.py).")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the learner rank.")
     p.set_defaults(handler=_sft)

@@ -24,9 +24,14 @@ in file order (a prompt's rows are contiguous there) and are not shuffled.
 same sequence. A bad candidate is skipped, logged and counted in `skip_counts` by reason
 (`formats.SKIP_REASONS`); the unit is the candidate pair (for ImageRewardDB, also an image row whose rank is
 unusable, counted when the prompt's pairs are enumerated: once for map-style data, on every pass when
-streamed). `ranked_groups` (evaluation) counts image rows instead: a bad ImageRewardDB image drops that
+streamed). `eval_data.ranked_groups` (evaluation) counts image rows instead: a bad ImageRewardDB image drops that
 image once, not each of its pairs. Synthetic pairs are not swapped again:
 `pipeline/synthetic.py` already places the preferred image at random.
+
+No usable row: a source that reads a whole epoch without one usable pair, and never had one, raises
+`NoUsableRows` (a `ConfigError`: one line naming the source and the skip counts, exit 2), instead of
+skipping rows forever; a source that had usable pairs and then reads a whole epoch without one (its files
+went away) ends, as a non-looping source does after its epoch, and the driver ends the run there.
 
 Run the tests: `.venv/bin/python -m pytest tests/unit/test_data.py`.
 """
@@ -42,10 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipeline import formats
-from pipeline.config import SyntheticTask
+from pipeline.config import ConfigError, SyntheticTask
 from pipeline.formats import BadRow, ImageBounds, RawPair, TiePolicy
 from pipeline.metrics import imagereward_pairs
 from pipeline.synthetic import synthetic_pair
@@ -66,11 +70,21 @@ COLUMN_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
     ("rapidata", frozenset({"prompt", "image1", "image2", "votes_image1", "votes_image2"})),
     ("imagereward", frozenset({"image", "prompt_id", "prompt", "rank"})),
     ("hpdv2", frozenset({"prompt", "file_path", "human_preference"})),
+    ("hpdv2", frozenset({"prompt", "image_path", "rank"})),  # HPDv2 test.json: ranked images per prompt
     ("local", frozenset({"prompt", "image_1", "image_2", "label"})),
 )
 LOGGED_PER_REASON = 5  # log the first few skips of each reason in full, then only count them
 
 Candidate = Callable[[], RawPair]  # resolving a candidate reads its row; it may raise BadRow
+
+
+class NoUsableRows(ConfigError):
+    """A data source none of whose rows can be used (one line: the source and the skip counts)."""
+
+    def __init__(self, source: str, split: str, read: int, skip_counts: dict[str, int]):
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(skip_counts.items()) if n) or "none"
+        super().__init__(f"data source '{source}' (split '{split}') has no usable row: {read} read, "
+                         f"skipped by reason: {counts}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,13 @@ def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
     return download(repo_id, repo_type="dataset", allow_patterns=allow_patterns)
 
 
+def load_hub_dataset(repo_id: str, name: str | None, split: str, streaming: bool, revision: str | None) -> Any:
+    """The hub boundary for datasets read by `datasets` from the hub; tests replace this function."""
+    import datasets
+
+    return datasets.load_dataset(repo_id, name, split=split, streaming=streaming, revision=revision)
+
+
 def load_rows(source: str, split: str, fmt: str = "auto", subset: str = "", streaming: bool = False) -> LoadedRows:
     """Load `source` (hub id or local path) with `datasets`, image columns left undecoded."""
     import datasets
@@ -118,13 +139,12 @@ def load_rows(source: str, split: str, fmt: str = "auto", subset: str = "", stre
         rows = datasets.load_dataset(str(path), name, split=split, streaming=streaming)
         base_dir = path
     else:
-        rows = datasets.load_dataset(source, name, split=split, streaming=streaming,
-                                     revision=HUB_REVISIONS.get(source))
+        rows = load_hub_dataset(source, name, split, streaming, HUB_REVISIONS.get(source))
         base_dir = None
     rows = _undecoded(rows)
     if fmt == "auto":
         fmt = HUB_FORMATS.get(source) or ("rapidata" if source.startswith("Rapidata/") else "")
-        fmt = fmt or detect_format(_column_names(rows))
+        fmt = fmt or detect_format(column_names(rows))
     return LoadedRows(rows=rows, format=fmt, base_dir=base_dir, streaming=streaming)
 
 
@@ -136,7 +156,7 @@ def detect_format(columns: list[str]) -> str:
     raise ValueError(f"cannot tell the dataset format from its columns {sorted(present)}; set data.format")
 
 
-def _column_names(rows: Any) -> list[str]:
+def column_names(rows: Any) -> list[str]:
     if rows.column_names is not None:
         return list(rows.column_names)
     return list(next(iter(rows.take(1))).keys())  # streamed json without known features
@@ -265,6 +285,8 @@ class PairSource:
         self.shuffle, self.shuffle_buffer, self.loop = shuffle, shuffle_buffer, loop
         self.shard_index, self.num_shards, self.image_size = shard_index, num_shards, image_size
         self.synthetic_task = synthetic_task
+        self.source_name, self.split = source, split
+        self._usable_in_epoch, self._ever_usable = 0, start > 0  # see _end_of_epoch (a resumed run had pairs)
         self.skip_counts: Counter = Counter(skip_counts or {})
         self._logged: Counter = Counter()
         self.position = start
@@ -309,6 +331,8 @@ class PairSource:
             pair = self._resolve(candidate)
             if pair is not None:
                 pairs.append(pair)
+                self._usable_in_epoch += 1
+                self._ever_usable = True
         return pairs
 
     def __iter__(self) -> Iterator[PreferencePair]:
@@ -340,15 +364,17 @@ class PairSource:
                     for k in itertools.count(start))
         if self._indexed is not None:
             return self._indexed_from(start)
-        return itertools.islice(self._streamed_epochs(), start, None)  # re-reads rows, decodes no image
+        return itertools.islice(self._streamed_epochs(start), start, None)  # re-reads rows, decodes no image
 
     def _indexed_from(self, start: int) -> Iterator[Candidate]:
         total = len(self._indexed)
         mine = np.arange(self.shard_index, total, self.num_shards)  # this shard's slots of each epoch's order
         if len(mine) == 0:
-            return
+            raise NoUsableRows(self.source_name, self.split, 0, dict(self.skip_counts))
         for position in itertools.count(start):
             epoch, offset = divmod(position, len(mine))
+            if offset == 0 and position > start and not self._end_of_epoch(whole=position - len(mine) >= start):
+                return
             if epoch > 0 and not self.loop:
                 return
             yield self._indexed[int(self._epoch_order(epoch, total)[mine[offset]])]
@@ -361,13 +387,34 @@ class PairSource:
             self._order_epoch = epoch
         return self._order
 
-    def _streamed_epochs(self) -> Iterator[Candidate]:
+    def _streamed_epochs(self, start: int) -> Iterator[Candidate]:
+        read = 0  # candidates of every epoch so far, the ones before `start` included
         for epoch in itertools.count():
             epoch_seed = self.seed + epoch if self.shuffle else None
-            yield from streamed_candidates(self._loaded, epoch_seed, self.seed, self.ties,
-                                           self.shuffle_buffer, self.skip_counts)
-            if not self.loop:
+            first = read
+            for candidate in streamed_candidates(self._loaded, epoch_seed, self.seed, self.ties,
+                                                 self.shuffle_buffer, self.skip_counts):
+                read += 1
+                yield candidate
+            if not self._end_of_epoch(whole=first >= start) or not self.loop:
                 return
+
+    def _end_of_epoch(self, whole: bool) -> bool:
+        """At the end of an epoch: False when the source is used up (a whole epoch gave no usable pair
+        after earlier ones did); raises `NoUsableRows` when no candidate was ever usable."""
+        usable, self._usable_in_epoch = self._usable_in_epoch, 0
+        if not whole or usable:
+            return True
+        if not self._ever_usable:
+            raise NoUsableRows(self.source_name, self.split, self.position, dict(self.skip_counts))
+        log.warning("data: a whole epoch of '%s' gave no usable pair (skipped so far: %s); the source ends",
+                    self.source_name, dict(self.skip_counts))
+        return False
+
+
+def check_source(data, model) -> None:
+    """Raise `NoUsableRows` (one line, exit 2) unless the training source yields at least one usable pair."""
+    PairSource.from_config(data, model, loop=False).next_batch(1)
 
 
 def _shard_stream(loaded: LoadedRows, shard_index: int, num_shards: int) -> LoadedRows:
@@ -377,88 +424,3 @@ def _shard_stream(loaded: LoadedRows, shard_index: int, num_shards: int) -> Load
         return loaded
     rows = split_dataset_by_node(loaded.rows, rank=shard_index, world_size=num_shards)
     return LoadedRows(rows=rows, format=loaded.format, base_dir=loaded.base_dir, streaming=True)
-
-
-# ---------------------------------------------------------------- evaluation groups
-
-
-@dataclass(frozen=True, eq=False)
-class RankedGroup:
-    """A prompt's images with human ranks (1 = best); a two-image pair dataset gives groups of two."""
-
-    group_id: str
-    prompt_id: str
-    prompt: str
-    category: str
-    images: tuple[Image.Image, ...]
-    ranks: tuple[int, ...]
-    image_ids: tuple[int, ...] = ()  # each image's position among its prompt's rows (bad rows included)
-
-    def pair_id(self, i: int, j: int) -> str:
-        """`group:a-b` with the images' positions in the dataset (as `PairSource` names the same pair)."""
-        a, b = (self.image_ids[i], self.image_ids[j]) if self.image_ids else (i, j)
-        return f"{self.group_id}:{a}-{b}"
-
-    def pairs(self, seed: int, swap: bool = True) -> list[PreferencePair]:
-        """Every pair with different ranks (the ImageReward protocol), each in its seeded image order."""
-        out = []
-        for i, j, preferred in imagereward_pairs(self.ranks):
-            pair_id = self.pair_id(i, j)
-            first, second = self.images[i], self.images[j]
-            if swap and formats.swapped(seed, pair_id):
-                first, second, preferred = second, first, 3 - preferred
-            out.append(PreferencePair(pair_id=pair_id, prompt=self.prompt, image_1=first, image_2=second,
-                                      preferred=preferred, prompt_id=self.prompt_id, category=self.category))
-        return out
-
-
-def ranked_groups(source: str, split: str, *, fmt: str = "auto", subset: str = "", seed: int = 0,
-                  ties: TiePolicy = "skip", bounds: ImageBounds = ImageBounds(),
-                  skip_counts: Counter | None = None, max_groups: int | None = None) -> Iterator[RankedGroup]:
-    """The evaluation groups of a dataset, in file order; bad rows skipped and counted in `skip_counts`.
-
-    ImageRewardDB rows are grouped by prompt (a bad image row drops that image only, counted once); every
-    other format gives one group of two per valid pair (ranks (1, 2) when image 1 is preferred).
-    """
-    counts = skip_counts if skip_counts is not None else Counter()
-    if source != "synthetic":
-        loaded = load_rows(source, split, fmt, subset, streaming=False)
-        if loaded.format == "imagereward":
-            yield from itertools.islice(_imagereward_groups_decoded(loaded, bounds, counts), max_groups)
-            return
-    pairs = PairSource(source, split=split, fmt=fmt, subset=subset, shuffle=False, seed=seed, ties=ties,
-                       bounds=bounds, loop=False, swap=False)
-    for pair in itertools.islice(pairs, max_groups):
-        ranks = (1, 2) if pair.preferred == 1 else (2, 1)
-        yield RankedGroup(group_id=pair.pair_id, prompt_id=pair.prompt_id, prompt=pair.prompt,
-                          category=pair.category, images=(pair.image_1, pair.image_2), ranks=ranks)
-    counts.update(pairs.skip_counts)
-
-
-def _imagereward_groups_decoded(loaded: LoadedRows, bounds: ImageBounds, counts: Counter) -> Iterator[RankedGroup]:
-    rows = loaded.rows
-    members: dict[Any, list[int]] = {}
-    for index, prompt_id in enumerate(rows["prompt_id"]):
-        members.setdefault(prompt_id, []).append(index)
-    for prompt_id, indices in members.items():
-        images, ranks, image_ids, prompt, category = [], [], [], None, ""
-        for position, index in enumerate(indices):
-            row = rows[index]
-            try:
-                if prompt_id is None:
-                    raise BadRow("missing_field", "prompt_id")
-                rank = formats.imagereward_rank(row)
-                text = formats.prompt_of(row, "prompt")
-                image = formats.decode_image(formats.need(row, "image"), loaded.base_dir, bounds)
-            except BadRow as bad:
-                counts[bad.reason] += 1
-                log.warning("data: skipped image row %d of prompt %s (%s)", index, prompt_id, bad)
-                continue
-            images.append(formats.resize_within(image, bounds.min_pixels, bounds.max_pixels))
-            ranks.append(rank)
-            image_ids.append(position)
-            prompt = prompt if prompt is not None else text
-            category = category or str(row.get("classification") or "")
-        if len(images) >= 2:
-            yield RankedGroup(group_id=str(prompt_id), prompt_id=str(prompt_id), prompt=prompt, category=category,
-                              images=tuple(images), ranks=tuple(ranks), image_ids=tuple(image_ids))

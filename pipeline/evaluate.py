@@ -9,14 +9,26 @@ seeded image order. The reasoner runs through the rollout worker's vLLM engine (
 greedy with `--samples 1`, else n samples at `--temperature` and a majority vote. With `--listener`, the
 listener worker (`actors.listener`) scores every completion and the contradiction rate is reported
 (`pipeline.rewards.is_contradiction`). With `--anchor`, each image is compared once with the prompt's first
-image (n-1 comparisons) and the pairs are judged by the resulting scores.
+image (n-1 comparisons) and scored by the reasoner's probability of naming it at the answer position
+(`RolloutWorker.answer_p_image_1`, mean over the samples), so the pairs are judged by continuous scores
+and tie only when the probabilities are equal. With `--both-orders` every comparison is also asked with
+the images swapped (`pipeline.eval_stats`: accuracy per order, mean, position-bias rate; anchor scores
+average both orders).
 
-The JSON report holds `summary` (accuracy, unparsable, tie and contradiction rates, per-category accuracy,
-skipped rows by reason, options) and `pairs`, one row per judged pair (pair_id, prompt_id, gold, predicted,
+`--dataset` takes a hub id, a local path or a preset of the paper's test sets (`imagereward-test`,
+`hpdv2-test`, `rapidata-style`; `pipeline.eval_presets`, docs/evaluation.md). `min_pixels`, `max_pixels`,
+`max_new_tokens` and the dtype come from the checkpoint's run (`policy/run_config.yaml`) unless given on
+the command line; what was used, and from where, is printed and recorded in `summary.options`.
+
+The JSON report holds `summary` (accuracy = `accuracy_pair_weighted`, `accuracy_prompt_weighted`,
+`accuracy_vote_weighted` where votes exist, order statistics, unparsable, tie and contradiction rates,
+per-category accuracy, skipped rows by reason, options), `analysis` (further analyses of the same rows,
+e.g. agreement with the listener) and `pairs`, one row per judged pair (pair_id, prompt_id, gold, predicted,
 p_preferred, correct, ...), so `summary.accuracy == mean(row.correct)` can be recounted. `gold` is the
 preferred image as the pair was shown (after the seeded swap); in anchor mode it is in the pair id's order
 (`group:i-j`, 1 = image i), since those pairs are judged by scores and never shown. The summary and the
-report go to MLflow (`MLFLOW_TRACKING_URI`, default sqlite:///./mlflow.db), experiment `listener-grpo-eval`.
+report go to MLflow (`MLFLOW_TRACKING_URI`, default sqlite:///./mlflow.db), experiment `listener-grpo-eval`;
+names are made valid by `pipeline.tracking.mlflow_safe_name` (the report keeps the original names).
 
 Departures from the paper's protocol: the reasoner compares two images instead of scoring one, so "a tie"
 is a tied vote (or tied anchor scores), and unparsable answers count as wrong rather than being re-asked.
@@ -31,15 +43,19 @@ import argparse
 import json
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.config import EngineConfig
-from pipeline.data import RankedGroup, ranked_groups, skip_metrics
+from pipeline.data import skip_metrics
+from pipeline.eval_data import RankedGroup, ranked_groups
+from pipeline.eval_presets import EvalSettings, resolve_dataset, resolve_settings
+from pipeline.eval_stats import (SWAPPED_SUFFIX, answer_prefix, mean_or_none, order_stats,
+                                 prompt_weighted_accuracy, vote_weighted_accuracy)
 from pipeline.formats import ImageBounds, swapped
-from pipeline.metrics import (PairRow, anchor_scores, imagereward_pairs, majority_vote, row_from_answers,
-                              rows_from_scores, summarize)
+from pipeline.metrics import (PairRow, anchor_scores, imagereward_pairs, row_from_answers, rows_from_scores,
+                              summarize)
 from pipeline.prompts import parse_completion
 from pipeline.rewards import is_contradiction
 from pipeline.types import ListenerScore, PreferencePair, RolloutGroup
@@ -59,15 +75,19 @@ class EvalOptions:
     out: Path = Path("report.json")
     samples: int = 1
     temperature: float = 1.0  # used when samples > 1; greedy otherwise
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: from the checkpoint's run, else 256 (eval_presets)
     anchor: bool = False
+    both_orders: bool = False
     max_groups: int | None = None
     seed: int = 0
     format: str = "auto"
     subset: str = ""
     ties: str = "skip"
-    bounds: ImageBounds = ImageBounds()
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(dtype="float32"))
+    min_pixels: int | None = None  # None: from the checkpoint's run, else the defaults (eval_presets)
+    max_pixels: int | None = None
+    max_image_pixels: int = 4096 * 4096
+    dtype: str | None = None
+    max_model_len: int = 4096
     experiment: str = EXPERIMENT
     threads: int = 1  # intra-op threads of the engines
 
@@ -88,6 +108,17 @@ class Comparison:
 def pairwise_comparisons(groups: list[RankedGroup], seed: int) -> list[Comparison]:
     """Every ImageReward pair of every group, in its seeded image order."""
     return [Comparison(pair=pair, group_index=g) for g, group in enumerate(groups) for pair in group.pairs(seed)]
+
+
+def with_swapped_orders(comparisons: list[Comparison]) -> list[Comparison]:
+    """Each comparison, then the same with its images swapped (id + `SWAPPED_SUFFIX`, gold swapped too)."""
+    out = []
+    for c in comparisons:
+        pair = c.pair
+        flipped = replace(pair, pair_id=pair.pair_id + SWAPPED_SUFFIX, image_1=pair.image_2, image_2=pair.image_1,
+                          preferred=3 - pair.preferred)
+        out += [c, Comparison(pair=flipped, group_index=c.group_index, first=c.second, second=c.first)]
+    return out
 
 
 def anchor_comparisons(groups: list[RankedGroup], seed: int, anchor: int = 0) -> list[Comparison]:
@@ -142,16 +173,18 @@ def pairwise_rows(comparisons: list[Comparison], rollouts: dict[str, RolloutGrou
     return rows
 
 
-def anchor_rows(groups: list[RankedGroup], comparisons: list[Comparison], rollouts: dict[str, RolloutGroup],
+def anchor_rows(groups: list[RankedGroup], comparisons: list[Comparison], p_image_1: dict[str, float | None],
                 anchor: int = 0) -> list[PairRow]:
-    """ImageReward pairs judged by scores from the anchor comparisons (p of image k over the anchor)."""
-    p_over: dict[int, list[float | None]] = {g: [None] * len(group.images) for g, group in enumerate(groups)}
+    """ImageReward pairs judged by continuous scores: image k's score is p(image k over the anchor), the
+    reasoner's probability of naming k at the answer position (`p_image_1[pair_id]`: p of the image shown
+    first, None when no answer parsed), averaged over the orders it was asked in. Equal scores tie."""
+    asked: dict[tuple[int, int], list[float | None]] = defaultdict(list)
     for comparison in comparisons:
-        vote = majority_vote(answers_of(rollouts[comparison.pair.pair_id]))
         k = comparison.first if comparison.first != anchor else comparison.second
-        votes_k = vote.votes_1 if comparison.first == k else vote.votes_2
-        parsed = vote.votes_1 + vote.votes_2
-        p_over[comparison.group_index][k] = votes_k / parsed if parsed else None
+        p = p_image_1.get(comparison.pair.pair_id)
+        asked[comparison.group_index, k].append(None if p is None else p if comparison.first == k else 1.0 - p)
+    p_over = {g: [mean_or_none(asked.get((g, k), [])) for k in range(len(group.images))]
+              for g, group in enumerate(groups)}
     rows = []
     for g, group in enumerate(groups):
         scores = anchor_scores(p_over[g], anchor)
@@ -179,24 +212,39 @@ def comparison_stats(comparisons: list[Comparison], rollouts: dict[str, RolloutG
 # ---------------------------------------------------------------- engines (the colleagues' worker classes)
 
 
-def run_reasoner(opts: EvalOptions, model_path: str, pairs: list[PreferencePair]) -> dict[str, RolloutGroup]:
-    """The rollout worker, in-process: greedy for one sample, else `samples` at `temperature`."""
+def run_reasoner(opts: EvalOptions, settings: EvalSettings, model_path: str, pairs: list[PreferencePair]
+                 ) -> tuple[dict[str, RolloutGroup], dict[str, float | None]]:
+    """The rollout worker, in-process: greedy for one sample, else `samples` at `temperature`. With
+    `--anchor`, also p(image 1) per pair: the mean over its parsed completions of the probability read at
+    their answer position (None when none parsed)."""
     from actors.rollout import RolloutWorker
 
-    worker = RolloutWorker(model_path, opts.engine, seed=opts.seed, num_threads=opts.threads)
+    worker = RolloutWorker(model_path, engine_config(opts, settings), seed=opts.seed, num_threads=opts.threads)
     temperature = 0.0 if opts.samples == 1 else opts.temperature
-    groups = worker.generate(pairs, opts.samples, opts.max_new_tokens, temperature, 1.0)
-    return {group.pair_id: group for group in groups}
+    groups = worker.generate(pairs, opts.samples, settings.max_new_tokens, temperature, 1.0)
+    rollouts = {group.pair_id: group for group in groups}
+    if not opts.anchor:
+        return rollouts, {}
+    asked = [(g.pair, prefix) for g in groups for c in g.completions if (prefix := answer_prefix(c.text))]
+    probabilities = worker.answer_p_image_1([pair for pair, _ in asked], [prefix for _, prefix in asked])
+    per_pair: dict[str, list[float | None]] = defaultdict(list)
+    for (pair, _), p in zip(asked, probabilities, strict=True):
+        per_pair[pair.pair_id].append(p)
+    return rollouts, {pair_id: mean_or_none(per_pair.get(pair_id, [])) for pair_id in rollouts}
 
 
-def run_listener(opts: EvalOptions, listener_path: str,
+def run_listener(opts: EvalOptions, settings: EvalSettings, listener_path: str,
                  rollouts: dict[str, RolloutGroup]) -> dict[tuple[str, int], ListenerScore]:
     """The listener worker, in-process: one score per completion."""
     from actors.listener import ListenerWorker, requests_of
 
-    worker = ListenerWorker(listener_path, opts.engine, seed=opts.seed, num_threads=opts.threads)
+    worker = ListenerWorker(listener_path, engine_config(opts, settings), seed=opts.seed, num_threads=opts.threads)
     scores = worker.score(requests_of(list(rollouts.values())))
     return {(s.pair_id, s.completion_index): s for s in scores}
+
+
+def engine_config(opts: EvalOptions, settings: EvalSettings) -> EngineConfig:
+    return EngineConfig(dtype=settings.dtype, max_model_len=opts.max_model_len)
 
 
 def _release_engine_memory() -> None:
@@ -213,43 +261,71 @@ def _release_engine_memory() -> None:
 
 
 def evaluate(opts: EvalOptions) -> dict:
-    """Run the evaluation; returns the report (summary + per-pair rows)."""
+    """Run the evaluation; returns the report (summary, analysis, per-pair rows)."""
     from pipeline.models import resolve_checkpoint
 
     started = time.perf_counter()
     cache = opts.out.resolve().parent / ".models"  # where tiny:// checkpoints are built
     model_path = resolve_checkpoint(opts.model, "--model", cache)  # fail fast, before reading data
     listener_path = resolve_checkpoint(opts.listener, "--listener", cache) if opts.listener else None
+    settings = resolve_settings(model_path, {"min_pixels": opts.min_pixels, "max_pixels": opts.max_pixels,
+                                             "max_new_tokens": opts.max_new_tokens, "dtype": opts.dtype})
+    print(f"evaluate: {settings.describe()}", flush=True)
+    preset = resolve_dataset(opts.dataset)
+    source, split, fmt, subset = ((preset.source, preset.split, preset.format, preset.subset) if preset
+                                  else (opts.dataset, opts.split, opts.format, opts.subset))
     skipped: Counter = Counter()
-    groups = list(ranked_groups(opts.dataset, opts.split, fmt=opts.format, subset=opts.subset, seed=opts.seed,
-                                ties=opts.ties, bounds=opts.bounds, skip_counts=skipped, max_groups=opts.max_groups))
+    bounds = ImageBounds(settings.min_pixels, settings.max_pixels, opts.max_image_pixels)
+    groups = list(ranked_groups(source, split, fmt=fmt, subset=subset, seed=opts.seed, ties=opts.ties,
+                                bounds=bounds, skip_counts=skipped, max_groups=opts.max_groups))
     comparisons = (anchor_comparisons(groups, opts.seed) if opts.anchor else pairwise_comparisons(groups, opts.seed))
-    rollouts = run_reasoner(opts, model_path, [c.pair for c in comparisons])
+    if opts.both_orders:
+        comparisons = with_swapped_orders(comparisons)
+    rollouts, p_image_1 = run_reasoner(opts, settings, model_path, [c.pair for c in comparisons])
     scores = None
     if listener_path:
         _release_engine_memory()  # the reasoner's engine is gone; free it before the listener's starts
-        scores = run_listener(opts, listener_path, rollouts)
-    if opts.anchor:
-        rows = anchor_rows(groups, comparisons, rollouts)
-    else:
-        rows = pairwise_rows(comparisons, rollouts, scores)
+        scores = run_listener(opts, settings, listener_path, rollouts)
+    rows = anchor_rows(groups, comparisons, p_image_1) if opts.anchor else pairwise_rows(comparisons, rollouts, scores)
     summary = summarize(rows)
+    summary.update(weighted_accuracies(rows, groups))
+    summary.update(order_stats(rows))
     summary.update(comparison_stats(comparisons, rollouts, scores))  # both modes: over every completion
     summary.update(skipped_rows=dict(sorted(skipped.items())), seconds=time.perf_counter() - started,
-                   options=_options_dict(opts))
-    return {"summary": summary, "pairs": [row.to_dict() for row in rows]}
+                   options=_options_dict(opts, settings, source, split, subset))
+    # `analysis`: further analyses of the same rows (e.g. accuracy where the reasoner agrees with the listener)
+    return {"summary": summary, "analysis": {}, "pairs": [row.to_dict() for row in rows]}
 
 
-def _options_dict(opts: EvalOptions) -> dict:
-    return {"model": opts.model, "dataset": opts.dataset, "split": opts.split, "listener": opts.listener,
-            "samples": opts.samples, "temperature": opts.temperature if opts.samples > 1 else 0.0,
-            "max_new_tokens": opts.max_new_tokens, "anchor": opts.anchor, "max_groups": opts.max_groups,
-            "seed": opts.seed, "format": opts.format, "subset": opts.subset, "ties": opts.ties,
-            "min_pixels": opts.bounds.min_pixels, "max_pixels": opts.bounds.max_pixels}
+def weighted_accuracies(rows: list[PairRow], groups: list[RankedGroup]) -> dict[str, float]:
+    """Pair-weighted (ImageReward's test.py), prompt-weighted (HPS v2) and, where the groups carry human
+    votes, vote-weighted accuracy."""
+    out = {"accuracy_pair_weighted": summarize(rows)["accuracy"] if rows else 0.0,
+           "accuracy_prompt_weighted": prompt_weighted_accuracy(rows)}
+    votes = {}
+    for group in groups:
+        if len(group.votes) == 2:
+            preferred = 0 if group.ranks[0] < group.ranks[1] else 1
+            votes[group.pair_id(0, 1)] = (group.votes[preferred], group.votes[1 - preferred])
+    by_vote = vote_weighted_accuracy(rows, votes) if votes else None
+    if by_vote is not None:
+        out["accuracy_vote_weighted"] = by_vote
+    return out
+
+
+def _options_dict(opts: EvalOptions, settings: EvalSettings, source: str, split: str, subset: str) -> dict:
+    return {"model": opts.model, "dataset": opts.dataset, "source": source, "split": split,
+            "listener": opts.listener, "samples": opts.samples,
+            "temperature": opts.temperature if opts.samples > 1 else 0.0, "max_new_tokens": settings.max_new_tokens,
+            "anchor": opts.anchor, "both_orders": opts.both_orders, "max_groups": opts.max_groups, "seed": opts.seed,
+            "format": opts.format, "subset": subset, "ties": opts.ties, "min_pixels": settings.min_pixels,
+            "max_pixels": settings.max_pixels, "dtype": settings.dtype, "max_model_len": opts.max_model_len,
+            "settings_from": dict(settings.sources)}
 
 
 def report_metrics(report: dict) -> dict[str, float]:
-    """The numeric summary as flat MLflow metrics (eval/accuracy, eval/category/<name>, data/skipped_*)."""
+    """The numeric summary as flat metrics (eval/accuracy, eval/category/<name>, data/skipped_*), with
+    the report's own names; `log_to_mlflow` makes them valid for MLflow."""
     summary = report["summary"]
     metrics = {f"eval/{k}": float(v) for k, v in summary.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -260,9 +336,10 @@ def report_metrics(report: dict) -> dict[str, float]:
 
 def log_to_mlflow(report: dict, report_path: Path, experiment: str) -> str:
     """One MLflow run with the options as params, the summary as metrics and the report as an artifact."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import mlflow_safe_keys, resolve_tracking_uri
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(""))
     found = client.get_experiment_by_name(experiment)
@@ -270,11 +347,11 @@ def log_to_mlflow(report: dict, report_path: Path, experiment: str) -> str:
     options = report["summary"]["options"]
     run = client.create_run(experiment_id, run_name=f"eval-{Path(str(options['model'])).name}")
     run_id = run.info.run_id
-    from mlflow.entities import Metric, Param
-
     stamp = int(time.time() * 1000)
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(options.items())],
-                     metrics=[Metric(k, v, stamp, 0) for k, v in sorted(report_metrics(report).items())])
+    params = mlflow_safe_keys({k: str(v)[:6000] for k, v in sorted(options.items())})
+    metrics = mlflow_safe_keys(dict(sorted(report_metrics(report).items())))
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                     metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()])
     client.log_artifact(run_id, str(report_path))
     client.set_terminated(run_id)
     return run_id
@@ -284,9 +361,10 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     return EvalOptions(
         model=args.model, dataset=args.dataset, split=args.split, listener=args.listener, out=Path(args.out),
         samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        anchor=args.anchor, max_groups=args.max_groups, seed=args.seed, format=args.format, subset=args.subset,
-        ties=args.ties, bounds=ImageBounds(args.min_pixels, args.max_pixels, args.max_image_pixels),
-        engine=EngineConfig(dtype=args.dtype, max_model_len=args.max_model_len), threads=args.threads,
+        anchor=args.anchor, both_orders=args.both_orders, max_groups=args.max_groups, seed=args.seed,
+        format=args.format, subset=args.subset, ties=args.ties, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels, max_image_pixels=args.max_image_pixels, dtype=args.dtype,
+        max_model_len=args.max_model_len, threads=args.threads,
     )
 
 
@@ -297,7 +375,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     opts.out.write_text(json.dumps(report, indent=1) + "\n")
     run_id = log_to_mlflow(report, opts.out, opts.experiment)
     s = report["summary"]
-    print(f"accuracy {s['accuracy']:.4f} over {s['pairs']} pairs of {s['prompts']} prompts; unparsable "
-          f"{s['unparsable_rate']:.3f}; contradictions {s['contradiction_rate']}; skipped {s['skipped_rows']}; "
-          f"report {opts.out}; MLflow run {run_id}")
+    print(f"accuracy {s['accuracy']:.4f} (pair-weighted; prompt-weighted {s['accuracy_prompt_weighted']:.4f}) "
+          f"over {s['pairs']} pairs of {s['prompts']} prompts; unparsable {s['unparsable_rate']:.3f}; "
+          f"contradictions {s['contradiction_rate']}; skipped {s['skipped_rows']}; report {opts.out}; "
+          f"MLflow run {run_id}")
     return 0

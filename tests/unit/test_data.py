@@ -21,7 +21,7 @@ import pytest
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from pipeline import data, formats
+from pipeline import data, eval_data, formats
 from pipeline.config import DataConfig, ModelConfig
 from pipeline.formats import ImageBounds
 
@@ -284,7 +284,7 @@ def test_planted_bad_rows_are_skipped_and_counted_by_reason(tmp_path, caplog):
 def test_imagereward_bad_image_row_counted_once_in_eval_groups(tmp_path):
     root = write_imagereward(tmp_path / "ir", bad_image_in_b=True)  # prompt b loses image 1 (its rank-1)
     counts = Counter()
-    groups = list(data.ranked_groups(str(root), "test", bounds=BOUNDS, skip_counts=counts))
+    groups = list(eval_data.ranked_groups(str(root), "test", bounds=BOUNDS, skip_counts=counts))
     # b keeps images 0, 2, 3 with ranks 2, 2, 3: pairs (0,3) and (2,3); 0 and 2 tie.
     assert [(g.prompt_id, g.ranks) for g in groups] == [("a", (1, 2, 3)), ("b", (2, 2, 3))]
     assert counts == {"undecodable_image": 1}
@@ -366,7 +366,7 @@ def test_pair_datasets_evaluate_as_groups_of_two(tmp_path):
     path = write_pickapic(tmp_path / "pickapic" / "test.parquet", [
         pickapic_row("first wins", True), pickapic_row("tie", None), pickapic_row("second wins", False)])
     counts = Counter()
-    groups = list(data.ranked_groups(str(path), "test", bounds=BOUNDS, skip_counts=counts))
+    groups = list(eval_data.ranked_groups(str(path), "test", bounds=BOUNDS, skip_counts=counts))
     assert [(g.group_id, g.ranks) for g in groups] == [("pickapic-1000", (1, 2)), ("pickapic-1002", (2, 1))]
     assert counts == {"tie": 1}
     (pair,) = groups[1].pairs(seed=0)
@@ -388,3 +388,81 @@ def test_imagereward_rows_with_unusable_ranks_are_counted_once_across_a_resume(t
     resumed = data.PairSource(str(root), split="test", loop=False, bounds=BOUNDS, start=state["position"],
                               skip_counts=state["skip_counts"])
     assert resumed.next_batch(1) == [] and resumed.skip_counts == source.skip_counts
+
+
+# ---------------------------------------------------------------- sources with no usable row
+
+
+def write_missing_images_jsonl(root: Path, n: int = 2) -> Path:
+    """`n` local rows whose image files do not exist: every row is bad."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "bad.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{k}", "image_1": f"gone_{k}_1.png", "image_2": f"gone_{k}_2.png",
+                                        "label": 1}) + "\n" for k in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_source_whose_every_row_is_bad_is_refused_not_looped(tmp_path, streaming):
+    path = write_missing_images_jsonl(tmp_path / "local")
+    source = data.PairSource(str(path), streaming=streaming, bounds=BOUNDS)  # loop=True: once looped forever
+    with pytest.raises(data.NoUsableRows) as raised:
+        source.next_batch(4)
+    message = str(raised.value)
+    assert "\n" not in message and str(path) in message and "no usable row" in message
+    assert "2 read" in message and "undecodable_image 2" in message  # a missing file cannot be decoded
+
+
+def test_imagereward_rows_none_usable_are_refused_in_training_and_evaluation(tmp_path):
+    root = tmp_path / "ir"
+    (root / "data").mkdir(parents=True)
+    features = Features({"image": Image(), "prompt_id": Value("string"), "prompt": Value("string"),
+                         "rank": Value("int8")})
+    rows = {"image": [{"bytes": encode(grey(1)), "path": None}] * 2, "prompt_id": ["a", "a"], "prompt": ["p"] * 2,
+            "rank": [None, 0]}  # rank None: missing; 0: out of range -> no pair at all
+    Dataset.from_dict(rows, features=features).to_parquet(root / "data" / "test-00000-of-00001.parquet")
+    with pytest.raises(data.NoUsableRows, match="label_out_of_range 1, missing_field 1"):
+        data.PairSource(str(root), split="test", bounds=BOUNDS).next_batch(1)
+    with pytest.raises(data.NoUsableRows, match="no usable row"):
+        list(eval_data.ranked_groups(str(write_missing_images_jsonl(tmp_path / "l")), "train", bounds=BOUNDS))
+
+
+def test_a_source_that_runs_out_of_usable_rows_mid_run_ends(tmp_path, caplog):
+    path = write_local_jsonl(tmp_path / "local", [1, 2])
+    source = data.PairSource(str(path), bounds=BOUNDS)  # loop=True
+    assert len(source.next_batch(2)) == 2  # the first epoch
+    for image in (tmp_path / "local").glob("*.png"):
+        image.unlink()  # the files go away mid-run
+    assert source.next_batch(2) == []  # a whole epoch without a usable pair: the source ends, no error
+    assert source.skip_counts == {"undecodable_image": 2}
+    assert "the source ends" in caplog.text
+
+
+def test_check_source_refuses_before_training(tmp_path):
+    bad = DataConfig(source=str(write_missing_images_jsonl(tmp_path / "local")))
+    with pytest.raises(data.NoUsableRows):
+        data.check_source(bad, ModelConfig())
+    data.check_source(DataConfig(source="synthetic"), ModelConfig())  # a usable source passes
+
+
+def test_rapidata_groups_carry_votes_and_hpdv2_test_json_gives_ranked_groups(tmp_path):
+    root = write_rapidata(tmp_path / "rapidata", [(7, 3), (2, 9)])
+    groups = list(eval_data.ranked_groups(str(root), "train", bounds=BOUNDS))
+    assert [(g.ranks, g.votes) for g in groups] == [((1, 2), (7.0, 3.0)), ((2, 1), (2.0, 9.0))]
+    hpd = write_hpdv2_test(tmp_path / "HPDv2", [[2, 1, 3], [1, 1, 2]])
+    ranked = list(eval_data.ranked_groups(str(hpd), "test", bounds=BOUNDS))
+    assert [(g.prompt, g.ranks) for g in ranked] == [("hpd test 0", (2, 1, 3)), ("hpd test 1", (1, 1, 2))]
+    assert [centre(image)[0] for image in ranked[0].images] == [80, 40, 120]  # grey(rank): the right files
+
+
+def write_hpdv2_test(root: Path, ranks: list[list[int]]) -> Path:
+    """HPDv2's test.json layout: one row per prompt, image_path [n] (files in test/), rank [n]."""
+    (root / "test").mkdir(parents=True)
+    items = []
+    for k, prompt_ranks in enumerate(ranks):
+        paths = [f"{k:05d}_{i}.jpg" for i in range(len(prompt_ranks))]
+        for path, rank in zip(paths, prompt_ranks):
+            (root / "test" / path).write_bytes(encode(grey(rank), fmt="PNG"))
+        items.append({"prompt": f"hpd test {k}", "image_path": paths, "rank": prompt_ranks, "user_hash": "u"})
+    (root / "test.json").write_text(json.dumps(items))
+    return root

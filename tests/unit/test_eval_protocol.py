@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import RankedGroup
+from pipeline.eval_data import RankedGroup
 from pipeline.evaluate import (anchor_comparisons, anchor_rows, comparison_stats, pairwise_comparisons,
                                pairwise_rows, report_metrics)
 from pipeline.metrics import (PairRow, anchor_scores, imagereward_pairs, majority_vote, row_from_answers,
