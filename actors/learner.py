@@ -260,11 +260,12 @@ class LearnerRank:
                 state.update({name: t.detach().float().cpu().numpy().copy() for name, t in named})
         return state if self.rank == 0 else None
 
-    def save_checkpoint(self, root: str, step: int, data_position: dict, keep: int) -> CheckpointInfo:
+    def save_checkpoint(self, root: str, step: int, data_position: dict, keep: int,
+                        run_config: str = "") -> CheckpointInfo:
         from actors.checkpoint import save_checkpoint
 
         return save_checkpoint(self.engine, self.processor, root, step, data_position, keep,
-                               rank=self.rank, model_path=self.model_path)
+                               rank=self.rank, model_path=self.model_path, run_config=run_config)
 
     def load_checkpoint(self, path: str) -> CheckpointInfo:
         from actors.checkpoint import load_checkpoint
@@ -356,8 +357,9 @@ class LearnerGroup:
     def gathered_state_dict(self, include_frozen: bool = True) -> dict[str, Any]:
         return self._all("gathered_state_dict", include_frozen)[0]
 
-    def save_checkpoint(self, root: str, step: int, data_position: dict, keep: int) -> CheckpointInfo:
-        return self._all("save_checkpoint", str(root), step, data_position, keep)[0]
+    def save_checkpoint(self, root: str, step: int, data_position: dict, keep: int,
+                        run_config: str = "") -> CheckpointInfo:
+        return self._all("save_checkpoint", str(root), step, data_position, keep, run_config)[0]
 
     def load_checkpoint(self, path: str) -> CheckpointInfo:
         return self._all("load_checkpoint", str(path))[0]

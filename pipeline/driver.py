@@ -32,7 +32,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from pipeline.batching import train_batch_from_groups
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, flatten_config
-from pipeline.data import PairSource, skip_metrics
+from pipeline.data import PairSource, check_source, skip_metrics
 from pipeline.errors import TrainingAborted
 from pipeline.heldout import heldout_metrics, heldout_pairs
 from pipeline.models import resolve_checkpoint
@@ -68,6 +68,7 @@ def train(cfg: RunConfig, resume: Path | None = None) -> int:
     (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
     reasoner = resolve_checkpoint(cfg.model.reasoner, "model.reasoner", run_dir / "models")
     listener = resolve_checkpoint(cfg.model.listener, "model.listener", run_dir / "models")
+    check_source(cfg.data, cfg.model)  # a source with no usable row stops here, before Ray (exit 2)
     started_ray = _connect_ray(cfg)
     _stop_on_sigterm()
     tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
@@ -118,7 +119,7 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
             tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg))
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
             info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, source.state(),
-                                                  cfg.trainer.keep_checkpoints)
+                                                  cfg.trainer.keep_checkpoints, config_to_yaml(cfg))
             tracker.set_tags({"checkpoint": info.path, "checkpoint_step": str(info.step)})
         progress.update(step, result.metrics)
 
