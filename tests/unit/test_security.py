@@ -226,19 +226,38 @@ def _flatten(node: object, prefix: str = "") -> dict[str, str]:
 # ---------------------------------------------------------------- the Ray dashboard and job server
 
 
-def test_the_drivers_local_cluster_starts_no_dashboard(monkeypatch) -> None:
-    import ray
+# The driver's own `_connect_ray` on a real local cluster, in a fresh process (no other Ray in it): the
+# cluster is started (not joined), Ray reports no web UI, and the dashboard process it keeps for its head
+# modules listens on no TCP port.
+DRIVER_CLUSTER = r"""
+import json, os
+import psutil, ray
+from pipeline import driver
+from pipeline.config import load_config
+started = driver._connect_ray(load_config())
+node = ray._private.worker.global_worker.node
+listening = [f"{c.laddr.ip}:{c.laddr.port}" for kind, procs in node.all_processes.items() if kind == "dashboard"
+             for info in procs for c in psutil.Process(info.process.pid).net_connections(kind="inet")
+             if c.status == psutil.CONN_LISTEN]
+print("RESULT", json.dumps({"started": started, "webui_url": node.address_info.get("webui_url"),
+                            "dashboard_listens_on": listening}))
+ray.shutdown()
+"""
 
-    from pipeline import driver
 
-    inits: list[dict] = []
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs))
-    monkeypatch.setattr(ray, "cluster_resources",
-                        lambda: {"CPU": 64.0, "rollout": 8.0, "listener": 8.0, "learner": 8.0})
-    assert driver._connect_ray(load_config()) is True
-    assert len(inits) == 1 and inits[0]["include_dashboard"] is False and "address" not in inits[0]
+def test_the_drivers_local_cluster_starts_no_dashboard() -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", DRIVER_CLUSTER], capture_output=True, text=True, cwd=REPO,
+                            env=env, timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    assert json.loads(lines[0].removeprefix("RESULT ")) == {"started": True, "webui_url": "",
+                                                            "dashboard_listens_on": []}
 
 
 def _inside_ray_address_branch(tree: ast.AST, target: ast.Call) -> bool:
