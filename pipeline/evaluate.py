@@ -57,7 +57,7 @@ from pipeline.formats import ImageBounds, swapped
 from pipeline.metrics import (PairRow, anchor_scores, imagereward_pairs, row_from_answers, rows_from_scores,
                               summarize)
 from pipeline.prompts import parse_completion
-from pipeline.rewards import is_contradiction
+from pipeline.rewards import agreement_metrics, is_contradiction
 from pipeline.types import ListenerScore, PreferencePair, RolloutGroup
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,13 @@ def evaluate(opts: EvalOptions) -> dict:
     summary.update(skipped_rows=dict(sorted(skipped.items())), seconds=time.perf_counter() - started,
                    options=_options_dict(opts, settings, source, split, subset))
     # `analysis`: further analyses of the same rows (e.g. accuracy where the reasoner agrees with the listener)
-    return {"summary": summary, "analysis": {}, "pairs": [row.to_dict() for row in rows]}
+    analysis = {}
+    if scores is not None and not opts.anchor:  # anchor comparisons of equal ranks have no gold to be right on
+        # the paper's agreement analysis over every completion, the same function as the training metrics
+        agreement = agreement_metrics((answer, scores.get((c.pair_id, c.completion_index)), g.pair.preferred)
+                                      for g in rollouts.values() for c, answer in zip(g.completions, answers_of(g)))
+        analysis["listener_agreement"] = {k: None if v != v else v for k, v in agreement.items()}  # NaN -> null
+    return {"summary": summary, "analysis": analysis, "pairs": [row.to_dict() for row in rows]}
 
 
 def weighted_accuracies(rows: list[PairRow], groups: list[RankedGroup]) -> dict[str, float]:

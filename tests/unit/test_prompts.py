@@ -113,14 +113,16 @@ def test_extract_reasoning_of_malformed_text_drops_tags_and_answers():
      "Image 2 has the red cube."),
     ("<think>Both have cubes. Overall, the second image is more faithful.</think><answer>2</answer>",
      "Both have cubes."),
-    ("<think>Image 1 is blue. The cube in image 2 is red, hence Image 2.</think><answer>2</answer>", "Image 1 is blue."),
+    ("<think>Image 1 is blue. The cube in image 2 is red, hence Image 2.</think><answer>2</answer>",
+     "Image 1 is blue."),
     ("<think>Image 1 is blue.\nhence Image 2.</think><answer>2</answer>", "Image 1 is blue."),
     ("<think>Image 1 is blue.\n\nFinal: 2</think><answer>2</answer>", "Image 1 is blue."),
     ("<think>Image 1 is blue. Final answer: image 2.</think><answer>2</answer>", "Image 1 is blue."),
     ("<think>Image 1 is blue. I'd pick the first one.</think><answer>1</answer>", "Image 1 is blue."),
     ("<think>Image 1 is blue. I'd go with 2.</think><answer>2</answer>", "Image 1 is blue."),
     # a cue with no image named stays: "overall" alone names nothing
-    ("<think>Overall, both are sharp. Image 2 is red.</think><answer>2</answer>", "Overall, both are sharp. Image 2 is red."),
+    ("<think>Overall, both are sharp. Image 2 is red.</think><answer>2</answer>",
+     "Overall, both are sharp. Image 2 is red."),
 ])
 def test_mask_answer(text, masked):
     assert mask_answer(text) == masked
