@@ -37,6 +37,7 @@ Tests: `pytest -m integration tests/integration/test_learner.py` (2 ranks on glo
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -150,8 +151,9 @@ class LearnerRank:
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], self.cfg)
-        warmup = self.cfg.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        cfg = self.cfg
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+            step, cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config)
         return engine
@@ -289,6 +291,17 @@ def vision_tower(model):
             if owner is not None and hasattr(owner, name):
                 return getattr(owner, name)
     raise ValueError(f"{type(model).__name__}: no vision tower found to freeze")
+
+
+def lr_multiplier(step: int, warmup_steps: int, decay_steps: int = 0, min_ratio: float = 0.1) -> float:
+    """The lr factor at optimizer step `step` (0-based): linear warm-up to 1 over `warmup_steps`, then a
+    cosine from 1 to `min_ratio` over `decay_steps` (0: constant), then `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if decay_steps == 0:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def make_optimizer(params, cfg: LearnerConfig):

@@ -40,7 +40,7 @@ class ModelConfig(_Section):
         return self
 
 
-SyntheticTask = Literal["match", "render"]  # see pipeline/synthetic.py
+SyntheticTask = Literal["match", "render", "render-ood"]  # see pipeline/synthetic.py
 
 
 class DataConfig(_Section):
@@ -52,6 +52,9 @@ class DataConfig(_Section):
     synthetic_task: SyntheticTask = Field(
         "match", description="Synthetic pairs: 'match' (the rejected image changes the prompt's colour or "
         "shape) or 'render' (it shows the shape in grey, a failed render); see pipeline/synthetic.py.")
+    ood_task: SyntheticTask | Literal[""] = Field(
+        "", description="Also evaluate (eval_ood/*) on held-out pairs of this synthetic task, e.g. 'render-ood' "
+        "(colours no training task uses), next to eval/*; '' = off.")
     seed: int = Field(0, description="Seed of data order and of the per-pair image-order swap.")
     split: str = Field("train", description="Dataset split to train on.")
     subset: str = Field("", description="Dataset config name on the hub (e.g. ImageRewardDB '8k'); '' = default.")
@@ -126,6 +129,9 @@ class LearnerConfig(_Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    decay_steps: int = Field(0, ge=0, description="Cosine decay of the lr over this many steps after the "
+                             "warm-up, down to lr * min_lr_ratio (then held there); 0 keeps it constant.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Where the cosine decay ends, as a fraction of lr.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
     offload_optimizer: bool = Field(False, description="ZeRO-3 optimizer state offload to CPU.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")

@@ -278,7 +278,7 @@ class PairSource:
                  ties: TiePolicy = "skip", bounds: ImageBounds = ImageBounds(), image_size: int = 56,
                  synthetic_task: SyntheticTask = "match", shard_index: int = 0, num_shards: int = 1, start: int = 0,
                  loop: bool = True,
-                 swap: bool = True, skip_counts: dict[str, int] | None = None):
+                 swap: bool = True, skip_counts: dict[str, int] | None = None, loaded: LoadedRows | None = None):
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
         self.seed, self.ties, self.bounds, self.swap = seed, ties, bounds, swap
@@ -295,7 +295,7 @@ class PairSource:
         self._indexed: Sequence[Candidate] | None = None
         self._order_epoch, self._order = -1, np.arange(0)  # the cached permutation of one epoch
         if source != "synthetic":
-            self._loaded = load_rows(source, split, fmt, subset, streaming)
+            self._loaded = loaded or load_rows(source, split, fmt, subset, streaming)  # `loaded`: read already
             self.format = self._loaded.format
             if streaming:
                 self._loaded = _shard_stream(self._loaded, shard_index, num_shards)

@@ -34,11 +34,11 @@ from pipeline.batching import train_batch_from_groups
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, flatten_config
 from pipeline.data import PairSource, check_source, skip_metrics
 from pipeline.errors import TrainingAborted
-from pipeline.heldout import heldout_metrics, heldout_pairs
+from pipeline.heldout import heldout_metrics, heldout_pairs, ood_heldout_pairs
 from pipeline.models import resolve_checkpoint
 from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
                                 local_cluster_resources)
-from pipeline.progress import Progress
+from pipeline.progress import Progress, plot_curves, read_rows, summary_lines
 from pipeline.prompts import parse_completion
 from pipeline.tracking import Tracker
 from pipeline.types import ListenerScore, PreferencePair, RolloutGroup, ScoredGroup
@@ -100,8 +100,9 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
     policy = PolicyState(version=start_step)
     source = PairSource.from_config(cfg.data, cfg.model, state=data_state)
     heldout = heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
-    if heldout and start_step == 0:
-        tracker.log_metrics(0, evaluate_heldout(heldout, actors, cfg))  # eval/* step = updates applied
+    ood = ood_heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
+    if heldout and start_step == 0:  # eval/* and eval_ood/* step = updates applied
+        tracker.log_metrics(0, evaluate_heldout(heldout, actors, cfg) | evaluate_heldout(ood, actors, cfg, "eval_ood"))
     progress = Progress(cfg.trainer.steps, start_step)
     for step in range(start_step, cfg.trainer.steps):
         pairs = source.next_batch(cfg.data.pairs_per_step)
@@ -116,7 +117,8 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
         if step % cfg.trainer.sample_table_every == 0:
             tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
         if heldout and ((step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps):
-            tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg))
+            tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg)
+                                | evaluate_heldout(ood, actors, cfg, "eval_ood"))
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
             info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, source.state(),
                                                   cfg.trainer.keep_checkpoints, config_to_yaml(cfg))
@@ -227,12 +229,13 @@ def recover_rollout_workers(indices, actors: Actors, cfg: RunConfig, policy: Pol
     return synced
 
 
-def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig) -> dict[str, float]:
+def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig,
+                     prefix: str = "eval") -> dict[str, float]:
     """Greedy held-out accuracy of the rollout workers' current policy (pairs sharded over workers)."""
     shards = [pairs[i::len(actors.rollout)] for i in range(len(actors.rollout))]
     refs = [worker.generate.remote(shard, 1, cfg.rollout.max_new_tokens, 0.0)
             for worker, shard in zip(actors.rollout, shards) if shard]
-    return heldout_metrics([group for shard in ray.get(refs) for group in shard])
+    return heldout_metrics([group for shard in ray.get(refs) for group in shard], prefix)
 
 
 def throughput(groups: list[RolloutGroup], timings: dict[str, float]) -> dict[str, float]:
@@ -326,6 +329,18 @@ def run_tags() -> dict[str, str]:
 
 
 def print_summary(run_dir: Path, tracker: Tracker) -> None:
+    """Start -> end of the run's figures (pipeline.progress), where its curves are, and where it is."""
+    rows = read_rows(tracker.metrics_file)
+    lines = summary_lines(rows)
+    if lines:
+        print("\nstart -> end\n  " + "\n  ".join(lines), flush=True)
+    try:
+        png = plot_curves(rows, run_dir / "curves.png")
+    except Exception as exc:  # noqa: BLE001 - a plot is a convenience: the metrics are kept either way
+        log.warning("could not draw the curves (%s); they are in %s and MLflow", exc, tracker.metrics_file)
+        png = None
+    if png:
+        print(f"curves (PNG):   {png}", flush=True)
     print(f"\nrun directory:  {run_dir}\n"
           f"checkpoints:    {run_dir / 'checkpoints'}\n"
           f"metrics (local): {tracker.metrics_file}\n"

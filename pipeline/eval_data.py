@@ -71,6 +71,7 @@ def ranked_groups(source: str, split: str, *, fmt: str = "auto", subset: str = "
     other format gives one group of two per valid pair (ranks (1, 2) when image 1 is preferred).
     """
     counts = skip_counts if skip_counts is not None else Counter()
+    loaded = None
     if source != "synthetic":
         loaded = load_rows(source, split, fmt, subset, streaming=False)
         ranked = _ranked_hpdv2_groups(split) if _is_ranked_hpdv2(loaded) else None
@@ -85,7 +86,7 @@ def ranked_groups(source: str, split: str, *, fmt: str = "auto", subset: str = "
                 raise NoUsableRows(source, split, len(loaded.rows), dict(counts))
             return
     pairs = PairSource(source, split=split, fmt=fmt, subset=subset, shuffle=False, seed=seed, ties=ties,
-                       bounds=bounds, loop=False, swap=False)  # raises NoUsableRows when no row is usable
+                       bounds=bounds, loop=False, swap=False, loaded=loaded)  # raises NoUsableRows if none usable
     votes = _vote_columns(pairs._loaded)
     for pair in itertools.islice(pairs, max_groups):
         ranks = (1, 2) if pair.preferred == 1 else (2, 1)

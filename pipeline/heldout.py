@@ -7,7 +7,7 @@ split (`data.eval_split`). The metric is the fraction of pairs whose parsed answ
 
 from __future__ import annotations
 
-from pipeline.config import DataConfig, ModelConfig
+from pipeline.config import ConfigError, DataConfig, ModelConfig
 from pipeline.data import PairSource
 from pipeline.prompts import parse_completion
 from pipeline.rewards import accuracy_reward
@@ -27,10 +27,19 @@ def heldout_pairs(data: DataConfig, model: ModelConfig) -> list[PreferencePair]:
     return PairSource.from_config(held, model, loop=False).next_batch(data.eval_pairs)
 
 
-def heldout_metrics(groups: list[RolloutGroup]) -> dict[str, float]:
-    """eval/accuracy and eval/format_rate of one greedy completion per pair."""
+def ood_heldout_pairs(data: DataConfig, model: ModelConfig) -> list[PreferencePair]:
+    """`data.eval_pairs` held-out pairs of the out-of-distribution task `data.ood_task` ([] when off)."""
+    if not data.ood_task:
+        return []
+    if data.source != "synthetic":
+        raise ConfigError(f"data.ood_task={data.ood_task!r} needs data.source=synthetic, not {data.source!r}")
+    return heldout_pairs(data.model_copy(update={"synthetic_task": data.ood_task}), model)
+
+
+def heldout_metrics(groups: list[RolloutGroup], prefix: str = "eval") -> dict[str, float]:
+    """PREFIX/accuracy and PREFIX/format_rate of one greedy completion per pair."""
     answers = [(parse_completion(g.completions[0].text).answer, g.pair.preferred) for g in groups]
     if not answers:
         return {}
-    return {"eval/accuracy": sum(accuracy_reward(a, p) for a, p in answers) / len(answers),
-            "eval/format_rate": sum(a is not None for a, _ in answers) / len(answers)}
+    return {f"{prefix}/accuracy": sum(accuracy_reward(a, p) for a, p in answers) / len(answers),
+            f"{prefix}/format_rate": sum(a is not None for a, _ in answers) / len(answers)}

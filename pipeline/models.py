@@ -1,8 +1,10 @@
 """Where checkpoints come from: `tiny://ROLE` (built offline on first use), a local directory, or a hub id.
 
 `tiny://reasoner` and `tiny://listener` are random tiny checkpoints (`pipeline.tiny`); `tiny://reasoner-sft`
-is the tiny reasoner warm-started on the answer format (`pipeline.sft`, default settings; it needs a
-running Ray, as the driver has, and takes a few minutes on CPU the first time).
+is the tiny reasoner warm-started on the answer format (`pipeline.sft`, default settings) and
+`tiny://listener-sft` the tiny listener trained to answer from the reasoning it reads (`pipeline.sft`,
+role listener, `LISTENER_SFT`; docs/listener.md). Each is built under the cache directory on first use
+(it needs Ray, as the driver has, and a few minutes on CPU) and rebuilt when its cached settings are stale.
 
 A local path must exist and hold a `config.json`; a hub id (`org/name`) is passed through to the same
 loading code (vLLM, transformers) that local directories use, which resolves it through the hub cache.
@@ -22,11 +24,11 @@ def resolve_checkpoint(spec: str, key: str, cache_dir: Path) -> str:
     """The loadable location for config value `spec` (named `key` in errors); builds tiny checkpoints."""
     if spec.startswith(TINY_SCHEME):
         role = spec.removeprefix(TINY_SCHEME)
-        if role == "reasoner-sft":
-            return str(_ensure_tiny_sft(cache_dir))
+        if role in ("reasoner-sft", "listener-sft"):
+            return str(_ensure_tiny_sft(cache_dir, role.removesuffix("-sft")))
         if role not in ("reasoner", "listener"):
-            raise ConfigError(f"{key}: unknown tiny role '{role}' (use tiny://reasoner, tiny://listener or "
-                              f"tiny://reasoner-sft)")
+            raise ConfigError(f"{key}: unknown tiny role '{role}' (use tiny://reasoner, tiny://listener, "
+                              f"tiny://reasoner-sft or tiny://listener-sft)")
         return str(_ensure_tiny(cache_dir / f"tiny-{role}", role))
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
@@ -44,24 +46,25 @@ def _ensure_tiny(out: Path, role: str) -> Path:
     return make_tiny(out, role=role)
 
 
-def _ensure_tiny_sft(cache_dir: Path) -> Path:
-    from pipeline.sft import warm_start
+def _ensure_tiny_sft(cache_dir: Path, role: str) -> Path:
+    from pipeline.sft import default_settings, warm_start
 
-    out = cache_dir / "tiny-reasoner-sft"
-    if built_with_default_settings(out):
+    out = cache_dir / f"tiny-{role}-sft"
+    if built_with_default_settings(out, role):
         return out
-    return warm_start(_ensure_tiny(cache_dir / "tiny-reasoner", "reasoner"), out).out
+    return warm_start(_ensure_tiny(cache_dir / f"tiny-{role}", role), out, default_settings(role), role=role).out
 
 
-def built_with_default_settings(sft_dir: Path) -> bool:
-    """Whether `sft_dir` holds a complete warm start (its manifest is written last) made with today's
-    default `SftSettings`: one cached under older defaults is rebuilt, not silently reused."""
+def built_with_default_settings(sft_dir: Path, role: str = "reasoner") -> bool:
+    """Whether `sft_dir` holds a complete warm start (its manifest is written last) of `role` made with
+    today's default settings for it: one cached under older defaults is rebuilt, not silently reused."""
     from dataclasses import asdict
 
-    from pipeline.sft import MANIFEST, SftSettings
+    from pipeline.sft import MANIFEST, default_settings
 
     manifest = sft_dir / MANIFEST
     if not manifest.is_file():
         return False
-    wanted = json.loads(json.dumps(asdict(SftSettings())))  # tuples become lists, as in the manifest
-    return json.loads(manifest.read_text()).get("settings") == wanted
+    wanted = json.loads(json.dumps(asdict(default_settings(role))))  # tuples become lists, as in the manifest
+    written = json.loads(manifest.read_text())
+    return written.get("settings") == wanted and written.get("role", "reasoner") == role

@@ -20,6 +20,11 @@ It shares the learner code: a `LearnerGroup` (DeepSpeed ZeRO-3) steps with `obje
 whole-batch normaliser as the GRPO loss, and the result is written by `actors.checkpoint.export_policy`
 (a checkpoint that transformers and vLLM load), atomically, with `sft_manifest.json` written last.
 `tiny://reasoner-sft` in a config (`pipeline.models`) builds make-tiny + this on first use.
+
+The listener warm start (`--role listener`, `tiny://listener-sft`) is the same loop on listener prompts
+(`pipeline.prompts.listener_prompt`): each pair gives two sequences, its faithful reasoning (the text
+above) -> the preferred image's number, and that reasoning with the two images' descriptions swapped -> the
+other number. The listener so learns to answer from what it reads (docs/listener.md).
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from pipeline.config import AlgoConfig, LearnerConfig
-from pipeline.prompts import format_target, reasoner_prompt
-from pipeline.synthetic import BACKGROUND, DRAWN_COLOURS, SYNTHETIC_TASKS, synthetic_pair
+from pipeline.prompts import format_target, listener_prompt, reasoner_prompt
+from pipeline.synthetic import BACKGROUND, DRAWN_COLOURS, TRAINING_TASKS, synthetic_pair
 from pipeline.types import ImageIndex, PreferencePair, TrainBatch, TrainSequence
+
+Role = Literal["reasoner", "listener"]
 
 SFT_SEED_OFFSET = 2_000_003  # the SFT pairs' synthetic stream: disjoint from training (seed) and held-out
 MANIFEST = "sft_manifest.json"
@@ -57,9 +65,18 @@ class SftSettings:
     seed: int = 0  # pairs, answer coins and learner seed
     answer_accuracy: float = 0.5  # probability that a target's answer is the preferred image
     image_size: int = 56  # side of the synthetic images (as data.image_size)
-    tasks: tuple[str, ...] = SYNTHETIC_TASKS  # synthetic tasks, in turn by pair: the warm start sees every kind
+    tasks: tuple[str, ...] = TRAINING_TASKS  # synthetic tasks, in turn by pair (never the OOD one)
     freeze_vision: bool = False  # the vision tower learns to see colours and shapes too
     num_cpus: float = 1  # CPUs (intra-op threads) of the learner rank
+
+
+# `tiny://listener-sft`: two sequences per pair (faithful and swapped), from the random tiny listener.
+LISTENER_SFT = SftSettings(steps=300, pairs_per_step=16)
+
+
+def default_settings(role: Role) -> SftSettings:
+    """What `tiny://ROLE-sft` builds."""
+    return LISTENER_SFT if role == "listener" else SftSettings()
 
 
 @dataclass(frozen=True)
@@ -91,10 +108,19 @@ def describe_synthetic_image(image: Image.Image) -> str:
     return f"{colour} {shape}"
 
 
-def sft_reasoning(pair: PreferencePair) -> str:
-    """The prompt restated and both images described, with no verdict."""
-    return (f"The prompt asks for {pair.prompt}. Image 1 shows a {describe_synthetic_image(pair.image_1)}. "
-            f"Image 2 shows a {describe_synthetic_image(pair.image_2)}.")
+def sft_reasoning(pair: PreferencePair, swap: bool = False) -> str:
+    """The prompt restated and both images described, with no verdict; `swap` gives image 1 the description
+    of image 2 and vice versa (a reasoning that contradicts the images)."""
+    first, second = describe_synthetic_image(pair.image_1), describe_synthetic_image(pair.image_2)
+    if swap:
+        first, second = second, first
+    return f"The prompt asks for {pair.prompt}. Image 1 shows a {first}. Image 2 shows a {second}."
+
+
+def listener_examples(pair: PreferencePair) -> list[tuple[str, ImageIndex]]:
+    """The listener's targets for one pair: (faithful reasoning, preferred), (swapped reasoning, the other)."""
+    other: ImageIndex = 2 if pair.preferred == 1 else 1
+    return [(sft_reasoning(pair), pair.preferred), (sft_reasoning(pair, swap=True), other)]
 
 
 def sft_answer(pair: PreferencePair, seed: int, index: int, answer_accuracy: float) -> ImageIndex:
@@ -111,19 +137,30 @@ def sft_pairs(settings: SftSettings, step: int) -> list[tuple[int, PreferencePai
             for i in range(start, start + settings.pairs_per_step)]
 
 
-def sft_batch(step: int, pairs: list[tuple[int, PreferencePair]], processor, settings: SftSettings) -> TrainBatch:
-    """One `TrainSequence` per pair: the processor's prompt tokens (placeholders expanded), the target's
+def sft_examples(pairs: list[tuple[int, PreferencePair]], settings: SftSettings,
+                 role: Role = "reasoner") -> list[tuple[PreferencePair, str, str]]:
+    """(pair, full chat prompt, target text) of one step: one per pair for the reasoner, two for the listener."""
+    if role == "listener":
+        return [(pair, listener_prompt(pair.prompt, reasoning), str(answer))
+                for _, pair in pairs for reasoning, answer in listener_examples(pair)]
+    return [(pair, reasoner_prompt(pair.prompt),
+             format_target(sft_reasoning(pair), sft_answer(pair, settings.seed, index, settings.answer_accuracy)))
+            for index, pair in pairs]
+
+
+def sft_batch(step: int, pairs: list[tuple[int, PreferencePair]], processor, settings: SftSettings,
+              role: Role = "reasoner") -> TrainBatch:
+    """One `TrainSequence` per example: the processor's prompt tokens (placeholders expanded), the target's
     tokens and the end of turn; no advantage and no rollout logprobs (the SFT objective reads neither)."""
     tokenizer = processor.tokenizer
     eos = tokenizer.convert_tokens_to_ids(IM_END)
     sequences = []
-    for index, pair in pairs:
+    for k, (pair, prompt, target) in enumerate(sft_examples(pairs, settings, role)):
         images = [pair.image_1, pair.image_2]
-        prompt_ids = processor(text=[reasoner_prompt(pair.prompt)], images=images, return_tensors="np")["input_ids"][0]
-        target = format_target(sft_reasoning(pair), sft_answer(pair, settings.seed, index, settings.answer_accuracy))
+        prompt_ids = processor(text=[prompt], images=images, return_tensors="np")["input_ids"][0]
         completion = np.asarray(tokenizer(target, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int64)
         sequences.append(TrainSequence(
-            pair_id=pair.pair_id, completion_index=0, prompt_token_ids=prompt_ids.astype(np.int64),
+            pair_id=pair.pair_id, completion_index=k, prompt_token_ids=prompt_ids.astype(np.int64),
             completion_token_ids=completion, rollout_logprobs=np.zeros(len(completion), dtype=np.float32),
             advantage=0.0, images=(pair.image_1, pair.image_2)))
     return TrainBatch(step=step, policy_version=0, sequences=tuple(sequences))
@@ -132,8 +169,9 @@ def sft_batch(step: int, pairs: list[tuple[int, PreferencePair]], processor, set
 # ---- the run -----------------------------------------------------------------------------------------
 
 def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSettings(),
-               log_every: int = 50) -> SftResult:
-    """SFT `model` for `settings.steps` steps on one learner rank; the result is written to `out` atomically."""
+               log_every: int = 50, role: Role = "reasoner") -> SftResult:
+    """SFT `model` for `settings.steps` steps on one learner rank; the result is written to `out` atomically.
+    `role` picks the targets: the reasoner's format, or the listener's answer from the reasoning it reads."""
     import ray
     from transformers import AutoProcessor
 
@@ -156,17 +194,18 @@ def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSe
     losses: list[float] = []
     try:
         for step in range(settings.steps):
-            batch = sft_batch(step, sft_pairs(settings, step), processor, settings)
+            batch = sft_batch(step, sft_pairs(settings, step), processor, settings, role)
             losses.append(group.train_step(batch, objective="sft").values["loss"])
             if log_every and (step + 1) % log_every == 0:
-                print(f"sft step {step + 1}/{settings.steps}  loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+                print(f"sft ({role}) step {step + 1}/{settings.steps}  loss {losses[-1]:.4f}", file=sys.stderr,
+                      flush=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
             staging = Path(tmp) / "ckpt"
             group.export_policy(str(staging))
             seconds = time.perf_counter() - t_start
             (staging / MANIFEST).write_text(json.dumps(
-                {"base_model": str(model), "settings": asdict(settings), "final_loss": losses[-1] if losses else None,
-                 "seconds": round(seconds, 1)}, indent=2) + "\n")
+                {"base_model": str(model), "role": role, "settings": asdict(settings),
+                 "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1)}, indent=2) + "\n")
             if out.exists():
                 shutil.rmtree(out)
             os.replace(staging, out)
@@ -186,6 +225,6 @@ def sft_command(args) -> int:
     settings = SftSettings(steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr, seed=args.seed,
                            answer_accuracy=args.answer_accuracy, image_size=args.image_size,
                            freeze_vision=args.freeze_vision, tasks=tuple(args.tasks), num_cpus=args.threads)
-    result = warm_start(args.model, args.out, settings)
+    result = warm_start(args.model, args.out, settings, role=getattr(args, "role", "reasoner"))
     print(f"{result.out}  ({settings.steps} steps, final loss {result.losses[-1]:.4f}, {result.seconds:.0f} s)")
     return 0

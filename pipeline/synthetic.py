@@ -7,6 +7,8 @@ and shape. What the other one shows depends on the task:
   of them, which a 1M-parameter model does not reliably learn in CPU minutes (see BENCHMARKS.md).
 - `render`: the generator failed to render the colour: the prompt's shape, drawn in grey. The failure is
   visible in the rejected image alone, as the defects people reject generations for often are.
+- `render-ood`: `render` with prompt colours no training task uses (`OOD_COLOURS`): an out-of-distribution
+  evaluation set (`data.ood_task`); no warm start or default training run sees it.
 The preferred image's position is random. Pair `index` of seed `seed` is a pure function of (seed, index),
 so any size can be generated, in any order, identically on every machine.
 """
@@ -31,10 +33,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# `render-ood`'s prompt colours: kept out of COLOURS, which the tiny tokenizer's corpus is built from.
+OOD_COLOURS: dict[str, tuple[int, int, int]] = {
+    "orange": (240, 140, 20),
+    "cyan": (30, 200, 210),
+    "pink": (240, 120, 180),
+}
 BACKGROUND = (40, 40, 40)
 UNRENDERED_COLOUR = "grey"  # what a `render` failure is drawn in; never a prompt's colour
-DRAWN_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, UNRENDERED_COLOUR: (128, 128, 128)}
+DRAWN_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, UNRENDERED_COLOUR: (128, 128, 128), **OOD_COLOURS}
 SYNTHETIC_TASKS: tuple[str, ...] = get_args(SyntheticTask)
+TRAINING_TASKS: tuple[str, ...] = ("match", "render")  # what the warm starts see; not `render-ood`
 
 
 def draw_shape(colour: str, shape: str, size: int, rng: random.Random) -> Image.Image:
@@ -63,9 +72,9 @@ def synthetic_pair(seed: int, index: int, image_size: int = 56, task: SyntheticT
         raise ValueError(f"unknown synthetic task {task!r}; known: {SYNTHETIC_TASKS}")
     stream = "synthetic" if task == "match" else f"synthetic-{task}"  # `match` keeps the stream it always had
     rng = random.Random(f"{stream}:{seed}:{index}")
-    colour = rng.choice(sorted(COLOURS))
+    colour = rng.choice(sorted(OOD_COLOURS if task == "render-ood" else COLOURS))
     shape = rng.choice(SHAPES)
-    if task == "render":
+    if task in ("render", "render-ood"):
         wrong_colour, wrong_shape = UNRENDERED_COLOUR, shape
     elif rng.random() < 0.5:
         wrong_colour, wrong_shape = rng.choice([c for c in sorted(COLOURS) if c != colour]), shape

@@ -466,3 +466,45 @@ def write_hpdv2_test(root: Path, ranks: list[list[int]]) -> Path:
         items.append({"prompt": f"hpd test {k}", "image_path": paths, "rank": prompt_ranks, "user_hash": "u"})
     (root / "test.json").write_text(json.dumps(items))
     return root
+
+
+# ---------------------------------------------------------------- the paper's test sets as presets
+
+
+def _hub_from_local(monkeypatch, local: Path, calls: list) -> None:
+    """The hub stand-in (no network here): `load_hub_dataset` reads a local copy in the hub's own layout."""
+    import datasets
+
+    def load(repo_id, name, split, streaming, revision):
+        calls.append((repo_id, name, split, revision))
+        return datasets.load_dataset(str(local), split=split, streaming=streaming)
+
+    monkeypatch.setattr(data, "load_hub_dataset", load)
+
+
+def test_presets_resolve_through_the_loading_code(tmp_path, monkeypatch):
+    from pipeline.eval_presets import PRESETS, resolve_dataset
+
+    assert resolve_dataset("THUDM/ImageRewardDB") is None and resolve_dataset("./local.jsonl") is None
+    calls: list = []
+    ir = resolve_dataset("imagereward-test")
+    _hub_from_local(monkeypatch, write_imagereward(tmp_path / "ir"), calls)
+    groups = list(eval_data.ranked_groups(ir.source, ir.split, fmt=ir.format, subset=ir.subset, bounds=BOUNDS))
+    assert calls == [("THUDM/ImageRewardDB", "1k", "test", "refs/convert/parquet")]
+    assert [(g.prompt_id, g.ranks) for g in groups] == [("a", (1, 2, 3)), ("b", (2, 1, 2, 3))]
+
+    rapidata = resolve_dataset("rapidata-style")
+    calls.clear()
+    _hub_from_local(monkeypatch, write_rapidata(tmp_path / "rapidata", [(7, 3), (2, 9)]), calls)
+    groups = list(eval_data.ranked_groups(rapidata.source, rapidata.split, fmt=rapidata.format, bounds=BOUNDS))
+    assert calls == [("Rapidata/human-style-preferences-images", None, "train", None)]
+    assert rapidata.weighting == "votes" and [g.votes for g in groups] == [(7.0, 3.0), (2.0, 9.0)]
+
+    hpd = resolve_dataset("hpdv2-test")
+    root = write_hpdv2_test(tmp_path / "HPDv2", [[2, 1, 3]])
+    requested = []
+    monkeypatch.setattr(data, "snapshot_download", lambda repo, patterns: requested.append((repo, patterns)) or
+                        str(root))
+    (group,) = eval_data.ranked_groups(hpd.source, hpd.split, fmt=hpd.format, bounds=BOUNDS)
+    assert requested == [("ymhao/HPDv2", ["test.json", "test/*"])] and group.ranks == (2, 1, 3)
+    assert set(PRESETS) == {"imagereward-test", "hpdv2-test", "rapidata-style"}

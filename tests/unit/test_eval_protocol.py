@@ -6,13 +6,16 @@ vote resolves, what accuracy the rows give when ties and unparsable answers coun
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.eval_data import RankedGroup
+from pipeline.eval_stats import answer_prefix, order_stats, prompt_weighted_accuracy, vote_weighted_accuracy
 from pipeline.evaluate import (anchor_comparisons, anchor_rows, comparison_stats, pairwise_comparisons,
-                               pairwise_rows, report_metrics)
+                               pairwise_rows, report_metrics, weighted_accuracies, with_swapped_orders)
 from pipeline.metrics import (PairRow, anchor_scores, imagereward_pairs, majority_vote, row_from_answers,
                               rows_from_scores, summarize)
 from pipeline.prompts import format_target
@@ -112,22 +115,100 @@ def test_pairwise_rows_vote_and_count_listener_contradictions():
                      "contradiction_rate": 0.5}
 
 
-def test_anchor_rows_from_votes_against_the_anchor():
+def _anchor_p_image_1(comparisons, p_over_anchor):
+    """p(image shown first) of each anchor comparison, from p(image k over the anchor) per image k."""
+    out = {}
+    for c in comparisons:
+        k = c.first if c.first != 0 else c.second
+        out[c.pair.pair_id] = p_over_anchor[k] if c.first == k else 1.0 - p_over_anchor[k]
+    return out
+
+
+def test_anchor_rows_score_images_by_the_answer_probability():
     group = _group([2, 1, 3])  # anchor is image 0 (rank 2); image 1 is best, image 2 worst
     comparisons = anchor_comparisons([group], seed=0)
     assert len(comparisons) == 2  # n - 1 comparisons
-    rollouts = {}
-    for c in comparisons:
-        k = c.first if c.first != 0 else c.second
-        position_of_k = 1 if c.first == k else 2
-        # The reasoner prefers image 1 over the anchor 3 times of 4, and the anchor over image 2 always.
-        answers = [position_of_k] * 3 + [3 - position_of_k] if k == 1 else [3 - position_of_k] * 4
-        rollouts[c.pair.pair_id] = _rollout(c.pair, [format_target("r", a) for a in answers])
-    rows = anchor_rows([group], comparisons, rollouts)
-    # scores: anchor 0.5, image 1 0.75, image 2 0.0; pairs (0,1) gold 2: 0.75 > 0.5 right;
-    # (0,2) gold 1: 0.5 > 0 right; (1,2) gold 1: 0.75 > 0 right.
+    # p(image 1 over the anchor) 0.75, p(image 2 over the anchor) 0.1, whatever order each was shown in
+    rows = anchor_rows([group], comparisons, _anchor_p_image_1(comparisons, {1: 0.75, 2: 0.1}))
+    # scores: anchor 0.5, image 1 0.75, image 2 0.1; pairs (0,1) gold 2: 0.75 > 0.5 right;
+    # (0,2) gold 1: 0.5 > 0.1 right; (1,2) gold 1: 0.75 > 0.1 right.
     assert [(r.pair_id, r.gold, r.predicted) for r in rows] == [("g:0-1", 2, 2), ("g:0-2", 1, 1), ("g:1-2", 1, 1)]
-    assert [r.p_preferred for r in rows] == pytest.approx([0.75 / 1.25, 1.0, 1.0])
+    assert [r.p_preferred for r in rows] == pytest.approx([0.75 / 1.25, 0.5 / 0.6, 0.75 / 0.85])
+
+
+def test_oracle_reasoner_ranks_nine_images_perfectly():
+    """The issue's case: 9 images (36 pairs). Votes of one greedy answer tie most images (0.667); the
+    oracle's answer probability, p(k over anchor) = sigmoid(rank_anchor - rank_k), ranks all 36 right."""
+    import math
+
+    ranks = [5, 3, 9, 1, 7, 2, 8, 4, 6]
+    group = _group(ranks)
+    comparisons = anchor_comparisons([group], seed=3)
+    truth = {k: 1 / (1 + math.exp(-(ranks[0] - ranks[k]))) for k in range(1, 9)}
+    rows = anchor_rows([group], comparisons, _anchor_p_image_1(comparisons, truth))
+    assert len(rows) == 36 and summarize(rows)["accuracy"] == 1.0
+    # The same reasoner seen through one greedy vote: p is 0 or 1, so all images better than the anchor tie.
+    votes = {k: float(p > 0.5) for k, p in truth.items()}
+    voted = anchor_rows([group], comparisons, _anchor_p_image_1(comparisons, votes))
+    assert summarize(voted)["accuracy"] == pytest.approx(24 / 36)  # the 0.667 of the issue
+    assert sum(r.predicted is None for r in voted) == 12  # C(4,2) + C(4,2) tied pairs
+
+
+def test_anchor_ties_only_on_equal_probabilities_and_both_orders_average():
+    group = _group([2, 1, 3])
+    comparisons = with_swapped_orders(anchor_comparisons([group], seed=0))
+    assert len(comparisons) == 4
+    p = _anchor_p_image_1(comparisons, {1: 0.5, 2: 0.5000001})  # image 1 ties the anchor, image 2 does not
+    # the swapped order of image 2's comparison says 0.3 instead: mean (0.5000001 + 0.3) / 2 < 0.5
+    swapped_2 = next(c for c in comparisons if c.pair.pair_id.endswith("|swapped") and 2 in (c.first, c.second))
+    p[swapped_2.pair.pair_id] = 0.3 if swapped_2.first == 2 else 0.7
+    rows = anchor_rows([group], comparisons, p)
+    assert [(r.pair_id, r.predicted) for r in rows] == [("g:0-1", None), ("g:0-2", 1), ("g:1-2", 1)]
+
+
+def test_both_orders_report_each_order_and_the_position_bias():
+    groups = [_group([1, 2], "a"), _group([2, 1], "b")]
+    comparisons = with_swapped_orders(pairwise_comparisons(groups, seed=0))
+    assert [c.pair.pair_id for c in comparisons] == ["a:0-1", "a:0-1|swapped", "b:0-1", "b:0-1|swapped"]
+    assert [c.pair.preferred for c in comparisons[:2]] == [comparisons[0].pair.preferred,
+                                                           3 - comparisons[0].pair.preferred]
+    # a: right in both orders (names the gold image each time: positions differ);
+    # b: always answers "1" (position bias): right in one order only.
+    answers = {"a:0-1": comparisons[0].pair.preferred, "a:0-1|swapped": comparisons[1].pair.preferred,
+               "b:0-1": 1, "b:0-1|swapped": 1}
+    rollouts = {c.pair.pair_id: _rollout(c.pair, [format_target("r", answers[c.pair.pair_id])]) for c in comparisons}
+    rows = pairwise_rows(comparisons, rollouts, None)
+    stats = order_stats(rows)
+    assert stats == {"both_orders_pairs": 2, "accuracy_order_shown": pytest.approx(stats["accuracy_order_shown"]),
+                     "accuracy_order_swapped": pytest.approx(stats["accuracy_order_swapped"]),
+                     "accuracy_mean_of_orders": 0.75, "position_bias_rate": 0.5}
+    assert stats["accuracy_order_shown"] + stats["accuracy_order_swapped"] == 1.5  # 2 + 1 right of 4
+    assert summarize(rows)["accuracy"] == 0.75  # the mean of the two orders
+
+
+def test_pair_prompt_and_vote_weighted_accuracy():
+    # prompt a: 3 pairs, 3 right; prompt b: 1 pair, wrong. Pair-weighted 3/4, prompt-weighted (1 + 0) / 2.
+    rows = [PairRow(f"a:{k}", "a", 1, 1, 1.0, True) for k in range(3)] + [PairRow("b:0-1", "b", 1, 2, 0.0, False)]
+    assert summarize(rows)["accuracy"] == 0.75
+    assert prompt_weighted_accuracy(rows) == 0.5
+    # votes (gold, other): a:0 (7, 3) right -> 7; b:0-1 (6, 4) wrong -> 4; (7 + 4) / 20
+    assert vote_weighted_accuracy(rows, {"a:0": (7, 3), "b:0-1": (6, 4)}) == pytest.approx(11 / 20)
+    tie = [PairRow("b:0-1|swapped", "b", 2, None, 0.0, False)]  # a tie agrees with no vote
+    assert vote_weighted_accuracy(tie, {"b:0-1": (6, 4)}) == 0.0
+    group = RankedGroup(group_id="r", prompt_id="r", prompt="p", category="", images=(None, None), ranks=(2, 1),
+                        votes=(3.0, 9.0))
+    summary = weighted_accuracies([PairRow("r:0-1", "r", 2, 2, 1.0, True)], [group])
+    assert summary == {"accuracy_pair_weighted": 1.0, "accuracy_prompt_weighted": 1.0,
+                       "accuracy_vote_weighted": 0.75}
+
+
+@pytest.mark.parametrize(("text", "prefix"), [
+    ("<think>so</think><answer>2</answer>", "<think>so</think><answer>"),
+    ("<think>a</think> <answer> Image 1</answer>", "<think>a</think> <answer> Image "),
+    ("<think>a</think>", None), ("<answer>1</answer>", None),
+])
+def test_answer_prefix_stops_before_the_digit(text, prefix):
+    assert answer_prefix(text) == prefix
 
 
 def test_report_metrics_are_flat_and_recountable():
@@ -138,3 +219,75 @@ def test_report_metrics_are_flat_and_recountable():
     assert metrics["eval/accuracy"] == 0.5 and metrics["eval/category/x"] == 0.5
     assert metrics["data/skipped_tie"] == 3.0 and metrics["data/skipped_empty_prompt"] == 0.0
     assert "eval/contradiction_rate" not in metrics  # None without a listener
+
+
+# ---------------------------------------------------------------- settings, names, refusals
+
+
+def test_settings_come_from_the_cli_then_the_checkpoints_run_then_defaults(tmp_path):
+    from pipeline.config import config_to_yaml, load_config
+    from pipeline.eval_presets import EVAL_DEFAULTS, RUN_CONFIG_FILE, resolve_settings
+
+    run = load_config(None, ["model.max_pixels=401408", "rollout.max_new_tokens=512", "rollout.engine.dtype=bfloat16"])
+    (tmp_path / RUN_CONFIG_FILE).write_text(config_to_yaml(run))
+    settings = resolve_settings(tmp_path, {"min_pixels": None, "max_pixels": None, "max_new_tokens": 64,
+                                           "dtype": None})
+    assert (settings.min_pixels, settings.max_pixels, settings.max_new_tokens, settings.dtype) == (
+        3136, 401408, 64, "bfloat16")
+    assert settings.sources == {"min_pixels": "checkpoint", "max_pixels": "checkpoint", "max_new_tokens": "cli",
+                                "dtype": "checkpoint"}
+    bare = resolve_settings(tmp_path / "not-ours", {})  # a hub model or a plain HF dir: the defaults
+    assert (bare.max_pixels, bare.max_new_tokens) == (EVAL_DEFAULTS["max_pixels"], EVAL_DEFAULTS["max_new_tokens"])
+    assert set(bare.sources.values()) == {"default"}
+
+
+def test_evaluate_logs_any_category_name_to_a_real_mlflow_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluate import log_to_mlflow
+    from pipeline.tracking import mlflow_safe_name
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    names = ["Food & Beverage", "100% real", "Tiere/Katzen", "Pizza 🍕", "Pizza 🍔"]
+    rows = [PairRow(f"{k}:0-1", str(k), 1, 1, 1.0, k % 2 == 0, name) for k, name in enumerate(names)]
+    summary = summarize(rows)
+    summary.update(skipped_rows={}, options={"model": "m", "dataset": "d & 😀"})
+    report = {"summary": summary, "pairs": [r.to_dict() for r in rows]}
+    path = tmp_path / "report.json"
+    path.write_text("{}")
+    run = MlflowClient(uri).get_run(log_to_mlflow(report, path, "names"))
+    for k, name in enumerate(names):  # distinct, valid, and the report keeps the original name
+        assert run.data.metrics[mlflow_safe_name(f"eval/category/{name}")] == (1.0 if k % 2 == 0 else 0.0)
+        assert name in summary["per_category"]
+    assert run.data.params["dataset"] == "d & 😀"
+
+
+def _fake_model(root) -> str:
+    """A directory that passes the checkpoint check (config.json); the refusals come before any engine."""
+    root.mkdir()
+    (root / "config.json").write_text("{}")
+    return str(root)
+
+
+def test_a_dataset_with_no_usable_row_is_refused_by_train_and_evaluate(tmp_path, capsys):
+    from pipeline.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": f"p{k}", "image_1": f"gone{k}.png", "image_2": "gone.png",
+                                       "label": 1}) + "\n" for k in range(2)))
+    model = _fake_model(tmp_path / "model")
+    assert main(["evaluate", "--model", model, "--dataset", str(bad), "--out", str(tmp_path / "r.json")]) == 2
+    (err,) = _error_lines(capsys.readouterr().err)
+    assert str(bad) in err and "no usable row" in err and "undecodable_image 2" in err
+    rc = main(["train", f"data.source={bad}", f"model.reasoner={model}", f"model.listener={model}",
+               f"trainer.output_dir={tmp_path / 'run'}"])
+    (err,) = _error_lines(capsys.readouterr().err)
+    assert rc == 2 and "no usable row" in err and str(bad) in err
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """The error lines of a refusal (datasets' progress bars also write to stderr); never a traceback."""
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -100,3 +100,35 @@ def test_a_warm_start_built_with_other_settings_is_not_reused(tmp_path) -> None:
     older = {**asdict(SftSettings()), "tasks": ["match"]}  # the defaults before the render task
     (tmp_path / "sft_manifest.json").write_text(json.dumps({"settings": older}))
     assert not built_with_default_settings(tmp_path)
+
+
+def test_listener_targets_faithful_to_preferred_and_swapped_to_the_other() -> None:
+    from pipeline.prompts import listener_prompt
+    from pipeline.sft import listener_examples, sft_examples
+
+    pair = next(p for p in synthetic_pairs(seed=0, count=10, task="render") if p.preferred == 2)
+    shown = {1: describe_synthetic_image(pair.image_1), 2: describe_synthetic_image(pair.image_2)}
+    assert shown[1].startswith("grey ") and not shown[2].startswith("grey ")  # image 2 is the preferred one
+    (faithful, a), (swapped, b) = listener_examples(pair)
+    assert (a, b) == (2, 1)
+    assert faithful == f"The prompt asks for {pair.prompt}. Image 1 shows a {shown[1]}. Image 2 shows a {shown[2]}."
+    assert swapped == f"The prompt asks for {pair.prompt}. Image 1 shows a {shown[2]}. Image 2 shows a {shown[1]}."
+    examples = sft_examples([(0, pair)], SftSettings(), role="listener")
+    assert [(prompt, target) for _, prompt, target in examples] == [
+        (listener_prompt(pair.prompt, faithful), "2"), (listener_prompt(pair.prompt, swapped), "1")]
+    reasoner = sft_examples([(0, pair)], SftSettings(), role="reasoner")
+    assert len(reasoner) == 1 and parse_completion(reasoner[0][2]).reasoning == faithful
+
+
+def test_tiny_listener_sft_is_reused_only_when_built_as_a_listener(tmp_path) -> None:
+    from pipeline.models import built_with_default_settings, resolve_checkpoint
+    from pipeline.sft import LISTENER_SFT
+
+    built = tmp_path / "tiny-listener-sft"
+    built.mkdir()
+    (built / "sft_manifest.json").write_text(json.dumps({"role": "listener", "settings": asdict(LISTENER_SFT)}))
+    assert resolve_checkpoint("tiny://listener-sft", "model.listener", tmp_path) == str(built)
+    # a reasoner warm start (no role: written before roles existed) is never taken for the listener
+    (built / "sft_manifest.json").write_text(json.dumps({"settings": asdict(LISTENER_SFT)}))
+    assert not built_with_default_settings(built, "listener")
+    assert built_with_default_settings(built, "reasoner") == (LISTENER_SFT == SftSettings())

@@ -77,3 +77,19 @@ def test_match_stream_is_unchanged_by_the_task_argument() -> None:
 def test_unknown_task_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown synthetic task 'blur'"):
         synthetic_pair(0, 0, task="blur")
+
+
+def test_render_ood_uses_only_colours_no_training_task_draws() -> None:
+    from pipeline.sft import describe_synthetic_image
+    from pipeline.synthetic import COLOURS, OOD_COLOURS, TRAINING_TASKS
+
+    assert "render-ood" not in TRAINING_TASKS and not set(OOD_COLOURS) & set(COLOURS)
+    pairs = list(synthetic_pairs(0, 60, task="render-ood"))
+    for pair in pairs:
+        colour, shape = pair.prompt.split()[1:]
+        assert colour in OOD_COLOURS
+        preferred, other = (pair.image_1, pair.image_2) if pair.preferred == 1 else (pair.image_2, pair.image_1)
+        assert (describe_synthetic_image(preferred), describe_synthetic_image(other)) == (
+            f"{colour} {shape}", f"{UNRENDERED_COLOUR} {shape}")
+    assert {p.prompt.split()[1] for p in pairs} == set(OOD_COLOURS)
+    assert not {p.pair_id for p in pairs} & {p.pair_id for p in synthetic_pairs(0, 60, task="render")}
