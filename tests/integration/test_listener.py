@@ -6,6 +6,7 @@ then a killed worker during a stream. Run: `pytest -m integration tests/integrat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -87,6 +88,22 @@ def test_scores_are_renormalised_answer_probabilities(ray_local, pool, tiny_list
 
     again = ray_local.get(pool.score_requests.remote(requests), timeout=300)
     assert again == scores  # identical inputs, identical outputs (exact floats)
+
+
+def test_both_labels_map_p_image_1_to_the_preferred_image(ray_local, pool):
+    # one pair and the same pair with its label flipped: the listener reads the same inputs (the label never
+    # reaches it), so p(image 1) is the same and p(preferred) is p(image 1) for label 1, 1 - p(image 1) for 2
+    pair = synthetic_pair(0, 7)
+    flipped = dataclasses.replace(pair, preferred=3 - pair.preferred)
+    requests = [ListenerRequest(pair=p, completion_index=i, text=TEXTS[0]) for i, p in enumerate((pair, flipped))]
+    scores = ray_local.get(pool.score_requests.remote(requests), timeout=300)
+    by_label = {r.pair.preferred: s for r, s in zip(requests, scores, strict=True)}
+    one, two = by_label[1], by_label[2]
+    assert one.usable and two.usable and abs(one.p_image_1 - 0.5) > 1e-6  # p != .5 tells the labels apart
+    assert one.p_image_1 == pytest.approx(two.p_image_1, abs=1e-6)
+    assert one.p_preferred == pytest.approx(one.p_image_1, abs=1e-12)
+    assert two.p_preferred == pytest.approx(1.0 - two.p_image_1, abs=1e-12)
+    assert one.p_preferred + two.p_preferred == pytest.approx(1.0, abs=1e-6)
 
 
 def test_score_takes_rollout_groups(ray_local, pool):
