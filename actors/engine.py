@@ -71,7 +71,8 @@ def host_dtype_support() -> tuple[frozenset[str], bool | None]:
         text = open("/proc/cpuinfo").read()
     except OSError:  # not Linux: no flags known, fp32
         text = ""
-    flags = frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split(":", 1)[1].split())
+    flags = frozenset(flag for line in text.splitlines() if line.startswith("flags")
+                      for flag in line.split(":", 1)[1].split())
     gpu = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
     return flags, gpu
 
