@@ -158,6 +158,10 @@ class TrainerConfig(_Section):
     seed: int = Field(0, description="Global seed (engines, learner, data).")
     checkpoint_every: int = Field(1, gt=0, description="Checkpoint every K steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the last N checkpoints.")
+    startup_timeout_s: float = Field(1800.0, gt=0, description="How long a run on an existing cluster "
+                                     "(`ray job submit`) waits for the autoscaler to provide its actors' "
+                                     "resources, and then for the engines to come up, before it stops with "
+                                     "one line naming the resources it could not find.")
     sample_table_every: int = Field(1, gt=0, description="Log a table of sample completions every N steps.")
     eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy (eval/accuracy) every N steps and "
                             "at the end; 0 turns it off.")

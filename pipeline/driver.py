@@ -37,7 +37,7 @@ from pipeline.errors import TrainingAborted
 from pipeline.heldout import heldout_metrics, heldout_pairs, ood_heldout_pairs
 from pipeline.models import resolve_checkpoint
 from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
-                                local_cluster_resources)
+                                local_cluster_resources, wait_for_resources)
 from pipeline.progress import Progress, plot_curves, read_rows, summary_lines
 from pipeline.prompts import parse_completion
 from pipeline.tracking import Tracker
@@ -283,8 +283,10 @@ def _connect_ray(cfg: RunConfig) -> bool:
         ray.init(namespace=RAY_NAMESPACE, log_to_driver=True)
         try:
             check_cluster_fits(cfg, ray.cluster_resources())
-        except ConfigError as exc:  # an autoscaler (KubeRay) may still add the nodes: wait, don't refuse
-            log.warning("%s; waiting for the autoscaler to add nodes", exc)
+        except ConfigError as exc:  # an autoscaler (KubeRay) may still add the nodes: wait, within limits
+            log.warning("%s; waiting up to %g s (trainer.startup_timeout_s) for the autoscaler", exc,
+                        cfg.trainer.startup_timeout_s)
+            wait_for_resources(cfg)
         return False
     ray.init(namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False,
              configure_logging=False, **local_cluster_resources(cfg))

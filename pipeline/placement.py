@@ -4,10 +4,15 @@ Each actor kind asks for its own Ray custom resource (`rollout.resource`, `liste
 `learner.resource`, one unit per actor) besides CPUs and GPUs, so on KubeRay each kind lands on its own
 worker group and the groups scale independently. The listener pool is a named actor
 (`LISTENER_POOL_NAME` in `RAY_NAMESPACE`) so `python -m pipeline scale-listeners` can resize it live.
+
+On an existing cluster (`ray job submit`) `wait_for_resources` asks the autoscaler for every actor's
+resources and waits at most `trainer.startup_timeout_s`; the engines then get the same time to come up.
+Either wait ending stops the run with one line naming the resources the cluster did not provide.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +56,51 @@ def required_resources(cfg: RunConfig) -> dict[str, float]:
     return need
 
 
+def missing_resources(cfg: RunConfig, available: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """name -> (needed, available) for every resource the cluster holds too little of."""
+    return {name: (amount, available.get(name, 0.0)) for name, amount in required_resources(cfg).items()
+            if amount > available.get(name, 0.0) + 1e-9}
+
+
+def describe_missing(missing: dict[str, tuple[float, float]]) -> str:
+    return ", ".join(f"{name} (needs {need:g}, cluster has {have:g})" for name, (need, have) in missing.items())
+
+
 def check_cluster_fits(cfg: RunConfig, available: dict[str, float]) -> None:
     """Refuse, with one line, a run the cluster cannot hold now."""
-    for name, amount in required_resources(cfg).items():
-        if amount > available.get(name, 0.0) + 1e-9:
-            raise ConfigError(f"the run needs {amount:g} {name} but the Ray cluster has "
-                              f"{available.get(name, 0.0):g} (check num_workers/num_ranks, num_gpus, num_cpus)")
+    for name, (amount, have) in missing_resources(cfg, available).items():
+        raise ConfigError(f"the run needs {amount:g} {name} but the Ray cluster has {have:g} "
+                          f"(check num_workers/num_ranks, num_gpus, num_cpus)")
+
+
+def actor_bundles(cfg: RunConfig) -> list[dict[str, float]]:
+    """One resource bundle per engine/rank actor, as the autoscaler's request_resources takes them."""
+    bundles = []
+    for section, count in ((cfg.rollout, cfg.rollout.num_workers), (cfg.listener, cfg.listener.num_workers),
+                           (cfg.learner, cfg.learner.num_ranks)):
+        bundle = {"CPU": section.num_cpus, "GPU": section.num_gpus, section.resource: 1.0}
+        bundles += [{k: v for k, v in bundle.items() if v > 0}] * count
+    return bundles
+
+
+def wait_for_resources(cfg: RunConfig, poll_s: float = 1.0) -> None:
+    """On an existing cluster: ask the autoscaler for the run's actors, then wait until the cluster holds
+    them; after `trainer.startup_timeout_s` raise one line naming what is still missing."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    timeout_s = cfg.trainer.startup_timeout_s
+    deadline = time.monotonic() + timeout_s
+    request_resources(bundles=actor_bundles(cfg))
+    try:
+        while missing := missing_resources(cfg, ray.cluster_resources()):
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"the Ray cluster did not provide the run's resources within {timeout_s:g} s "
+                                  f"(trainer.startup_timeout_s): {describe_missing(missing)}; check that a "
+                                  f"worker group advertises each and can grow that far")
+            time.sleep(poll_s)
+    finally:
+        request_resources(bundles=[])  # the actors' own demand takes over; scale-down stays possible
 
 
 def local_cluster_resources(cfg: RunConfig) -> dict[str, Any]:
@@ -79,7 +123,8 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
     rollout_options = _options(cfg.rollout.num_cpus, cfg.rollout.num_gpus, cfg.rollout.resource)
     rollout = [
         ray.remote(RolloutWorker).options(**rollout_options, max_restarts=-1, max_task_retries=0)
-        .remote(reasoner_path, cfg.rollout.engine, seed=seed + index, num_threads=max(1, int(cfg.rollout.num_cpus)),
+        .remote(reasoner_path, cfg.rollout.engine, seed=seed + index,
+                num_threads=intra_op_threads(cfg.rollout.num_cpus),
                 trust_remote_code=cfg.model.trust_remote_code)
         for index in range(cfg.rollout.num_workers)
     ]
@@ -93,8 +138,25 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
         reasoner_path, cfg.learner, cfg.algo, seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature, trust_remote_code=cfg.model.trust_remote_code,
         actor_options=_options(cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resource))
-    ray.get([worker.ready.remote() for worker in rollout] + [listener_pool.ready.remote()])
-    return Actors(rollout=rollout, listener_pool=listener_pool, reward=reward, learner=learner)
+    actors = Actors(rollout=rollout, listener_pool=listener_pool, reward=reward, learner=learner)
+    ready = [worker.ready.remote() for worker in rollout] + [listener_pool.ready.remote()]
+    try:
+        ray.get(ready, timeout=cfg.trainer.startup_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        missing = missing_resources(cfg, ray.cluster_resources())
+        actors.shutdown()
+        what = describe_missing(missing) if missing else ("the cluster holds them in total, so either no single "
+                                                          "node fits an actor or the engines are still loading")
+        raise ConfigError(f"the run's engines did not come up within {cfg.trainer.startup_timeout_s:g} s "
+                          f"(trainer.startup_timeout_s): {what}") from None
+    return actors
+
+
+def intra_op_threads(num_cpus: float) -> int:
+    """An actor's torch/OpenMP threads: its CPU share (whole CPUs), at least one. With max_staleness 0 the
+    stages run one after the other, so each may be given every core; with 1 the rollout side and the learner
+    run at once and their shares should add up to the node's cores (Ray counts shares, it does not pin)."""
+    return max(1, int(num_cpus + 1e-9))
 
 
 def _options(num_cpus: float, num_gpus: float, resource: str) -> dict[str, Any]:
