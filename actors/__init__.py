@@ -1,1 +1,1 @@
-"""Ray actor classes, one role a file; plain classes, heavy imports inside methods (DESIGN.md)."""
+"""Ray actor classes, one role a file; plain classes, heavy imports inside methods (docs/design.md)."""

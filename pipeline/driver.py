@@ -1,4 +1,4 @@
-"""The training driver: the one loop of listener-augmented GRPO (DESIGN.md "One GRPO step").
+"""The training driver: the one loop of listener-augmented GRPO (docs/design.md "One GRPO step").
 
     python -m pipeline train                                # the embedded default (configs/tiny_cpu.yaml)
     python -m pipeline train --config configs/qwen25vl_7b.yaml trainer.steps=100

@@ -6,7 +6,7 @@ the preferred image and ids. A row that cannot be used raises `BadRow(reason)`; 
 counts the reason. `materialize` decodes, checks and resizes the images and applies the seeded per-pair
 swap of the two images (label swapped with them), so no position carries the answer.
 
-Schemas (PAPER.md "Hub identifiers"):
+Schemas (docs/method.md "Hub identifiers"):
 - ImageRewardDB: one row per image: image, prompt_id, prompt, rank (1 = best), classification, ...;
   pairs are formed per prompt (see `pipeline/metrics.imagereward_pairs`).
 - HPDv2 (train.json): prompt, file_path [2 paths relative to the dataset dir], human_preference [2]

@@ -23,7 +23,7 @@ Metrics are detached and additive too: `pg_loss` is aggregated like the loss, th
 micro-batches and ranks gives the batch's values; `ratio_min`/`ratio_max` combine by min/max
 (`METRIC_REDUCTIONS`, `combine_metrics`).
 
-Choices where implementations differ (PAPER.md leaves them open):
+Choices where implementations differ (docs/method.md leaves them open):
 - std is the population std (ddof 0), so a group of one gets advantage 0, not NaN; "batch" scaling keeps
   the per-group mean and divides by the std of all rewards of the batch (Lite PPO); "none" is Dr. GRPO.
 - The truncated importance-sampling (TIS) weight min(exp(old - rollout), cap) multiplies the policy term

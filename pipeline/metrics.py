@@ -1,6 +1,6 @@
 """Evaluation protocol math (pure): ImageReward pairs, majority vote, accuracy, anchor ranking, contradictions.
 
-The ImageReward protocol (Xu et al., 2023; PAPER.md "Data and evaluation"): for each prompt, every pair of
+The ImageReward protocol (Xu et al., 2023; docs/method.md "Data and evaluation"): for each prompt, every pair of
 its images whose human ranks differ is one test pair (rank 1 is the best image; equal ranks make no pair);
 accuracy is the fraction of those pairs on which the model prefers the image people ranked better. A tie in
 the model's prediction (equal votes, equal scores) or an unparsable answer counts as wrong.
@@ -9,7 +9,7 @@ Departure from ImageReward's scalar-score setup: our reasoner compares two image
 prediction is the majority vote of n sampled answers (greedy: n = 1), and `p_preferred` is the fraction of
 those n answers naming the human-preferred image (unparsable answers count in the denominator). With
 `anchor` ranking, each image of a prompt is compared once with one anchor image (n-1 comparisons) and the
-pairwise probabilities become scores (PAPER.md "At inference").
+pairwise probabilities become scores (docs/method.md "At inference").
 
 Everything here works on plain Python values, so a report's per-pair rows can be recounted by anyone:
 `summarize(rows)["accuracy"] == mean(row.correct)`.

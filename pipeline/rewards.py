@@ -3,7 +3,7 @@
     r = w_format * r_format + w_accuracy * r_accuracy + w_listener * r_listener     (defaults 1, 0.5, 0.5)
 
 - r_format: 1 when `pipeline.prompts.parse_completion` accepts the completion, else 0. A bad format earns
-  no accuracy and no listener credit (PAPER.md).
+  no accuracy and no listener credit (docs/method.md).
 - r_accuracy: 1 when the parsed answer is the human-preferred image, else 0.
 - r_listener: the listener's p(preferred image) given the masked reasoning, or p - 0.5 when centred. A
   well-formed completion whose reasoning is empty after masking (an unusable score: the reasoning was

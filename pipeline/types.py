@@ -1,4 +1,4 @@
-"""Typed messages between the driver and the actors (DESIGN.md "Contracts").
+"""Typed messages between the driver and the actors (docs/design.md "Contracts").
 
 Every message is a frozen dataclass of plain Python values, numpy arrays and PIL images, so it crosses
 Ray by pickling and never carries a live torch module. Every message carries the ids needed to join it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# No hub or network at test time; CPU-only engines with the measured-good settings (DESIGN.md).
+# No hub or network at test time; CPU-only engines with the measured-good settings (docs/design.md).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -183,7 +183,7 @@ def test_cpu_image_installs_like_make_test():
 def test_cpu_lock_keeps_cuda_only_packages_out():
     cpu = pins(CPU_LOCK)
     for name in ("torchaudio", "torchcodec", "triton", "vllm"):
-        assert name not in cpu, f"{name} must not be in the CPU lock (DESIGN.md: breaks vLLM on CPU)"
+        assert name not in cpu, f"{name} must not be in the CPU lock (docs/design.md: breaks vLLM on CPU)"
     assert cpu["torch"].endswith("+cpu")
 
 

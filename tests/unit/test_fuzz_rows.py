@@ -180,3 +180,27 @@ def test_rows_found_by_fuzzing_are_counted_by_the_data_source(tmp_path: Path) ->
     assert [pair.prompt for pair in source.next_batch(10)] == ["good", "good too"]
     assert dict(source.skip_counts) == {"extreme_aspect_ratio": 1, "undecodable_image": 2}
     assert skip_metrics(source.skip_counts)["data/skipped_extreme_aspect_ratio"] == 1.0
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=6), st.booleans())
+def test_a_looping_source_never_spins_on_bad_rows(good: list[bool], shuffle: bool) -> None:
+    """Any mix of good and bad rows: a looping source fills the batch from the good ones, or, with none,
+    refuses with NoUsableRows; it never skips rows forever."""
+    import tempfile
+
+    from pipeline.data import NoUsableRows, PairSource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "ok.png").write_bytes(encoded((60, 60)))
+        rows = [{"prompt": f"p{k}", "image_1": "ok.png" if ok else "gone.png", "image_2": "ok.png", "label": 1}
+                for k, ok in enumerate(good)]
+        (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        source = PairSource(str(root / "pairs.jsonl"), shuffle=shuffle, bounds=BOUNDS)
+        if any(good):
+            assert len(source.next_batch(7)) == 7  # loops over the good rows
+        else:
+            with pytest.raises(NoUsableRows):
+                source.next_batch(7)
+            assert source.position == len(good)  # one epoch read, not more
