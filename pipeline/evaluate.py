@@ -292,7 +292,8 @@ def evaluate(opts: EvalOptions) -> dict:
     summary.update(order_stats(rows))
     summary.update(comparison_stats(comparisons, rollouts, scores))  # both modes: over every completion
     summary.update(skipped_rows=dict(sorted(skipped.items())), seconds=time.perf_counter() - started,
-                   options=_options_dict(opts, settings, source, split, subset))
+                   options=_options_dict(opts, settings, source, split, subset)
+                   | {"weighting": preset.weighting if preset else "pairs"})
     # `analysis`: further analyses of the same rows (e.g. accuracy where the reasoner agrees with the listener)
     analysis = {}
     if scores is not None and not opts.anchor:  # anchor comparisons of equal ranks have no gold to be right on
@@ -381,6 +382,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     opts.out.write_text(json.dumps(report, indent=1) + "\n")
     run_id = log_to_mlflow(report, opts.out, opts.experiment)
     s = report["summary"]
+    if "accuracy_vote_weighted" in s:
+        print(f"vote-weighted accuracy {s['accuracy_vote_weighted']:.4f} (weighting: {s['options']['weighting']})")
     print(f"accuracy {s['accuracy']:.4f} (pair-weighted; prompt-weighted {s['accuracy_prompt_weighted']:.4f}) "
           f"over {s['pairs']} pairs of {s['prompts']} prompts; unparsable {s['unparsable_rate']:.3f}; "
           f"contradictions {s['contradiction_rate']}; skipped {s['skipped_rows']}; report {opts.out}; "
