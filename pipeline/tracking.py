@@ -54,9 +54,9 @@ def mlflow_safe_name(name: str) -> str:
     """`name` as MLflow accepts it: unchanged when already valid, else a stable valid form with a short hash.
 
     Characters outside `[A-Za-z0-9_.- /]` become `_`; empty, `.` and `..` path segments are dropped (a
-    leading `.` gets a `_` before it); when anything changed, 8 hex digits of the original's SHA-1
-    are appended after a `-` (before an extension such as `.json`), so two names that differ only in replaced characters stay distinct
-    ("Food & Drink" -> "Food _ Drink-1a2b3c4d").
+    leading `.` gets a `_` before it); when anything changed, 8 hex digits of the original's SHA-1 are
+    appended after a `-` (before an extension such as `.json`), so two names that differ only in replaced
+    characters stay distinct ("Food & Drink" -> "Food _ Drink-1a2b3c4d").
     """
     text = str(name)
     safe = _UNSAFE_NAME_CHAR_RE.sub("_", text)
