@@ -236,19 +236,20 @@ class LearnerRank:
 
     def sync_weights(self, workers: list[Any], version: int, sync: SyncConfig) -> WeightVersion | None:
         """All ranks gather; rank 0 sends to `workers` and returns the report (others None)."""
-        from actors.weight_sync import make_transport, sync_weights
+        from actors.weight_sync import make_transport, resolve_transport, sync_weights
 
-        transport = None
+        transport, name = None, sync.transport
         if self.rank == 0:
             key = (sync.transport, tuple(w._actor_id.hex() for w in workers))
             if key not in self._transports:  # the collective group is formed once per worker set
-                self._transports[key] = make_transport(sync.transport, workers)
-            transport = self._transports[key]
-        return sync_weights(self.engine.module, transport, version, int(sync.bucket_mb * 2**20), sync.transport)
+                name = resolve_transport(sync.transport, workers)  # auto: by where the workers are
+                self._transports[key] = (name, make_transport(name, workers))
+            name, transport = self._transports[key]
+        return sync_weights(self.engine.module, transport, version, int(sync.bucket_mb * 2**20), name)
 
     def reset_transports(self) -> None:
         """Drop cached transports: the next sync forms a new group with the workers' current processes."""
-        for transport in self._transports.values():
+        for _, transport in self._transports.values():
             transport.close()
         self._transports = {}
 

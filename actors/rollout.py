@@ -121,8 +121,9 @@ class RolloutWorker:
         return [listener_p_image_1(step[ids[0]].logprob, step[ids[1]].logprob) for step in first]
 
     # ---- weights ---------------------------------------------------------------------------------
-    # The collective transport (actors/weight_sync.py) adds `init_weight_group` and `receive_weight_bucket`
-    # here; they receive a bucket and hand it to `load_weights`.
+    # The transports of actors/weight_sync.py call `load_packed_bucket` (object store),
+    # `load_shared_bucket` (shared memory) or `init_weight_group` + `receive_weight_bucket` (collective);
+    # each returns the seconds the engine spent loading, and all go through `load_weights`.
 
     def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
         """Join the weight-sync process group of learner rank 0 (group rank 0) and the rollout workers."""
@@ -130,9 +131,40 @@ class RolloutWorker:
 
         self._weight_receiver = CollectiveReceiver(host, port, rank, world_size, backend)
 
-    def receive_weight_bucket(self, meta: Any) -> int:
-        """Receive one broadcast bucket (`WeightBucketMeta` says what it holds) and load it."""
-        return self.load_weights(self._weight_receiver.receive(meta))
+    def receive_weight_bucket(self, meta: Any) -> float:
+        """Receive one broadcast bucket (`WeightBucketMeta` says what it holds) and load it; engine seconds."""
+        return self._timed_load(self._weight_receiver.receive(meta))
+
+    def load_packed_bucket(self, meta: Any, buffer: Any) -> float:
+        """Load one packed bucket (its bytes read in place, e.g. from the object store); engine seconds."""
+        from actors.weight_sync import byte_tensor, unpack_bucket
+
+        return self._timed_load(unpack_bucket(meta, byte_tensor(buffer)))
+
+    def load_shared_bucket(self, path: str, meta: Any) -> tuple[float, bool]:
+        """Load one bucket from a shared-memory staging file, read in place; (engine seconds, whether the
+        engine still holds views into the file afterwards: a fused layer waiting for its other parts)."""
+        import torch
+
+        from actors.weight_sync import read_shared_bucket
+
+        named = read_shared_bucket(path, meta)
+        storage = named[0][1].untyped_storage() if named else None
+        seconds = self._timed_load(named)
+        if storage is None:
+            return seconds, False
+        weak = storage._weak_ref()
+        del named, storage
+        pinned = not torch.UntypedStorage._expired(weak)
+        torch.UntypedStorage._free_weak_ref(weak)
+        return seconds, pinned
+
+    def _timed_load(self, named_tensors: list[tuple[str, Any]]) -> float:
+        import time
+
+        start = time.perf_counter()
+        self.load_weights(named_tensors)
+        return time.perf_counter() - start
 
     def load_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
         """Load one bucket (checkpoint names) in place; returns the bytes loaded. Call again for more."""

@@ -9,12 +9,17 @@ persistent ones. Frozen parameters are skipped (the rollout engines loaded them 
 Names are mapped from the transformers module names to the checkpoint names of `model.safetensors`
 (`model.language_model.*` -> `model.*` for Qwen2.5-VL), which vLLM's loader maps to its own.
 
-Transports (`SyncConfig.transport`), one interface (`WeightTransport`):
-- `object_store`: rank 0 `ray.put`s each bucket once; every worker's `load_weights` reads it.
+Transports (`SyncConfig.transport`), one interface (`WeightTransport`); every bucket travels as ONE
+packed byte buffer (`pack_bucket`/`write_bucket`: names, dtypes and shapes in a `WeightBucketMeta`), never as
+pickled tensors (a ZeRO-3 parameter on one rank is a view of one flat buffer, and pickling a view pickles
+its whole storage: that made a 97 MB sync serialise ~9 GB and take 40+ s):
+- `shared_memory` (same node; what `auto` picks when every worker shares learner rank 0's node): rank 0
+  copies the bucket into a staging file in /dev/shm; the workers map it and the engine loads from views.
+  One copy into staging, one into the engine, nothing serialised.
+- `object_store`: rank 0 `ray.put`s the packed buffer once; every worker reads it in place from the store.
 - `collective`: a process group of learner rank 0 (rank 0) and the rollout workers' processes (ranks
-  1..R), built from its own TCPStore, so it never touches the learners' default group; each bucket is
-  packed into one byte buffer and broadcast (gloo on CPU, NCCL on GPU). The workers are told the bucket's
-  names/dtypes/shapes (`WeightBucketMeta`) through Ray and receive the buffer with `CollectiveReceiver`.
+  1..R), built from its own TCPStore, so it never touches the learners' default group; each packed bucket
+  is broadcast (gloo on CPU, NCCL on GPU); the workers get the meta through Ray (`CollectiveReceiver`).
 - `cuda_ipc` (planned): a learner and an engine sharing a GPU would send CUDA IPC handles of the gathered
   bucket (`torch.multiprocessing.reductions.reduce_tensor`) instead of bytes; add a class with the same
   three methods and register it in `TRANSPORTS`.
@@ -28,8 +33,12 @@ benchmark: `python -m bench.weight_sync`.
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import time
+import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,29 +127,46 @@ def iter_gathered_buckets(model: torch.nn.Module, bucket_bytes: int, include_fro
 
 def sync_weights(model: torch.nn.Module, transport: "WeightTransport | None", version: int,
                  bucket_bytes: int, transport_name: str = "") -> WeightVersion | None:
-    """All learner ranks call this; rank 0 passes its transport, the others None. Rank 0 returns the report."""
+    """All learner ranks call this; rank 0 passes its transport, the others None. Rank 0 returns the report.
+
+    Phases (seconds summed over buckets): gather = materialising each bucket (and releasing the previous);
+    load = the slowest worker's engine load of each bucket, plus closing the update; transfer = the rest
+    of each send (packing, staging, the transport, the calls).
+    """
     start = time.perf_counter()
     stats: dict[str, int] = {}
+    phases = {"gather_s": 0.0, "transfer_s": 0.0, "load_s": 0.0}
     num_bytes = num_buckets = 0
     error = ""
-    for named in iter_gathered_buckets(model, bucket_bytes, stats=stats):
+    buckets = iter_gathered_buckets(model, bucket_bytes, stats=stats)
+    while True:
+        t_gather = time.perf_counter()
+        named = next(buckets, None)
+        phases["gather_s"] += time.perf_counter() - t_gather
+        if named is None:
+            break
         if transport is not None and not error:
+            t_send = time.perf_counter()
             try:
-                transport.send_bucket(named)
+                load_s = transport.send_bucket(named)
             except Exception as exc:  # a rollout worker died mid-sync: report it, but keep gathering in
-                error = _describe(exc)  # step with the other ranks (they would wait for rank 0 forever)
+                error, load_s = _describe(exc), 0.0  # step with the other ranks (they would wait for rank 0)
+            phases["load_s"] += load_s
+            phases["transfer_s"] += time.perf_counter() - t_send - load_s
         num_bytes += sum(t.numel() * t.element_size() for _, t in named)
         num_buckets += 1
     if transport is None:
         return None
     if not error:
+        t_finish = time.perf_counter()
         try:
             transport.finish(version)
         except Exception as exc:
             error = _describe(exc)
+        phases["load_s"] += time.perf_counter() - t_finish
     return WeightVersion(version=version, num_bytes=num_bytes, num_buckets=num_buckets,
                          seconds=time.perf_counter() - start, transport=transport_name,
-                         peak_gathered_bytes=stats.get("peak_gathered_bytes", 0), error=error)
+                         peak_gathered_bytes=stats.get("peak_gathered_bytes", 0), error=error, **phases)
 
 
 def _describe(exc: Exception) -> str:
@@ -153,34 +179,115 @@ def _describe(exc: Exception) -> str:
 class WeightTransport(Protocol):
     """How rank 0 delivers buckets to the rollout workers."""
 
-    def send_bucket(self, named: NamedTensors) -> None: ...
+    def send_bucket(self, named: NamedTensors) -> float:
+        """Deliver one bucket to every worker; returns the slowest worker's engine-load seconds."""
 
     def finish(self, version: int) -> None: ...
 
     def close(self) -> None: ...
 
 
+def _finish_all(workers: Sequence[Any], version: int) -> None:
+    import ray
+
+    ray.get([worker.finish_weight_update.remote(version) for worker in workers])
+
+
 class ObjectStoreTransport:
-    """Each bucket goes into the Ray object store once; every worker loads it from there."""
+    """Each bucket is packed into one byte buffer and put into the Ray object store once; every worker
+    reads it in place (a numpy buffer is not pickled) and loads views of it."""
 
     def __init__(self, workers: Sequence[Any]) -> None:
         self.workers = list(workers)
 
-    def send_bucket(self, named: NamedTensors) -> None:
+    def send_bucket(self, named: NamedTensors) -> float:
         import ray
 
-        # Detached CPU copies: ray.put serialises the bytes once for all readers.
-        ref = ray.put([(name, t.detach().to("cpu")) for name, t in named])
-        ray.get([worker.load_weights.remote(ref) for worker in self.workers])  # wait: one bucket in flight
-        del ref
+        # Packed, never pickled tensor by tensor: a tensor that is a view (ZeRO-3 on one rank keeps every
+        # parameter in one flat buffer) pickles its WHOLE storage, once per tensor.
+        meta, buffer = pack_bucket(named, torch.device("cpu"))
+        ref = ray.put(buffer.numpy())
+        del buffer
+        return max(ray.get([worker.load_packed_bucket.remote(meta, ref) for worker in self.workers]))
 
     def finish(self, version: int) -> None:
-        import ray
-
-        ray.get([worker.finish_weight_update.remote(version) for worker in self.workers])
+        _finish_all(self.workers, version)
 
     def close(self) -> None:
         self.workers = []
+
+
+class SharedMemoryTransport:
+    """Same node only: rank 0 writes each bucket into a staging file in /dev/shm (one copy, no
+    serialisation); every worker maps it and the engine loads straight from views of the mapping.
+
+    One staging file is reused bucket after bucket; a worker whose engine still holds views into it
+    after a bucket (vLLM buffers a fused layer until all its parts arrived) says so, and the next bucket
+    goes to a new file (the old one lives on, unlinked, until the engine lets go). The file is unlinked
+    at the end of every sync, so a learner that dies leaves at most one bucket behind in /dev/shm.
+    """
+
+    def __init__(self, workers: Sequence[Any], directory: str = "/dev/shm") -> None:
+        self.workers = list(workers)
+        self.directory = directory if os.path.isdir(directory) else tempfile.gettempdir()
+        self.prefix = f"lgrpo-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._files = 0
+        self._path = ""
+        self._staging: torch.Tensor | None = None
+
+    def _stage(self, num_bytes: int) -> torch.Tensor:
+        if self._staging is None or self._staging.numel() < num_bytes:
+            self._release()
+            self._path = os.path.join(self.directory, f"{self.prefix}-{self._files}")
+            self._files += 1
+            with open(self._path, "wb") as file:
+                file.truncate(num_bytes)
+            self._staging = torch.from_file(self._path, shared=True, size=num_bytes, dtype=torch.uint8)
+        return self._staging
+
+    def send_bucket(self, named: NamedTensors) -> float:
+        import ray
+
+        meta = bucket_meta(named)
+        write_bucket(named, self._stage(meta.num_bytes))
+        results = ray.get([worker.load_shared_bucket.remote(self._path, meta) for worker in self.workers])
+        if any(pinned for _, pinned in results):
+            self._release()  # never overwrite bytes an engine still refers to
+        return max(seconds for seconds, _ in results)
+
+    def _release(self) -> None:
+        self._staging = None
+        if self._path:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+        self._path = ""
+
+    def finish(self, version: int) -> None:
+        self._release()
+        _finish_all(self.workers, version)
+
+    def close(self) -> None:
+        self._release()
+        self.workers = []
+
+    def __del__(self) -> None:
+        self._release()
+
+
+def read_shared_bucket(path: str, meta: WeightBucketMeta) -> NamedTensors:
+    """Worker side of `SharedMemoryTransport`: views of the bucket in a private mapping of `path`."""
+    return unpack_bucket(meta, torch.from_file(path, shared=False, size=meta.num_bytes, dtype=torch.uint8))
+
+
+def byte_tensor(buffer: Any) -> torch.Tensor:
+    """A uint8 tensor over `buffer` (e.g. a read-only numpy array from the object store), not copied."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer
+    with warnings.catch_warnings():  # read-only: the engine only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(buffer)
 
 
 class CollectiveTransport:
@@ -193,7 +300,7 @@ class CollectiveTransport:
         self.device = device or (torch.device("cuda", torch.cuda.current_device())
                                  if torch.cuda.is_available() else torch.device("cpu"))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        host = _reachable_host(self.workers)
+        host = "127.0.0.1" if same_node(self.workers) else ray.util.get_node_ip_address()
         port = free_port()
         world_size = len(self.workers) + 1
         joins = [worker.init_weight_group.remote(host, port, rank, world_size, backend)
@@ -201,24 +308,30 @@ class CollectiveTransport:
         self.group = new_group(host, port, 0, world_size, backend)  # returns once every worker has joined
         ray.get(joins)
 
-    def send_bucket(self, named: NamedTensors) -> None:
+    def send_bucket(self, named: NamedTensors) -> float:
         import ray
 
         meta, buffer = pack_bucket(named, self.device)
         receives = [worker.receive_weight_bucket.remote(meta) for worker in self.workers]
         broadcast(self.group, buffer)
-        ray.get(receives)
+        return max(ray.get(receives))
 
     def finish(self, version: int) -> None:
-        import ray
-
-        ray.get([worker.finish_weight_update.remote(version) for worker in self.workers])
+        _finish_all(self.workers, version)
 
     def close(self) -> None:
         self.group = None
 
 
-TRANSPORTS = {"object_store": ObjectStoreTransport, "collective": CollectiveTransport}
+TRANSPORTS = {"object_store": ObjectStoreTransport, "collective": CollectiveTransport,
+              "shared_memory": SharedMemoryTransport}
+
+
+def resolve_transport(name: str, workers: Sequence[Any]) -> str:
+    """`auto`: shared memory when every worker is on this (learner rank 0's) node, else the object store."""
+    if name != "auto":
+        return name
+    return "shared_memory" if same_node(workers) else "object_store"
 
 
 def make_transport(name: str, workers: Sequence[Any]) -> WeightTransport:
@@ -235,13 +348,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _reachable_host(workers: Sequence[Any]) -> str:
-    """127.0.0.1 when every worker shares this node, else this node's IP."""
+def same_node(workers: Sequence[Any]) -> bool:
+    """Whether every worker runs on this process's node."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    nodes = ray.get([worker.__ray_call__.remote(_node_id) for worker in workers])
-    return "127.0.0.1" if all(node == here for node in nodes) else ray.util.get_node_ip_address()
+    return all(node == here for node in ray.get([worker.__ray_call__.remote(_node_id) for worker in workers]))
 
 
 def _node_id(_actor: Any) -> str:
@@ -301,19 +413,27 @@ def bucket_layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, end
 
 
-def pack_bucket(named: NamedTensors, device: torch.device) -> tuple[WeightBucketMeta, torch.Tensor]:
-    """One contiguous byte buffer holding every tensor of the bucket (one broadcast per bucket)."""
+def bucket_meta(named: NamedTensors) -> WeightBucketMeta:
+    """Names, dtypes, shapes and packed size of a bucket."""
+    _, total = bucket_layout([t.numel() * t.element_size() for _, t in named])
+    return WeightBucketMeta(names=tuple(name for name, _ in named),
+                            dtypes=tuple(str(t.dtype).removeprefix("torch.") for _, t in named),
+                            shapes=tuple(tuple(t.shape) for _, t in named), num_bytes=total)
+
+
+def write_bucket(named: NamedTensors, buffer: torch.Tensor) -> None:
+    """Copy every tensor of the bucket to its offset in the byte `buffer` (the layout of `bucket_layout`)."""
     sizes = [t.numel() * t.element_size() for _, t in named]
-    offsets, total = bucket_layout(sizes)
-    buffer = torch.zeros(total, dtype=torch.uint8, device=device)
+    offsets, _ = bucket_layout(sizes)
     for (_, tensor), start, size in zip(named, offsets, sizes):
         buffer[start:start + size].copy_(tensor.detach().contiguous().view(-1).view(torch.uint8))
-    meta = WeightBucketMeta(
-        names=tuple(name for name, _ in named),
-        dtypes=tuple(str(t.dtype).removeprefix("torch.") for _, t in named),
-        shapes=tuple(tuple(t.shape) for _, t in named),
-        num_bytes=total,
-    )
+
+
+def pack_bucket(named: NamedTensors, device: torch.device) -> tuple[WeightBucketMeta, torch.Tensor]:
+    """One contiguous byte buffer holding every tensor of the bucket (one broadcast / put per bucket)."""
+    meta = bucket_meta(named)
+    buffer = torch.empty(meta.num_bytes, dtype=torch.uint8, device=device)
+    write_bucket(named, buffer)
     return meta, buffer
 
 

@@ -147,8 +147,10 @@ class LearnerConfig(_Section):
 
 
 class SyncConfig(_Section):
-    transport: Literal["object_store", "collective"] = Field("object_store", description="How weights reach "
-                                                             "the rollout workers.")
+    transport: Literal["auto", "shared_memory", "object_store", "collective"] = Field(
+        "auto", description="How weights reach the rollout workers: shared_memory (same node, no "
+        "serialisation), object_store (Ray), collective (gloo/NCCL broadcast); auto: shared_memory when every "
+        "rollout worker is on learner rank 0's node, else object_store.")
     bucket_mb: float = Field(64.0, gt=0, description="Weight-sync bucket size in MiB.")
 
 

@@ -147,7 +147,7 @@ def grpo_step(step: int, pairs: list[PreferencePair], actors: Actors, cfg: RunCo
             synced = recover_rollout_workers(range(len(actors.rollout)), actors, cfg, policy, policy.version + 1)
         policy.version = synced.version
         timings["time/sync_s"] = time.perf_counter() - t_sync
-        metrics.update({"sync/bytes": float(synced.num_bytes), "learn/skipped": 0.0})
+        metrics.update({**synced.metrics(), "learn/skipped": 0.0})  # sync/bytes, sync/gather_s, ...
         metrics.setdefault("kl", float("nan"))  # algo.kl_coef 0: no reference model, no KL to report
     else:  # no group with reward variance: no gradient, nothing to sync
         metrics.update({"loss": 0.0, "kl": float("nan"), "clip_fraction": 0.0, "grad_norm": 0.0,

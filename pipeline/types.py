@@ -158,6 +158,14 @@ class WeightVersion:
     transport: str = ""  # SyncConfig.transport that carried the weights
     peak_gathered_bytes: int = 0  # most bytes of gathered (unpartitioned) parameters alive at once
     error: str = ""  # non-empty: the sync did not reach every rollout worker (one died); the driver re-syncs
+    gather_s: float = 0.0  # materialising the buckets on the learner (ZeRO-3 gathers)
+    transfer_s: float = 0.0  # packing/staging and the transport, beyond the engines' load
+    load_s: float = 0.0  # the slowest engine's load of each bucket, plus closing the update
+
+    def metrics(self) -> dict[str, float]:
+        """The per-step `sync/*` metrics."""
+        return {"sync/bytes": float(self.num_bytes), "sync/gather_s": self.gather_s,
+                "sync/transfer_s": self.transfer_s, "sync/load_s": self.load_s}
 
 
 @dataclass(frozen=True)
