@@ -1,7 +1,8 @@
 """Learner checkpoints: DeepSpeed state for exact resume + a safetensors export of the policy, atomically.
 
-Every learner rank calls `save_checkpoint` (DeepSpeed's save is collective: each rank writes its own
-ZeRO-3 partitions and optimizer state). Layout of `ROOT/step-00000012/`:
+Every learner rank calls `save_checkpoint` (DeepSpeed's save is collective: under ZeRO-3 each rank writes
+its own parameter and optimizer partitions, under ZeRO-2 its optimizer partition; the replicated model
+states are written once). Layout of `ROOT/step-00000012/`:
 
     manifest.json         step, data position, world size, files (written last, before the rename)
     deepspeed/state/      DeepSpeed checkpoint: partitions, optimizer, scheduler, engine counters
@@ -96,7 +97,7 @@ def load_checkpoint(engine, path: str, *, rank: int) -> CheckpointInfo:
 
     if manifest["world_size"] != dist.get_world_size():
         raise ValueError(f"{path}: saved with {manifest['world_size']} learner ranks, resuming with "
-                         f"{dist.get_world_size()}; ZeRO-3 partitions need the same count")
+                         f"{dist.get_world_size()}; DeepSpeed's partitioned states need the same count")
     engine.checkpoint_engine = SafeTorchCheckpointEngine()
     with only_weights_only_loads():
         load_path, _ = engine.load_checkpoint(str(checkpoint / "deepspeed"), tag=DS_TAG,
@@ -127,7 +128,8 @@ def only_weights_only_loads() -> Iterator[None]:
 
 
 def export_policy(model, processor, out: Path, *, rank: int) -> None:
-    """All ranks (the gather is collective); rank 0 writes sharded safetensors + config + processor."""
+    """All ranks (under ZeRO-3 the gather is collective; below 3 the parameters are whole on every rank and
+    `iter_gathered_buckets` reads them as they are); rank 0 writes sharded safetensors + config + processor."""
     from safetensors.torch import save_file
 
     from actors.weight_sync import iter_gathered_buckets, plan_buckets
@@ -197,7 +199,7 @@ def _to_lists(value: Any) -> Any:
 
 
 def _safe_globals() -> list[Any]:
-    """The non-tensor classes a ZeRO-3 checkpoint of ours holds (found by loading one)."""
+    """The non-tensor classes a checkpoint of ours holds at ZeRO stage 0, 2 or 3 (found by loading them)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

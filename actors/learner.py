@@ -1,4 +1,4 @@
-"""The DeepSpeed ZeRO-3 learner: W ranks, one torch.distributed world, one GRPO step per `train_step`.
+"""The DeepSpeed learner: W ranks, one torch.distributed world, one GRPO step per `train_step`.
 
 `LearnerRank` is a plain class (one process, one rank); `LearnerGroup` makes W Ray actors of it that
 form one world (gloo on CPU, NCCL on GPU, picked from the device; MASTER_ADDR 127.0.0.1 when every rank
@@ -20,8 +20,15 @@ Gradient scaling (why the loss is multiplied by `world_size`): we want the gradi
 loss, i.e. the SUM of the contributions' gradients over micro-batches and ranks. We call
 `engine.backward(loss, scale_wrt_gas=False)`, so DeepSpeed does not divide by gradient_accumulation_steps,
 and mark the last micro-batch as the accumulation boundary ourselves (the micro-batch count changes from
-step to step); ZeRO-3's gradient reduce-scatter AVERAGES over the W data-parallel ranks, so each
-contribution is multiplied by W first. Gradient clipping then sees the full-batch gradient.
+step to step); DeepSpeed's gradient reduction (ZeRO-3's reduce-scatter, stage 0/2's all-reduce) AVERAGES
+over the W data-parallel ranks, so each contribution is multiplied by W first. Gradient clipping then sees
+the full-batch gradient.
+
+ZeRO stage (`learner.zero_stage`): 3 partitions parameters over the ranks (gathered per module in every
+forward and backward, and by the weight sync and the export); 2 partitions gradients and optimizer state
+only; 0 replicates everything. On one rank there is nothing to partition and stage 3 only adds its
+per-module hooks and gathers, so the CPU configs use 0; large models on several GPUs need 3. The frozen
+reference is partitioned like the policy under 3 and a plain stage-0 engine otherwise.
 
 Logprobs are scored at the rollout's sampling `temperature` (pass `cfg.rollout.temperature`), matching the
 rollout engine's processed logprobs; top-p truncation is not reproduced.
@@ -55,12 +62,13 @@ Objective = Literal["grpo", "sft"]
 
 
 def deepspeed_config(cfg: LearnerConfig, world_size: int, with_optimizer: bool = True) -> dict[str, Any]:
-    """The ZeRO-3 config of the policy (or, without optimizer, of the frozen reference)."""
-    zero: dict[str, Any] = {
-        "stage": 3,
-        "stage3_param_persistence_threshold": cfg.zero3_persistence_threshold,
-        "stage3_gather_16bit_weights_on_model_save": False,  # we export through our own bucketed gather
-    }
+    """The DeepSpeed config of the policy at `cfg.zero_stage` (or, without optimizer, of the frozen
+    reference: ZeRO-3 partitions it like the policy; below 3 there is nothing to partition, so stage 0)."""
+    stage = cfg.zero_stage if with_optimizer or cfg.zero_stage == 3 else 0
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=cfg.zero3_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=False)  # we export through our own bucketed gather
     if with_optimizer and cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
@@ -79,7 +87,7 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int, with_optimizer: bool =
 
 
 class LearnerRank:
-    """One ZeRO-3 rank. Construct, then `setup(master_addr, master_port)` on every rank at once."""
+    """One DeepSpeed rank. Construct, then `setup(master_addr, master_port)` on every rank at once."""
 
     def __init__(self, model_path: str, learner: LearnerConfig, algo: AlgoConfig, rank: int, world_size: int,
                  seed: int = 0, max_new_tokens: int = 32, temperature: float = 1.0,
@@ -174,17 +182,22 @@ class LearnerRank:
         self.engine.train()
         parts: list[dict[str, float]] = []
         tokens = 0
+        own_norm = None
         for index, micro in enumerate(plan):
-            self.engine.set_gradient_accumulation_boundary(index == len(plan) - 1)
-            # An empty slot re-runs sequence 0 with zero weight: ZeRO-3's collectives need every rank.
+            last = index == len(plan) - 1
+            self.engine.set_gradient_accumulation_boundary(last)
+            # An empty slot re-runs sequence 0 with zero weight: the ranks' collectives must stay in step.
             chosen = [sequences[i] for i in micro] or [sequences[0]]
             loss, metrics, n_tokens = self._micro_step(chosen, normalizer, real=bool(micro), objective=objective)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            if last and self.cfg.zero_stage == 0:  # DeepSpeed's fp32 stage 0 clips without reporting the norm
+                own_norm = grad_norm_of(self.engine.module)
             self.engine.step()
             if micro:
                 parts.append(metrics)
                 tokens += n_tokens
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = own_norm if grad_norm is None else grad_norm
         values = self._reduce_metrics(parts, tokens)
         seconds = time.perf_counter() - start
         values.update(grad_norm=float(grad_norm if grad_norm is not None else float("nan")), lr=lr,
@@ -314,6 +327,14 @@ def make_optimizer(params, cfg: LearnerConfig):
 
         return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def grad_norm_of(model) -> float:
+    """2-norm of the model's (already all-reduced) gradients, before clipping."""
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def seed_everything(seed: int) -> None:

@@ -125,7 +125,11 @@ class AlgoConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    num_ranks: int = Field(1, gt=0, description="DeepSpeed ZeRO-3 data-parallel ranks.")
+    num_ranks: int = Field(1, gt=0, description="DeepSpeed data-parallel ranks.")
+    zero_stage: Literal[0, 2, 3] = Field(3, description="DeepSpeed ZeRO stage: 3 partitions parameters, gradients "
+                                         "and optimizer state over the ranks (large models); 2 gradients and "
+                                         "optimizer state; 0 replicates everything (fastest on one rank: no "
+                                         "partitioning hooks or flat buffers).")
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
@@ -133,7 +137,7 @@ class LearnerConfig(_Section):
                              "warm-up, down to lr * min_lr_ratio (then held there); 0 keeps it constant.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Where the cosine decay ends, as a fraction of lr.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
-    offload_optimizer: bool = Field(False, description="ZeRO-3 optimizer state offload to CPU.")
+    offload_optimizer: bool = Field(False, description="Optimizer state offload to CPU (zero_stage 2 or 3).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     micro_batch_tokens: int = Field(4096, gt=0, description="Token budget of one micro-batch.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
@@ -144,6 +148,12 @@ class LearnerConfig(_Section):
     num_cpus: float = Field(1, ge=0, description="CPUs per learner rank.")
     num_gpus: float = Field(0, ge=0, description="GPUs per learner rank.")
     resource: str = Field("learner", description="Ray custom resource learner ranks ask for (one unit each).")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "LearnerConfig":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 2 or 3 (ZeRO-Offload), got 0")
+        return self
 
 
 class SyncConfig(_Section):

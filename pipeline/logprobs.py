@@ -7,13 +7,15 @@ one the rollout engine used), and the number of `<|image_pad|>` tokens is checke
 processor mismatch fails loudly instead of silently misaligning images and text.
 
 Layout: sequences are right-padded to the longest `prompt + completion`; completion token t of sequence b
-is predicted by the logits at position `P_b - 1 + t`. Qwen2.5-VL's 3D rope positions are computed by the
+is predicted by the hidden state at position `P_b - 1 + t`, and only those B x T hidden states go through
+the output head (no logits for prompt positions). Qwen2.5-VL's 3D rope positions are computed by the
 model from `input_ids`, `mm_token_type_ids` (1 on image tokens) and `image_grid_thw`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,23 +103,48 @@ def build_inputs(sequences: Sequence[TrainSequence], image_processor, spec: Visi
 def completion_logprobs(model, inputs: MicroBatchInputs, temperature: float = 1.0) -> torch.Tensor:
     """log p(completion token | prefix, images) -> [B, T] float32 (padding positions hold junk: mask them).
 
+    `model`: a transformers VLM or a DeepSpeed engine wrapping one. Its output head (lm_head) sees only the
+    B x T hidden states that predict completion tokens, so no [B, L, V] logits are materialised for the
+    prompt (a [B, L, V] fp32 tensor is most of a micro-batch's activation memory when V >> hidden size).
+
     `temperature`: the rollout's sampling temperature, so the logprobs are those of the distribution the
     tokens were sampled from (vLLM's processed logprobs); top-p truncation is not reproduced.
     """
-    out = model(
-        input_ids=inputs.input_ids_BL,
-        attention_mask=inputs.attention_mask_BL,
-        mm_token_type_ids=inputs.mm_token_type_ids_BL,
-        pixel_values=inputs.pixel_values,
-        image_grid_thw=inputs.image_grid_thw,
-        use_cache=False,
-    )
-    logits_BLV = out.logits
-    index_BTV = inputs.positions_BT.unsqueeze(-1).expand(-1, -1, logits_BLV.shape[-1])
-    logits_BTV = logits_BLV.gather(1, index_BTV).float()  # only completion positions go to fp32
+    with _head_reads_positions(model, inputs.positions_BT):
+        out = model(
+            input_ids=inputs.input_ids_BL,
+            attention_mask=inputs.attention_mask_BL,
+            mm_token_type_ids=inputs.mm_token_type_ids_BL,
+            pixel_values=inputs.pixel_values,
+            image_grid_thw=inputs.image_grid_thw,
+            use_cache=False,
+        )
+    logits_BTV = out.logits.float()  # only completion positions go to fp32
     if temperature != 1.0:
         logits_BTV = logits_BTV / temperature
     return torch.log_softmax(logits_BTV, dim=-1).gather(-1, inputs.targets_BT.unsqueeze(-1)).squeeze(-1)
+
+
+@contextmanager
+def _head_reads_positions(model, positions_BT: torch.Tensor) -> Iterator[None]:
+    """While inside, the model's output head gets hidden[b, positions_BT[b, t]] ([B, T, H]) as its input.
+
+    A pre-hook rather than calling the decoder and the head separately: the model runs as one forward of
+    the (DeepSpeed) module, whose ZeRO-3 hooks fetch and release parameters around each submodule and
+    trace one forward per step; the gather is differentiable, so gradients reach the decoder as before.
+    """
+    head = getattr(model, "module", model).get_output_embeddings()  # DeepSpeedEngine.module: the HF model
+
+    def select(_head, args):
+        hidden_BLH = args[0]
+        index_BTH = positions_BT.unsqueeze(-1).expand(-1, -1, hidden_BLH.shape[-1])
+        return (hidden_BLH.gather(1, index_BTH), *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _check_placeholders(seq: TrainSequence, grid_thw: torch.Tensor, spec: VisionSpec) -> None:
