@@ -1,4 +1,5 @@
-"""Sharding and token-budget packing of a GRPO batch (pipeline/batching.py); expected plans worked by hand."""
+"""pipeline/batching.py: sharding and token-budget packing of a GRPO batch, and advantages to sequences
+(train_batch_from_groups); expected plans, sequences and micro-batch tensors worked by hand."""
 
 from __future__ import annotations
 
@@ -62,3 +63,83 @@ def test_plan_invariants_on_random_batches(seed: int) -> None:
         for mb in row:
             assert len(mb) <= 1 or padded_tokens(lengths, mb) <= budget
             assert list(mb) == sorted(mb)
+
+
+# --- advantages to sequences (train_batch_from_groups) ----------------------------------------------------
+
+IMG = 9
+
+
+def _scored(pair_id: str, preferred: int, prompt: list[int], completions: list[list[int]], advantages: list[float]):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.types import Completion, PreferencePair, RolloutGroup, ScoredGroup
+
+    pair = PreferencePair(pair_id=pair_id, prompt="p", image_1=Image.new("RGB", (4, 4), "red"),
+                          image_2=Image.new("RGB", (4, 4), "blue"), preferred=preferred)
+    comps = tuple(Completion(pair_id=pair_id, completion_index=g, policy_version=3,
+                             token_ids=np.array(tokens, dtype=np.int64),
+                             logprobs=-0.1 * np.arange(1, len(tokens) + 1, dtype=np.float32), text="", finish_reason="stop")
+                  for g, tokens in enumerate(completions))
+    group = RolloutGroup(pair=pair, prompt_token_ids=np.array(prompt, dtype=np.int64), completions=comps,
+                         policy_version=3)
+    return ScoredGroup(group=group, rewards=(), advantages=np.array(advantages, dtype=np.float32))
+
+
+def _two_groups():
+    # pair "a": image 2 preferred, G=3, completion 2 is empty; pair "b": image 1 preferred, G=2.
+    # (The aggregator already dropped a zero-variance group: it is simply not among the groups.)
+    return [_scored("a", 2, [1, IMG, IMG, 2], [[5, 6, 7], [8], []], [0.5, -1.5, 1.0]),
+            _scored("b", 1, [1, IMG, IMG], [[4, 4], [3, 2]], [-0.25, 0.25])]
+
+
+def test_each_completion_gets_its_own_groups_advantage_in_order() -> None:
+    from pipeline.batching import train_batch_from_groups
+
+    groups = _two_groups()
+    batch = train_batch_from_groups(step=7, policy_version=3, groups=groups)
+    assert (batch.step, batch.policy_version) == (7, 3)
+    got = [(s.pair_id, s.completion_index, s.completion_token_ids.tolist(), s.advantage) for s in batch.sequences]
+    # a/2 is empty: dropped, and the advantages after it do not shift (a/2's 1.0 goes nowhere)
+    assert got == [("a", 0, [5, 6, 7], 0.5), ("a", 1, [8], -1.5), ("b", 0, [4, 4], -0.25), ("b", 1, [3, 2], 0.25)]
+    assert [s.prompt_token_ids.tolist() for s in batch.sequences] == [[1, IMG, IMG, 2]] * 2 + [[1, IMG, IMG]] * 2
+    expected_logprobs = [[-0.1, -0.2, -0.3], [-0.1], [-0.1, -0.2], [-0.1, -0.2]]
+    for sequence, expected in zip(batch.sequences, expected_logprobs, strict=True):
+        assert sequence.rollout_logprobs.tolist() == pytest.approx(expected)
+    assert batch.num_completion_tokens == 3 + 1 + 2 + 2
+
+
+@pytest.mark.parametrize("preferred", [1, 2])
+def test_images_keep_the_prompts_order_whichever_is_preferred(preferred: int) -> None:
+    from pipeline.batching import train_batch_from_groups
+
+    scored = _scored("c", preferred, [IMG, IMG], [[5]], [1.0])
+    (sequence,) = train_batch_from_groups(0, 0, [scored]).sequences
+    assert sequence.images[0] is scored.group.pair.image_1 and sequence.images[1] is scored.group.pair.image_2
+
+
+def test_advantages_reach_the_rows_and_tokens_of_a_micro_batch() -> None:
+    """Groups -> batch -> one micro-batch's tensors: each row's advantage, targets and mask, by hand."""
+    import torch
+
+    from pipeline.batching import train_batch_from_groups
+    from pipeline.logprobs import VisionSpec, build_inputs
+
+    def image_processor(images, return_tensors):  # 1 x 2 x 2 patches per image: one image token at merge 2
+        return {"pixel_values": torch.ones(4 * len(images), 3), "image_grid_thw": torch.tensor([[1, 1, 4]] * len(images))}
+
+    batch = train_batch_from_groups(0, 0, _two_groups())
+    inputs = build_inputs(batch.sequences, image_processor, VisionSpec(image_token_id=IMG, pad_token_id=0, merge_size=2))
+    assert inputs.advantages_B.tolist() == [0.5, -1.5, -0.25, 0.25]
+    assert inputs.targets_BT.tolist() == [[5, 6, 7], [8, 0, 0], [4, 4, 0], [3, 2, 0]]
+    assert inputs.mask_BT.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]]
+    # prompt lengths 4, 4, 3, 3: completion token t of row b is predicted at P_b - 1 + t
+    assert inputs.positions_BT[inputs.mask_BT].tolist() == [3, 4, 5, 3, 2, 3, 2, 3]
+
+
+def test_advantage_count_must_match_the_completions() -> None:
+    from pipeline.batching import train_batch_from_groups
+
+    with pytest.raises(ValueError, match="pair a: 2 advantages for 3 completions"):
+        train_batch_from_groups(0, 0, [_scored("a", 1, [1], [[5], [6], [7]], [0.5, -0.5])])
