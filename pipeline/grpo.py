@@ -12,8 +12,8 @@ step: every aggregation divides by counts of the whole batch (`LossNormalizer`, 
 micro-batches and data-parallel ranks), so summing the returned losses over micro-batches and ranks gives
 exactly the loss of the whole batch computed at once, and the summed gradients are its gradient. The
 learner must therefore *sum* gradients: DeepSpeed 0.19 by default divides the loss by
-`gradient_accumulation_steps` in `engine.backward` (pass `scale_wrt_gas=False`) and ZeRO-3 averages
-gradients over data-parallel ranks (multiply the loss by `world_size` before backward).
+`gradient_accumulation_steps` in `engine.backward` (pass `scale_wrt_gas=False`) and its gradient reduction
+averages over data-parallel ranks at every ZeRO stage (multiply the loss by `world_size` before backward).
 
 Each row of a micro-batch is one whole sequence (its length, for "seq_mean_token_mean", is counted from
 its mask); packing several sequences into one row is not supported here.

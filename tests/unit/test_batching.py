@@ -80,7 +80,8 @@ def _scored(pair_id: str, preferred: int, prompt: list[int], completions: list[l
                           image_2=Image.new("RGB", (4, 4), "blue"), preferred=preferred)
     comps = tuple(Completion(pair_id=pair_id, completion_index=g, policy_version=3,
                              token_ids=np.array(tokens, dtype=np.int64),
-                             logprobs=-0.1 * np.arange(1, len(tokens) + 1, dtype=np.float32), text="", finish_reason="stop")
+                             logprobs=-0.1 * np.arange(1, len(tokens) + 1, dtype=np.float32), text="",
+                             finish_reason="stop")
                   for g, tokens in enumerate(completions))
     group = RolloutGroup(pair=pair, prompt_token_ids=np.array(prompt, dtype=np.int64), completions=comps,
                          policy_version=3)
@@ -126,11 +127,13 @@ def test_advantages_reach_the_rows_and_tokens_of_a_micro_batch() -> None:
     from pipeline.batching import train_batch_from_groups
     from pipeline.logprobs import VisionSpec, build_inputs
 
-    def image_processor(images, return_tensors):  # 1 x 2 x 2 patches per image: one image token at merge 2
-        return {"pixel_values": torch.ones(4 * len(images), 3), "image_grid_thw": torch.tensor([[1, 1, 4]] * len(images))}
+    def image_processor(images, return_tensors):  # grid 1 x 1 x 4: 4 patches = one image token at merge 2
+        return {"pixel_values": torch.ones(4 * len(images), 3),
+                "image_grid_thw": torch.tensor([[1, 1, 4]] * len(images))}
 
     batch = train_batch_from_groups(0, 0, _two_groups())
-    inputs = build_inputs(batch.sequences, image_processor, VisionSpec(image_token_id=IMG, pad_token_id=0, merge_size=2))
+    spec = VisionSpec(image_token_id=IMG, pad_token_id=0, merge_size=2)
+    inputs = build_inputs(batch.sequences, image_processor, spec)
     assert inputs.advantages_B.tolist() == [0.5, -1.5, -0.25, 0.25]
     assert inputs.targets_BT.tolist() == [[5, 6, 7], [8, 0, 0], [4, 4, 0], [3, 2, 0]]
     assert inputs.mask_BT.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]]
