@@ -196,6 +196,12 @@ def main() -> str:
                                    for path in sorted(RESULTS.glob("rollout_*.json"))}
     lines = targets_table(results) + detail_tables(results)
     plots(results)
+    e2e = load("e2e")
+    if e2e:  # whole runs against the TRL reference (bench/e2e.py renders its own table and plot)
+        from bench.e2e import e2e_plot, e2e_table
+
+        lines += e2e_table(e2e)
+        e2e_plot(e2e, RESULTS / "e2e.png")
     text = "\n".join(lines) + "\n"
     (RESULTS / "summary.md").write_text(text)
     if BENCHMARKS_MD.is_file():

@@ -177,6 +177,11 @@ class TrainerConfig(_Section):
     sample_table_every: int = Field(1, gt=0, description="Log a table of sample completions every N steps.")
     eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy (eval/accuracy) every N steps and "
                             "at the end; 0 turns it off.")
+    max_staleness: int = Field(0, ge=0, le=1, description="Policy versions a trained group may lag the learner: "
+                               "0 = on-policy, the stages one after the other; 1 = one step off-policy, the "
+                               "rollout workers and the listener work on step t+1 while the learner trains on "
+                               "step t and syncs (the loss's ratio to the rollout logprobs, or algo.tis_cap, "
+                               "corrects the lag).")
 
 
 class TrackingConfig(_Section):

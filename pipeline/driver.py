@@ -7,9 +7,13 @@
 Each step: take pairs -> rollout workers sample G completions per pair -> the listener pool scores each
 shard of groups as soon as it is generated (overlapping the other shards' generation) -> the reward
 aggregator turns rewards into group-relative advantages -> the learner takes one ZeRO-3 step -> the new
-weights go to the rollout workers -> metrics, samples and checkpoints go to MLflow. A step whose groups
-all have zero reward variance has no learning signal: the learner step and the weight sync are skipped
-and `learn/skipped` is 1. With `trainer.eval_every` > 0 the policy's greedy accuracy on held-out pairs is
+weights go to the rollout workers -> metrics, samples and checkpoints go to MLflow. With
+`trainer.max_staleness: 1` the next step's pairs are read and their rollout and scoring start before the
+learner step, so they run while the learner trains and syncs (one step off-policy: each group is sampled
+one policy version behind the learner's, `policy/staleness`); a worker loads the new weights only between
+its generate calls (a Ray actor runs one call at a time, so the sync's loads queue behind the generation).
+A step whose groups all have zero reward variance has no learning signal: the learner step and the weight
+sync are skipped and `learn/skipped` is 1. With `trainer.eval_every` > 0 the policy's greedy accuracy on held-out pairs is
 logged as `eval/accuracy`, at MLflow step = number of updates applied (0 = before training).
 
 Under `ray job submit` (RAY_ADDRESS set) the driver joins that cluster; otherwise it starts a local one
@@ -104,13 +108,21 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
     if heldout and start_step == 0:  # eval/* and eval_ood/* step = updates applied
         tracker.log_metrics(0, evaluate_heldout(heldout, actors, cfg) | evaluate_heldout(ood, actors, cfg, "eval_ood"))
     progress = Progress(cfg.trainer.steps, start_step)
+    prefetched: InFlightRollout | None = None  # max_staleness 1: the next step's rollout, already running
     for step in range(start_step, cfg.trainer.steps):
-        pairs = source.next_batch(cfg.data.pairs_per_step)
-        if not pairs:
+        t_top = time.perf_counter()
+        flight = prefetched or submit_rollout(read_batch(source, cfg), actors, cfg, policy)
+        prefetched = None
+        if not flight.batch.pairs:
             log.warning("the data source is exhausted after %d steps", step)
             break
-        result = grpo_step(step, pairs, actors, cfg, policy)
-        result.metrics.update(skip_metrics(dict(source.skip_counts)))
+        groups, scores, timings = collect_rollout(flight, actors, cfg, policy)
+        if cfg.trainer.max_staleness and step + 1 < cfg.trainer.steps:
+            # One step off-policy: step t+1's pairs are generated (on the weights the workers hold now) and
+            # scored while the learner trains on step t; the sync's loads queue behind that generate call.
+            prefetched = submit_rollout(read_batch(source, cfg), actors, cfg, policy)
+        result = learn_step(step, groups, scores, timings, actors, cfg, policy, max(t_top, flight.t_submit))
+        result.metrics.update(skip_metrics(flight.batch.data_state["skip_counts"]))
         # Metrics before the checkpoint: a run stopped in between re-runs the step (logged twice), never
         # resumes past a step whose metrics were lost.
         tracker.log_metrics(step, result.metrics)
@@ -120,17 +132,53 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
             tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg)
                                 | evaluate_heldout(ood, actors, cfg, "eval_ood"))
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
-            info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, source.state(),
+            # The position after this step's pairs, not after a prefetched next batch: those are re-read.
+            info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, flight.batch.data_state,
                                                   cfg.trainer.keep_checkpoints, config_to_yaml(cfg))
             tracker.set_tags({"checkpoint": info.path, "checkpoint_step": str(info.step)})
         progress.update(step, result.metrics)
 
 
+@dataclass
+class Batch:
+    """One step's pairs and the data source's state right after reading them (what a checkpoint taken
+    after this step must resume from, even when the next step's pairs were read already)."""
+
+    pairs: list[PreferencePair]
+    data_state: dict[str, Any]
+
+
+def read_batch(source: PairSource, cfg: RunConfig) -> Batch:
+    pairs = source.next_batch(cfg.data.pairs_per_step)
+    return Batch(pairs=pairs, data_state=source.state())
+
+
+@dataclass
+class InFlightRollout:
+    """A step's rollout under way: per shard, the generate call and the listener scoring chained on it."""
+
+    batch: Batch
+    shards: list[list[PreferencePair]]
+    pending: dict[Any, tuple[int, Any]]  # generate ref -> (rollout worker index, its score ref)
+    t_submit: float
+    restarts_seen: int  # policy.rollout_restarts at submission: a later restart already re-synced every worker
+
+
 def grpo_step(step: int, pairs: list[PreferencePair], actors: Actors, cfg: RunConfig,
               policy: PolicyState) -> StepResult:
-    """One GRPO step; returns the step's metrics and its scored groups. Advances `policy.version`."""
+    """One on-policy GRPO step; returns the step's metrics and its scored groups. Advances `policy.version`."""
     t_start = time.perf_counter()
     groups, scores, timings = rollout_and_score(pairs, actors, cfg, policy)
+    return learn_step(step, groups, scores, timings, actors, cfg, policy, t_start)
+
+
+def learn_step(step: int, groups: list[RolloutGroup], scores: list[ListenerScore], timings: dict[str, float],
+               actors: Actors, cfg: RunConfig, policy: PolicyState, t_start: float) -> StepResult:
+    """Rewards, the learner step and the weight sync for a step's scored rollout; advances `policy.version`."""
+    staleness = policy.version - min((group.policy_version for group in groups), default=policy.version)
+    if staleness > cfg.trainer.max_staleness:
+        raise TrainingAborted(f"step {step}: a group was sampled {staleness} policy versions ago "
+                              f"(trainer.max_staleness={cfg.trainer.max_staleness})")
     t_reward = time.perf_counter()
     scored, metrics = ray.get(actors.reward.score.remote(groups, scores))
     metrics.update(ray.get(actors.listener_pool.metrics.remote()))  # pool size, retries, restarts
@@ -157,48 +205,80 @@ def grpo_step(step: int, pairs: list[PreferencePair], actors: Actors, cfg: RunCo
     timings["time/step_s"] = time.perf_counter() - t_start
     metrics.update(timings)
     metrics.update(throughput(groups, timings))
-    metrics.update({"policy/version": float(policy.version), "rollout/restarts": float(policy.rollout_restarts)})
+    metrics.update({"policy/version": float(policy.version), "rollout/restarts": float(policy.rollout_restarts),
+                    "policy/staleness": float(staleness)})
+    metrics.update(version_metrics(groups))
     return StepResult(metrics=metrics, scored=list(scored))
+
+
+def version_metrics(groups: list[RolloutGroup]) -> dict[str, float]:
+    """The rollout policy versions the step's groups were sampled with (every group's: the sample table)."""
+    versions = [group.policy_version for group in groups] or [0]
+    return {"rollout/policy_version_min": float(min(versions)), "rollout/policy_version_max": float(max(versions))}
 
 
 def rollout_and_score(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig, policy: PolicyState
                       ) -> tuple[list[RolloutGroup], list[ListenerScore], dict[str, float]]:
-    """Shard pairs over the rollout workers; score each shard as soon as its rollouts finish.
+    """Sample and score `pairs` now (see `submit_rollout` and `collect_rollout`)."""
+    return collect_rollout(submit_rollout(Batch(pairs, {}), actors, cfg, policy), actors, cfg, policy)
+
+
+def submit_rollout(batch: Batch, actors: Actors, cfg: RunConfig, policy: PolicyState) -> InFlightRollout:
+    """Shard the pairs over the rollout workers and start them; each shard's listener scoring is chained on
+    its generate call (Ray runs it when the shard is generated, overlapping the other shards' generation)."""
+    shards = [batch.pairs[i::len(actors.rollout)] for i in range(len(actors.rollout))]
+    flight = InFlightRollout(batch=batch, shards=shards, pending={}, t_submit=time.perf_counter(),
+                             restarts_seen=policy.rollout_restarts)
+    for index, shard in enumerate(shards):
+        if shard:
+            _submit_shard(flight, index, actors, cfg)
+    return flight
+
+
+def _submit_shard(flight: InFlightRollout, index: int, actors: Actors, cfg: RunConfig) -> None:
+    ref = actors.rollout[index].generate.remote(flight.shards[index], cfg.rollout.group_size,
+                                                cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+    flight.pending[ref] = (index, actors.listener_pool.score.remote(ref))
+
+
+def collect_rollout(flight: InFlightRollout, actors: Actors, cfg: RunConfig, policy: PolicyState
+                    ) -> tuple[list[RolloutGroup], list[ListenerScore], dict[str, float]]:
+    """Wait for a submitted rollout and its scores; groups in the order of the pairs.
 
     A worker that dies mid-shard is restarted by Ray; it gets the current weights before its shard is
-    generated again, and the lost shard's partial work is discarded, so no pair is lost or counted twice.
+    generated again (unless a failed sync since the submission restarted and re-synced every worker), and
+    the lost shard's partial work is discarded, so no pair is lost or counted twice.
+
+    time/rollout_s and time/listener_s run from the submission to when this driver saw them done: when
+    the rollout overlapped the previous step (max_staleness 1) they include that overlap, and
+    time/rollout_wait_s is what this step still waited for.
     """
-    t_start = time.perf_counter()
-    shards = [pairs[i::len(actors.rollout)] for i in range(len(actors.rollout))]
-
-    def submit(index: int) -> Any:
-        return actors.rollout[index].generate.remote(shards[index], cfg.rollout.group_size,
-                                                     cfg.rollout.max_new_tokens, cfg.rollout.temperature,
-                                                     cfg.rollout.top_p)
-
-    pending = {submit(index): index for index, shard in enumerate(shards) if shard}
+    t_wait = time.perf_counter()
     groups: list[RolloutGroup] = []
     score_refs: list[Any] = []
     t_first_score = None
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        index = pending.pop(done[0])
+    while flight.pending:
+        done, _ = ray.wait(list(flight.pending), num_returns=1)
+        index, score_ref = flight.pending.pop(done[0])
         try:
             shard_groups = ray.get(done[0])
         except RayActorError:
-            recover_rollout_workers([index], actors, cfg, policy, policy.version)
-            pending[submit(index)] = index
+            if policy.rollout_restarts == flight.restarts_seen:
+                recover_rollout_workers([index], actors, cfg, policy, policy.version)
+            flight.restarts_seen = policy.rollout_restarts
+            _submit_shard(flight, index, actors, cfg)
             continue
         groups.extend(shard_groups)
         t_first_score = t_first_score or time.perf_counter()
-        score_refs.append(actors.listener_pool.score.remote(shard_groups))
+        score_refs.append(score_ref)
     t_rollout_done = time.perf_counter()
     scores = [score for shard in ray.get(score_refs) for score in shard]
     t_scored = time.perf_counter()
-    order = {pair.pair_id: index for index, pair in enumerate(pairs)}
+    order = {pair.pair_id: index for index, pair in enumerate(flight.batch.pairs)}
     groups.sort(key=lambda group: order[group.pair_id])
-    return groups, scores, {"time/rollout_s": t_rollout_done - t_start,
-                            "time/listener_s": t_scored - (t_first_score or t_scored)}
+    return groups, scores, {"time/rollout_s": t_rollout_done - flight.t_submit,
+                            "time/listener_s": t_scored - (t_first_score or t_scored),
+                            "time/rollout_wait_s": t_scored - t_wait}
 
 
 def recover_rollout_workers(indices, actors: Actors, cfg: RunConfig, policy: PolicyState, version: int):
@@ -247,9 +327,9 @@ def throughput(groups: list[RolloutGroup], timings: dict[str, float]) -> dict[st
 
 def sample_table(scored: list[ScoredGroup], per_group: int = 2) -> dict[str, list]:
     """Columns of sample completions for MLflow (the first `per_group` of every kept group): prompt,
-    reasoning, answer, label, listener p, reward."""
+    reasoning, answer, label, listener p, reward, and the policy version that sampled it."""
     columns: dict[str, list] = {k: [] for k in ("pair_id", "prompt", "reasoning", "answer", "label",
-                                                "listener_p_preferred", "reward")}
+                                                "listener_p_preferred", "reward", "policy_version")}
     rows = ((s.group, completion, reward) for s in scored for completion, reward in
             list(zip(s.group.completions, s.rewards))[:per_group])
     for group, completion, reward in rows:
@@ -257,7 +337,7 @@ def sample_table(scored: list[ScoredGroup], per_group: int = 2) -> dict[str, lis
         for key, value in (("pair_id", group.pair_id), ("prompt", group.pair.prompt),
                            ("reasoning", parsed.reasoning), ("answer", parsed.answer or "unparsable"),
                            ("label", group.pair.preferred), ("listener_p_preferred", reward.listener_p_preferred),
-                           ("reward", reward.total)):
+                           ("reward", reward.total), ("policy_version", completion.policy_version)):
             columns[key].append(value)
     return columns
 
