@@ -142,7 +142,8 @@ def plot(report: dict[str, Any], out: Path) -> None:
         for name, cond in report["conditions"].items():
             points = [(p["step"], p[key]) for p in cond[part] if p[key]["n"]]
             steps = [s for s, _ in points]
-            line, = ax.plot(steps, [v["mean"] for _, v in points], label=f"{name} ({len(cond['seeds'])} seeds)")
+            line, = ax.plot(steps, [v["mean"] for _, v in points], label=f"{name} ({len(cond['seeds'])} seeds)",
+                            marker="o" if part == "curve" else None, markersize=3)
             ax.fill_between(steps, [v["min"] for _, v in points], [v["max"] for _, v in points],
                             color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set(title=title, ylim=(0.0, 1.02))
