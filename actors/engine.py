@@ -16,7 +16,8 @@ What `build_engine` settles, measured on the 2-core CPU machines (Nov 2026):
 Weight updates (`WeightUpdateExtension`): one layer-wise reload session spans several buckets. vLLM's
 layer-wise reload keeps each layer's processed (repacked) tensors, buffers the weights a layer receives,
 and processes the layer once all of its elements have arrived, so a bucket may end in the middle of a fused
-layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj): the rest completes it in a later bucket. Closing the
+layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj): the rest completes it in a later bucket (the weight
+sync's planner avoids that, see `actors.weight_sync.layer_key`, but any caller may do it). Closing the
 session restores untouched layers; a half-loaded layer keeps its old weights and the update raises
 (loading it would fill the missing elements with garbage).
 """

@@ -121,7 +121,7 @@ class RolloutWorker:
         return [listener_p_image_1(step[ids[0]].logprob, step[ids[1]].logprob) for step in first]
 
     # ---- weights ---------------------------------------------------------------------------------
-    # The transports of actors/weight_sync.py call `load_packed_bucket` (object store),
+    # The transports of actors/weight_sync.py call `load_bucket_arrays` (object store),
     # `load_shared_bucket` (shared memory) or `init_weight_group` + `receive_weight_bucket` (collective);
     # each returns the seconds the engine spent loading, and all go through `load_weights`.
 
@@ -135,11 +135,11 @@ class RolloutWorker:
         """Receive one broadcast bucket (`WeightBucketMeta` says what it holds) and load it; engine seconds."""
         return self._timed_load(self._weight_receiver.receive(meta))
 
-    def load_packed_bucket(self, meta: Any, buffer: Any) -> float:
-        """Load one packed bucket (its bytes read in place, e.g. from the object store); engine seconds."""
-        from actors.weight_sync import byte_tensor, unpack_bucket
+    def load_bucket_arrays(self, meta: Any, arrays: list[Any]) -> float:
+        """Load one bucket sent as a byte array per tensor (the object store's, read in place); engine seconds."""
+        from actors.weight_sync import from_byte_arrays
 
-        return self._timed_load(unpack_bucket(meta, byte_tensor(buffer)))
+        return self._timed_load(from_byte_arrays(meta, arrays))
 
     def load_shared_bucket(self, path: str, meta: Any) -> tuple[float, bool]:
         """Load one bucket from a shared-memory staging file, read in place; (engine seconds, whether the

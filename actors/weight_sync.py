@@ -2,21 +2,22 @@
 
 Learner side (`sync_weights`, run by EVERY learner rank, since gathering a ZeRO-3 parameter is a
 collective): parameters are planned into buckets of at most `bucket_mb` MiB by `p.ds_numel` (the full
-size; `p.numel()` is 0 for a partitioned parameter), each bucket is gathered with
+size; `p.numel()` is 0 for a partitioned parameter), cut only between layers (`layer_key`: q/k/v, gate/up
+travel together, so the engine completes every fused layer within the bucket), each bucket is gathered with
 `deepspeed.zero.GatheredParameters`, rank 0 hands it to the transport, and the bucket is released before
 the next is gathered, so no rank ever holds more than one bucket of gathered parameters beyond the
 persistent ones. Frozen parameters are skipped (the rollout engines loaded them with the checkpoint).
 Names are mapped from the transformers module names to the checkpoint names of `model.safetensors`
 (`model.language_model.*` -> `model.*` for Qwen2.5-VL), which vLLM's loader maps to its own.
 
-Transports (`SyncConfig.transport`), one interface (`WeightTransport`); every bucket travels as ONE
-packed byte buffer (`pack_bucket`/`write_bucket`: names, dtypes and shapes in a `WeightBucketMeta`), never as
-pickled tensors (a ZeRO-3 parameter on one rank is a view of one flat buffer, and pickling a view pickles
-its whole storage: that made a 97 MB sync serialise ~9 GB and take 40+ s):
+Transports (`SyncConfig.transport`), one interface (`WeightTransport`); a bucket travels as raw bytes
+with a `WeightBucketMeta` (names, dtypes, shapes), never as pickled tensors (a ZeRO-3 parameter on one rank
+is a view of one flat buffer, and pickling a view pickles its whole storage: that made a 97 MB sync
+serialise ~9 GB and take 40+ s):
 - `shared_memory` (same node; what `auto` picks when every worker shares learner rank 0's node): rank 0
   copies the bucket into a staging file in /dev/shm; the workers map it and the engine loads from views.
   One copy into staging, one into the engine, nothing serialised.
-- `object_store`: rank 0 `ray.put`s the packed buffer once; every worker reads it in place from the store.
+- `object_store`: rank 0 `ray.put`s the bucket once (a numpy byte view per tensor); workers read it in place.
 - `collective`: a process group of learner rank 0 (rank 0) and the rollout workers' processes (ranks
   1..R), built from its own TCPStore, so it never touches the learners' default group; each packed bucket
   is broadcast (gloo on CPU, NCCL on GPU); the workers get the meta through Ray (`CollectiveReceiver`).
@@ -74,19 +75,34 @@ def full_bytes(param: torch.nn.Parameter) -> int:
     return (param.numel() if numel is None else numel) * param.element_size()
 
 
+def layer_key(name: str) -> str:
+    """The module a parameter's engine layer is fused within: its grandparent (`...self_attn` holds q/k/v,
+    `...mlp` gate/up), or its parent for a two-part name. Buckets are only cut between two of these."""
+    parts = name.split(".")
+    return ".".join(parts[:-2] if len(parts) > 2 else parts[:-1])
+
+
 def plan_buckets(model: torch.nn.Module, bucket_bytes: int, include_frozen: bool = False
                  ) -> list[list[tuple[str, torch.nn.Parameter]]]:
-    """Parameters in module order, cut into buckets of at most `bucket_bytes` (a bigger one goes alone)."""
-    buckets: list[list[tuple[str, torch.nn.Parameter]]] = [[]]
-    size = 0
+    """Parameters in module order, cut into buckets of at most `bucket_bytes`, never inside a `layer_key`
+    group (a group bigger than that goes alone). An engine layer fused from several parameters (q/k/v ->
+    qkv_proj) then arrives whole in one bucket, so the engine never holds a bucket past its load."""
+    groups: list[list[tuple[str, torch.nn.Parameter]]] = []
     for name, param in model.named_parameters():
         if not (param.requires_grad or include_frozen):
             continue
-        nbytes = full_bytes(param)
+        if groups and layer_key(groups[-1][-1][0]) == layer_key(name):
+            groups[-1].append((name, param))
+        else:
+            groups.append([(name, param)])
+    buckets: list[list[tuple[str, torch.nn.Parameter]]] = [[]]
+    size = 0
+    for group in groups:
+        nbytes = sum(full_bytes(param) for _, param in group)
         if buckets[-1] and size + nbytes > bucket_bytes:
             buckets.append([])
             size = 0
-        buckets[-1].append((name, param))
+        buckets[-1].extend(group)
         size += nbytes
     return [bucket for bucket in buckets if bucket]
 
@@ -194,8 +210,8 @@ def _finish_all(workers: Sequence[Any], version: int) -> None:
 
 
 class ObjectStoreTransport:
-    """Each bucket is packed into one byte buffer and put into the Ray object store once; every worker
-    reads it in place (a numpy buffer is not pickled) and loads views of it."""
+    """Each bucket goes into the Ray object store once, as one numpy byte view per tensor (copied straight
+    into the store, no intermediate buffer); every worker reads the arrays in place and loads views."""
 
     def __init__(self, workers: Sequence[Any]) -> None:
         self.workers = list(workers)
@@ -203,18 +219,28 @@ class ObjectStoreTransport:
     def send_bucket(self, named: NamedTensors) -> float:
         import ray
 
-        # Packed, never pickled tensor by tensor: a tensor that is a view (ZeRO-3 on one rank keeps every
-        # parameter in one flat buffer) pickles its WHOLE storage, once per tensor.
-        meta, buffer = pack_bucket(named, torch.device("cpu"))
-        ref = ray.put(buffer.numpy())
-        del buffer
-        return max(ray.get([worker.load_packed_bucket.remote(meta, ref) for worker in self.workers]))
+        # Numpy views, never tensors: a tensor that is a view (ZeRO-3 on one rank keeps every parameter in
+        # one flat buffer) pickles its WHOLE storage, once per tensor; a numpy view carries only its bytes.
+        ref = ray.put([byte_view(tensor) for _, tensor in named])
+        meta = bucket_meta(named)
+        return max(ray.get([worker.load_bucket_arrays.remote(meta, ref) for worker in self.workers]))
 
     def finish(self, version: int) -> None:
         _finish_all(self.workers, version)
 
     def close(self) -> None:
         self.workers = []
+
+
+def byte_view(tensor: torch.Tensor) -> Any:
+    """The tensor's own bytes as a numpy uint8 array sharing its memory (copied only if not contiguous)."""
+    return tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def from_byte_arrays(meta: WeightBucketMeta, arrays: Sequence[Any]) -> NamedTensors:
+    """Worker side of `ObjectStoreTransport`: the bucket's tensors as views of the (read-only) arrays."""
+    return [(name, byte_tensor(array).view(getattr(torch, dtype)).view(shape))
+            for name, dtype, shape, array in zip(meta.names, meta.dtypes, meta.shapes, arrays, strict=True)]
 
 
 class SharedMemoryTransport:
