@@ -35,6 +35,22 @@ def tiny_listener_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_reasoner_sft_dir(tmp_path_factory, ray_local) -> Path:
+    """The format warm start (`tiny://reasoner-sft`: make-tiny + `pipeline.sft` with the default settings),
+    built once per test run on the session's Ray cluster. A reasoner that writes the answer format, so
+    rewards vary within groups and GRPO steps are taken (a random tiny reasoner's steps are all skipped).
+
+    TEST_TINY_SFT_DIR names one already built by this code (a local edit-test loop; CI builds it)."""
+    from pipeline.models import built_with_default_settings, resolve_checkpoint
+
+    prebuilt = os.environ.get("TEST_TINY_SFT_DIR")
+    if prebuilt:
+        assert built_with_default_settings(Path(prebuilt)), f"TEST_TINY_SFT_DIR={prebuilt} is not a current warm start"
+        return Path(prebuilt)
+    return Path(resolve_checkpoint("tiny://reasoner-sft", "model.reasoner", tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster for the test run (logical CPUs and the pool's custom resource)."""
     import ray

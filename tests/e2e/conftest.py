@@ -59,8 +59,10 @@ def ray_head(tmp_path: Path):
          "--ray-client-server-port", str(free_port()),
          "--resources", '{"rollout": 8, "listener": 8, "learner": 8}', "--disable-usage-stats",
          "--temp-dir", temp_dir],
-        env=env, cwd=REPO, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        # A `ray start --block` head drains for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) on SIGTERM,
+        # waiting for work to migrate to other nodes; a test head has none, so it stops at once.
+        env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}, cwd=REPO,
+        stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
