@@ -283,12 +283,12 @@ class SharedMemoryTransport:
 
     def _release(self) -> None:
         self._staging = None
-        if self._path:
+        path, self._path = getattr(self, "_path", ""), ""  # getattr: __del__ after a failed __init__
+        if path:
             try:
-                os.unlink(self._path)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
-        self._path = ""
 
     def finish(self, version: int) -> None:
         self._release()
