@@ -50,7 +50,7 @@ import random
 import time
 from typing import Any, Literal
 
-from pipeline.batching import plan_micro_batches
+from pipeline.batching import padded_tokens, plan_micro_batches
 from pipeline.config import AlgoConfig, LearnerConfig, SyncConfig
 from pipeline.grpo import LossNormalizer, aggregate, combine_metrics, grpo_loss, sft_loss
 from pipeline.logprobs import MicroBatchInputs, VisionSpec, build_inputs, completion_logprobs
@@ -181,7 +181,7 @@ class LearnerRank:
         lr = float(self.engine.get_lr()[0])
         self.engine.train()
         parts: list[dict[str, float]] = []
-        tokens = 0
+        tokens = padded = 0
         own_norm = None
         for index, micro in enumerate(plan):
             last = index == len(plan) - 1
@@ -196,9 +196,10 @@ class LearnerRank:
             if micro:
                 parts.append(metrics)
                 tokens += n_tokens
+                padded += padded_tokens(lengths, micro)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = own_norm if grad_norm is None else grad_norm
-        values = self._reduce_metrics(parts, tokens)
+        values = self._reduce_metrics(parts, tokens, padded)
         seconds = time.perf_counter() - start
         values.update(grad_norm=float(grad_norm if grad_norm is not None else float("nan")), lr=lr,
                       step_seconds=seconds, tokens_per_s=values["tokens"] / seconds,
@@ -236,11 +237,12 @@ class LearnerRank:
         metrics["loss"] = loss.detach()
         return loss, {k: float(v) for k, v in metrics.items()}, inputs.num_tokens
 
-    def _reduce_metrics(self, parts: list[dict[str, float]], tokens: int) -> dict[str, float]:
-        """Combine the micro-batches' metrics over all ranks (grpo's additive/min/max rules)."""
+    def _reduce_metrics(self, parts: list[dict[str, float]], tokens: int, padded: int) -> dict[str, float]:
+        """Combine the micro-batches' metrics over all ranks (grpo's additive/min/max rules); `padded_tokens`
+        (positions run, padding included) beside `tokens` (real ones) shows what padding costs."""
         import torch.distributed as dist
 
-        mine = {**combine_metrics(parts), "tokens": float(tokens)}
+        mine = {**combine_metrics(parts), "tokens": float(tokens), "padded_tokens": float(padded)}
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine)
         return combine_metrics(everyone)

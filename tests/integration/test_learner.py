@@ -132,13 +132,15 @@ def test_each_zero_stage_takes_the_same_learning_step(stage, ranks, run, ray_loc
                                                      tiny_train_batch, tmp_path) -> None:
     """A real DeepSpeed engine at each `learner.zero_stage` (gloo): from the same weights, the same loss,
     gradient norm and updated weights as the module's 2-rank ZeRO-3 step; the checkpoint it writes resumes
-    exactly and its export holds the weights the step produced."""
+    exactly and its export holds the weights the step produced. With kl_coef > 0 the frozen reference is
+    built at the matching stage (partitioned under 3, plain below) and equals the policy at step 1."""
     from safetensors.numpy import load_file
 
     from actors.learner import LearnerGroup
 
     cfg = LEARNER.model_copy(update={"zero_stage": stage, "num_ranks": ranks})
-    group = LearnerGroup(str(tiny_reasoner_dir), cfg, ALGO, seed=0, max_new_tokens=64)
+    group = LearnerGroup(str(tiny_reasoner_dir), cfg, ALGO.model_copy(update={"kl_coef": 0.1}), seed=0,
+                         max_new_tokens=64)
     try:
         before = group.gathered_state_dict(include_frozen=True)
         first = group.train_step(tiny_train_batch).values
@@ -151,6 +153,7 @@ def test_each_zero_stage_takes_the_same_learning_step(stage, ranks, run, ray_loc
         group.shutdown()
     assert all(np.array_equal(before[name], run["before"][name]) for name in before)  # same start
     assert first["micro_batches"] >= 2 and first["learner_rollout_logp_diff"] < 1e-4
+    assert first["padded_tokens"] >= first["tokens"] == run["first"].values["tokens"]  # padding is counted apart
     assert first["loss"] == pytest.approx(run["first"].values["loss"], rel=1e-5, abs=1e-7)
     assert first["grad_norm"] == pytest.approx(run["first"].values["grad_norm"], rel=1e-4)
     changed = {name for name in before if not np.array_equal(before[name], after[name])}
@@ -159,6 +162,7 @@ def test_each_zero_stage_takes_the_same_learning_step(stage, ranks, run, ray_loc
     # Adam's first step moves each weight by about lr: equal to the ZeRO-3 step within a fraction of it.
     for name in before:
         np.testing.assert_allclose(after[name], run["after_one"][name], rtol=0, atol=0.1 * LEARNER.lr, err_msg=name)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7) and second["kl"] > 0  # the reference stays at step 0
     assert resumed["loss"] == second["loss"] and resumed["grad_norm"] == second["grad_norm"]
     policy = Path(info.path) / "policy"
     exported: dict[str, np.ndarray] = {}
