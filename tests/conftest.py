@@ -35,7 +35,7 @@ def tiny_listener_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_reasoner_sft_dir(tmp_path_factory, ray_local) -> Path:
+def tiny_reasoner_sft_dir(tmp_path_factory, request) -> Path:
     """The format warm start (`tiny://reasoner-sft`: make-tiny + `pipeline.sft` with the default settings),
     built once per test run on the session's Ray cluster. A reasoner that writes the answer format, so
     rewards vary within groups and GRPO steps are taken (a random tiny reasoner's steps are all skipped).
@@ -47,6 +47,7 @@ def tiny_reasoner_sft_dir(tmp_path_factory, ray_local) -> Path:
     if prebuilt:
         assert built_with_default_settings(Path(prebuilt)), f"TEST_TINY_SFT_DIR={prebuilt} is not a current warm start"
         return Path(prebuilt)
+    request.getfixturevalue("ray_local")  # built on the session's cluster (started here if not yet)
     return Path(resolve_checkpoint("tiny://reasoner-sft", "model.reasoner", tmp_path_factory.mktemp("models")))
 
 

@@ -1,7 +1,9 @@
 """The product's main job end to end: `python -m pipeline train` on CPU, tracked in MLflow, resumable.
 
 Everything is real: a local Ray cluster started by the driver, vLLM CPU engines for rollout and listener,
-DeepSpeed ZeRO-3 on gloo, MLflow on a sqlite store; tiny checkpoints are built by the run itself.
+DeepSpeed ZeRO-3 on gloo, MLflow on a sqlite store. The reasoner is the format warm start (built once per
+test session, `tiny_reasoner_sft_dir`), so every step is a learning step: none is skipped, the loss is not
+zero and the checkpoint's weights differ from the start; the listener is built by the run itself.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests_e2e_helpers import metric_steps
+from tests_e2e_helpers import LEARNING, assert_every_step_learned, changed_tensors, metric_steps, train_rows
 
 from actors.checkpoint import MANIFEST, latest_checkpoint, step_dir_name
 from pipeline.config import load_config
@@ -38,9 +40,9 @@ def run_train(run_dir: Path, *overrides: str, resume: bool = False, timeout: int
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory) -> Path:
+def default_run(tmp_path_factory, tiny_reasoner_sft_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    result = run_train(run_dir, "trainer.steps=2")
+    result = run_train(run_dir, "trainer.steps=2", f"model.reasoner={tiny_reasoner_sft_dir}", *LEARNING)
     assert "step 2/2" in result.stderr  # the progress bar
     assert "MLflow UI" in result.stdout
     return run_dir
@@ -50,6 +52,12 @@ def test_every_metric_is_logged_for_every_step(default_run: Path) -> None:
     run_id = (default_run / "mlflow_run_id").read_text().strip()
     steps = metric_steps(f"sqlite:///{default_run.parent}/mlflow.db", run_id)
     assert {key: value for key, value in steps.items() if value != [0, 1]} == {}
+
+
+def test_every_step_learns_and_the_weights_change(default_run: Path, tiny_reasoner_sft_dir: Path) -> None:
+    assert_every_step_learned(train_rows(default_run))
+    changed = changed_tensors(tiny_reasoner_sft_dir, latest_checkpoint(default_run / "checkpoints") / "policy")
+    assert changed and not [name for name in changed if name.startswith("visual")]  # learner.freeze_vision
 
 
 def test_run_has_config_params_version_tags_and_sample_tables(default_run: Path) -> None:
@@ -95,11 +103,14 @@ def _pair_ids(run_dir: Path, step: int) -> list[str]:
     return list(dict.fromkeys(table["pair_id"]))
 
 
-def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: Path) -> None:
+def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: Path,
+                                                                    tiny_reasoner_sft_dir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
     run_dir = tmp_path / "run"
-    # Slow enough steps (long generations) that the stop lands mid-run.
-    overrides = ("trainer.steps=6", "reward.drop_zero_variance=false", "rollout.max_new_tokens=192",
-                 "rollout.group_size=8")
+    # Steps long enough (8 pairs x G=8) that the stop lands mid-run.
+    overrides = ("trainer.steps=6", "rollout.group_size=8", "data.pairs_per_step=8",
+                 f"model.reasoner={tiny_reasoner_sft_dir}", *LEARNING)
     process = subprocess.Popen(train_command(run_dir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=(tmp_path / "first.log").open("w"), env={**os.environ, "RAY_ADDRESS": ""})
     manifest = run_dir / "checkpoints" / step_dir_name(1) / MANIFEST
@@ -111,6 +122,9 @@ def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: P
     assert process.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-4000:]
     first_steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert first_steps[0] == 0 and first_steps[-1] < 5, "the first run was meant to stop before the end"
+    client = MlflowClient(f"sqlite:///{run_dir.parent}/mlflow.db")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
     # The last complete checkpoint counts the steps the first run finished; the resumed run starts right
     # there (a step stopped before its checkpoint is run again) and goes to the end.
     start = json.loads((latest_checkpoint(run_dir / "checkpoints") / MANIFEST).read_text())["step"]
@@ -121,6 +135,11 @@ def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: P
     assert resumed_steps == list(range(start, 6))
     assert latest_checkpoint(run_dir / "checkpoints").name == step_dir_name(6)
     assert resumed_steps[-1] == 5
+    assert_every_step_learned(rows)
+    # The same MLflow run, reopened and finished: the resumed steps' metrics land in it.
+    assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert set(resumed_steps) <= {m.step for m in client.get_metric_history(run_id, "loss")}
     # The data position continues: each resumed step trains on the stream's batch of that step.
     cfg = load_config(None, list(overrides))
     source = PairSource.from_config(cfg.data, cfg.model)
