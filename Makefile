@@ -16,8 +16,9 @@ test: setup
 test-fast: setup
 	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# The demo starts from the warm starts and the informative listener (configs/demo_cpu.yaml).
 demo: setup
-	@$(PY) -m pipeline train
+	@$(PY) -m pipeline train --config configs/demo_cpu.yaml
 
 bench: setup
 	@$(PY) -m bench
