@@ -40,6 +40,13 @@ WEIGHT_UPDATE_EXTENSION = "actors.engine.WeightUpdateExtension"
 _LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
+def intra_op_threads(num_cpus: float) -> int:
+    """An actor's torch/OpenMP threads: its CPU share (whole CPUs), at least one. With max_staleness 0 the
+    stages run one after the other, so each may be given every core; with 1 the rollout side and the learner
+    run at once and their shares should add up to the node's cores (Ray counts shares, it does not pin)."""
+    return max(1, int(num_cpus + 1e-9))
+
+
 def configure_threads(num_threads: int) -> None:
     """Intra-op threads for this process, set before vLLM starts (which honours an external OMP_NUM_THREADS)."""
     import torch

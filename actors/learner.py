@@ -50,6 +50,7 @@ import random
 import time
 from typing import Any, Literal
 
+from actors.engine import intra_op_threads
 from pipeline.batching import padded_tokens, plan_micro_batches
 from pipeline.config import AlgoConfig, LearnerConfig, SyncConfig
 from pipeline.grpo import LossNormalizer, aggregate, combine_metrics, grpo_loss, sft_loss
@@ -118,7 +119,7 @@ class LearnerRank:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")  # before deepspeed is imported
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray gives each rank its own GPU
-        torch.set_num_threads(max(1, int(self.cfg.num_cpus)))  # Ray sets OMP_NUM_THREADS=1 in actors
+        torch.set_num_threads(intra_op_threads(self.cfg.num_cpus))  # Ray sets OMP_NUM_THREADS=1 in actors
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)

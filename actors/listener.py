@@ -31,7 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.engine import build_engine
+from actors.engine import build_engine, intra_op_threads
 from pipeline.config import EngineConfig, ListenerConfig
 from pipeline.prompts import LISTENER_ANSWER_TOKENS, listener_p_image_1, listener_prompt, mask_answer
 from pipeline.types import ListenerPoolStats, ListenerRequest, ListenerScore, RolloutGroup
@@ -215,7 +215,7 @@ class ListenerPool:
         self._spawned += 1
         return ray.remote(ListenerWorker).options(**self._options).remote(
             self._model_path, self._cfg.engine, seed=self._seed + self._spawned - 1,
-            num_threads=max(1, int(self._cfg.num_cpus)), mm_processor_kwargs=self._mm_kwargs,
+            num_threads=intra_op_threads(self._cfg.num_cpus), mm_processor_kwargs=self._mm_kwargs,
             trust_remote_code=self._trust_remote_code)
 
     def _new_slot(self) -> _Slot:
@@ -340,9 +340,11 @@ class ListenerPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _wait_for(self, predicate: Any, poll_s: float = 0.05) -> None:
-        while not predicate():
+        while True:  # no slot left is checked first: `all()` over no workers would read as "all ready"
             if not self._slots:
                 raise RuntimeError("the listener pool has no workers left (they failed to start)")
+            if predicate():
+                return
             await asyncio.sleep(poll_s)
 
 

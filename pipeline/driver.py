@@ -282,7 +282,25 @@ def collect_rollout(flight: InFlightRollout, actors: Actors, cfg: RunConfig, pol
 
 
 def recover_rollout_workers(indices, actors: Actors, cfg: RunConfig, policy: PolicyState, version: int):
-    """Wait for Ray to restart the rollout workers `indices`, then sync weights `version` to every worker."""
+    """Wait for Ray to restart the rollout workers `indices`, then sync weights `version` to every worker.
+
+    A worker that dies again during that sync (e.g. killed by the node's memory monitor) counts as one more
+    restart and the whole recovery repeats, until `rollout.max_restarts` is spent.
+    """
+    while True:
+        _await_restarted(indices, actors, cfg, policy, version)
+        # A restarted process loaded the base checkpoint, and the weight-sync groups it was in are gone; the
+        # workers that lived may hold an update the failed sync left open.
+        ray.get([worker.abort_weight_update.remote() for worker in actors.rollout])
+        actors.learner.reset_transports()
+        synced = actors.learner.sync_weights(actors.rollout, version, cfg.sync)
+        if not synced.error:
+            return synced
+        log.warning("weight sync to the restarted rollout workers failed (%s); recovering again", synced.error)
+        indices = range(len(actors.rollout))
+
+
+def _await_restarted(indices, actors: Actors, cfg: RunConfig, policy: PolicyState, version: int) -> None:
     policy.rollout_restarts += 1
     if policy.rollout_restarts > cfg.rollout.max_restarts:
         raise TrainingAborted(f"rollout workers died {policy.rollout_restarts} times (rollout.max_restarts="
@@ -299,14 +317,6 @@ def recover_rollout_workers(indices, actors: Actors, cfg: RunConfig, policy: Pol
                     raise TrainingAborted(f"rollout worker {index} did not come back within "
                                           f"{cfg.rollout.restart_timeout_s:g} s") from None
                 time.sleep(0.5)
-    # A restarted process loaded the base checkpoint, and the weight-sync groups it was in are gone; the
-    # workers that lived may hold an update the failed sync left open.
-    ray.get([worker.abort_weight_update.remote() for worker in actors.rollout])
-    actors.learner.reset_transports()
-    synced = actors.learner.sync_weights(actors.rollout, version, cfg.sync)
-    if synced.error:
-        raise TrainingAborted(f"weight sync to the restarted rollout workers failed ({synced.error})")
-    return synced
 
 
 def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig,

@@ -114,6 +114,7 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
     """Create every actor with its resources; the engines start in parallel."""
     import ray
 
+    from actors.engine import intra_op_threads
     from actors.learner import LearnerGroup
     from actors.listener import ListenerPool
     from actors.reward import RewardAggregator
@@ -150,13 +151,6 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
         raise ConfigError(f"the run's engines did not come up within {cfg.trainer.startup_timeout_s:g} s "
                           f"(trainer.startup_timeout_s): {what}") from None
     return actors
-
-
-def intra_op_threads(num_cpus: float) -> int:
-    """An actor's torch/OpenMP threads: its CPU share (whole CPUs), at least one. With max_staleness 0 the
-    stages run one after the other, so each may be given every core; with 1 the rollout side and the learner
-    run at once and their shares should add up to the node's cores (Ray counts shares, it does not pin)."""
-    return max(1, int(num_cpus + 1e-9))
 
 
 def _options(num_cpus: float, num_gpus: float, resource: str) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""pipeline/placement.py intra_op_threads: an actor's torch/OpenMP threads follow its CPU share."""
+"""actors/engine.py intra_op_threads: an actor's torch/OpenMP threads follow its CPU share."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.placement import intra_op_threads
+from actors.engine import intra_op_threads
 
 
 @pytest.mark.parametrize("num_cpus, threads", [(1, 1), (2, 2), (8, 8), (1.5, 1), (2.9999999999999996, 3),
