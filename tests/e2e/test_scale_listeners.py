@@ -2,7 +2,8 @@
 
 A real `ray start --head` cluster, a training job joined to it (as `ray job submit` would run it), and
 the CLI run twice from another process: the pool grows 1 -> 2 and back to 1 while training continues;
-every listener request is answered exactly once.
+every listener request is answered exactly once. The reasoner is the format warm start, so every step
+is a learning step (the pool is resized while the learner steps and syncs, as in a real run).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests_e2e_helpers import assert_every_step_learned
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -41,11 +43,13 @@ def _scale(ray_head, replicas: int) -> str:
     return result.stdout
 
 
-def test_pool_grows_and_shrinks_during_training_without_losing_requests(ray_head, tmp_path: Path) -> None:
+def test_pool_grows_and_shrinks_during_training_without_losing_requests(ray_head, tmp_path: Path,
+                                                                        tiny_reasoner_sft_dir: Path) -> None:
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "pipeline", "train", f"trainer.steps={STEPS}", f"trainer.output_dir={run_dir}",
                f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"data.pairs_per_step={PAIRS}",
-               f"rollout.group_size={GROUP}", "rollout.max_new_tokens=128", "trainer.checkpoint_every=100"]
+               f"rollout.group_size={GROUP}", "rollout.max_new_tokens=128", "trainer.checkpoint_every=100",
+               f"model.reasoner={tiny_reasoner_sft_dir}"]
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=(tmp_path / "train.log").open("w"))
@@ -62,5 +66,6 @@ def test_pool_grows_and_shrinks_during_training_without_losing_requests(ray_head
     assert [r["step"] for r in rows] == list(range(STEPS))
     assert max(r["listener/num_workers"] for r in rows) == 2 and rows[-1]["listener/num_workers"] == 1
     assert all(r["listener/failed"] == 0 for r in rows)
+    assert_every_step_learned(rows)
     # Each completion is scored once: the pool's answered count is exactly the completions sampled.
     assert rows[-1]["listener/completed"] == STEPS * PAIRS * GROUP
