@@ -93,7 +93,7 @@ def train(cfg: RunConfig, resume: Path | None = None) -> int:
         tracker.close(status)
         actors.shutdown()
         if started_ray:
-                    ray.shutdown()
+            ray.shutdown()
     print_summary(run_dir, tracker)
     return 0
 

@@ -228,7 +228,8 @@ def _flatten(node: object, prefix: str = "") -> dict[str, str]:
 
 # The driver's own `_connect_ray` on a real local cluster, in a fresh process (no other Ray in it): the
 # cluster is started (not joined), Ray reports no web UI, and the dashboard process it keeps for its head
-# modules listens on no TCP port.
+# modules serves no web UI or job API: its only listening port is Ray's Prometheus metrics exporter
+# (ray.dashboard.consts.DASHBOARD_METRIC_PORT, read-only metrics, which Ray always starts).
 DRIVER_CLUSTER = r"""
 import json, os
 import psutil, ray
@@ -239,8 +240,10 @@ node = ray._private.worker.global_worker.node
 listening = [f"{c.laddr.ip}:{c.laddr.port}" for kind, procs in node.all_processes.items() if kind == "dashboard"
              for info in procs for c in psutil.Process(info.process.pid).net_connections(kind="inet")
              if c.status == psutil.CONN_LISTEN]
+from ray.dashboard.consts import DASHBOARD_METRIC_PORT
 print("RESULT", json.dumps({"started": started, "webui_url": node.address_info.get("webui_url"),
-                            "dashboard_listens_on": listening}))
+                            "dashboard_listens_on": [a for a in listening
+                                                     if not a.endswith(f":{DASHBOARD_METRIC_PORT}")]}))
 ray.shutdown()
 """
 
