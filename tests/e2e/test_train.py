@@ -109,7 +109,7 @@ def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: P
 
     run_dir = tmp_path / "run"
     # Steps long enough (8 pairs x G=8) that the stop lands mid-run.
-    overrides = ("trainer.steps=6", "rollout.group_size=8", "data.pairs_per_step=8",
+    overrides = ("trainer.steps=6", "data.pairs_per_step=8",
                  f"model.reasoner={tiny_reasoner_sft_dir}", *LEARNING)
     process = subprocess.Popen(train_command(run_dir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=(tmp_path / "first.log").open("w"), env={**os.environ, "RAY_ADDRESS": ""})
