@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 PAIRS = 16  # 8 pairs x G=8 per worker: a generation long enough for a kill to land in it
 BUSY_STEP = ["rollout.num_workers=2", "rollout.group_size=8", "rollout.max_new_tokens=40",
-             f"data.pairs_per_step={PAIRS}", "learner.num_ranks=1", "learner.lr=1e-3",
+             f"data.pairs_per_step={PAIRS}", "learner.num_ranks=1",
              "rollout.max_restarts=10"]  # the module's tests restart workers 4 times between them
 GREEDY_TOKENS = 40
 
