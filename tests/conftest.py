@@ -52,6 +52,16 @@ def tiny_reasoner_sft_dir(tmp_path_factory, request) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_listener_sft_dir(tmp_path_factory, request) -> Path:
+    """The informative listener (`tiny://listener-sft`: make-tiny + `pipeline.sft --role listener` with the
+    default settings, docs/listener.md), built once per test run on the session's Ray cluster."""
+    from pipeline.models import resolve_checkpoint
+
+    request.getfixturevalue("ray_local")
+    return Path(resolve_checkpoint("tiny://listener-sft", "model.listener", tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster for the test run (logical CPUs and the pool's custom resource)."""
     import ray

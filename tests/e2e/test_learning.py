@@ -1,9 +1,10 @@
-"""The learning proof, small enough for CI, with the informative listener on: the real CLI warm-starts a tiny
-reasoner on the answer format and a tiny listener on answering from the reasoning it reads
-(`python -m pipeline sft`, both at once), then GRPO (`python -m pipeline train --config
-configs/learn_cpu.yaml`, listener on, the `render` synthetic task) runs with held-out greedy evaluation.
+"""The learning proof, small enough for CI, with the informative listener on: from the session's warm starts
+(tests/conftest.py: a tiny reasoner warm-started on the answer format and a tiny listener on answering from
+the reasoning it reads, `pipeline.sft` with the default settings, as `python -m pipeline sft` builds them),
+GRPO (`python -m pipeline train --config configs/learn_cpu.yaml`, listener on, the `render` synthetic task)
+runs with held-out greedy evaluation.
 
-Everything is real (Ray, vLLM CPU, DeepSpeed ZeRO-3 on gloo, MLflow on sqlite). Asserted: the warm start
+Everything is real (Ray, vLLM CPU, DeepSpeed on gloo, MLflow on sqlite). Asserted: the warm start
 writes the format and answers near chance; GRPO raises held-out accuracy by at least 20 points within
 GRPO_STEPS updates and keeps the format; the listener's reward is logged for every update (bench.learning
 runs the full version, listener on and off over 3 seeds, and BENCHMARKS.md records the curves).
@@ -23,7 +24,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
-SFT_STEPS = 300  # the default warm starts (`tiny://reasoner-sft`, `tiny://listener-sft`), as bench.learning uses
 GRPO_STEPS = 50  # listener on, seed 0: 59.4% through update 25, 78.1% at 30, 100% at 35 and 40 (BENCHMARKS.md)
 EVAL_EVERY = 5  # as in the config, so the run is the measured one's first GRPO_STEPS updates
 
@@ -39,30 +39,17 @@ def cli(*args: str, timeout: int) -> subprocess.CompletedProcess:
     return result
 
 
-def sft_both(root: Path, timeout: int) -> None:
-    """The reasoner's and the listener's warm starts, as two CLI processes at once (one learner thread each)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "sft", "--model", str(root / f"tiny-{role}"),
-                               "--out", str(root / f"{role}-sft"), "--role", role, "--steps", str(SFT_STEPS)],
-                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for role in ("reasoner", "listener")]
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, (out[-3000:], err[-5000:])
-
-
 @pytest.fixture(scope="module")
-def learning_run(tmp_path_factory) -> dict:
+def learning_run(tmp_path_factory, tiny_reasoner_sft_dir: Path, tiny_listener_sft_dir: Path) -> dict:
     root = tmp_path_factory.mktemp("learning")
-    for role in ("reasoner", "listener"):
-        cli("make-tiny", "--out", str(root / f"tiny-{role}"), "--role", role, timeout=300)
-    sft_both(root, timeout=900)
+    warm = {"reasoner": tiny_reasoner_sft_dir, "listener": tiny_listener_sft_dir}
     run_dir = root / "run"
-    cli("train", "--config", str(REPO / "configs" / "learn_cpu.yaml"), f"model.reasoner={root / 'reasoner-sft'}",
-        f"model.listener={root / 'listener-sft'}", "reward.w_listener=0.5", f"trainer.steps={GRPO_STEPS}",
+    cli("train", "--config", str(REPO / "configs" / "learn_cpu.yaml"), f"model.reasoner={warm['reasoner']}",
+        f"model.listener={warm['listener']}", "reward.w_listener=0.5", f"trainer.steps={GRPO_STEPS}",
         f"trainer.eval_every={EVAL_EVERY}", f"trainer.output_dir={run_dir}",
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", timeout=900)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"manifests": {role: json.loads((root / f"{role}-sft" / "sft_manifest.json").read_text())
+    return {"manifests": {role: json.loads((warm[role] / "sft_manifest.json").read_text())
                           for role in ("reasoner", "listener")},
             "eval": {row["step"]: row for row in rows if "eval/accuracy" in row},
             "train": [row for row in rows if "reward/mean" in row]}

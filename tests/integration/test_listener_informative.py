@@ -5,15 +5,14 @@ Checked: a faithful reasoning (the images described as they are) gets p_preferre
 reasoning with the two images' descriptions swapped <= 0.2; the pair's label swap (images exchanged,
 preferred 1 <-> 2, the same text) flips the score; and what the listener reads is the masked reasoning: a
 verdict sentence and an answer block naming the wrong image leave the score exactly as it was.
-Building the listener (make-tiny + `pipeline.sft`, role listener) takes a few minutes on CPU; it is
-cached under runs/test-models like any `tiny://` build (reused only if made with today's settings).
+The listener (make-tiny + `pipeline.sft`, role listener, a few minutes on CPU) is the session fixture
+`tiny_listener_sft_dir` (tests/conftest.py), built once per test run and shared with the learning test.
 Run: `pytest -m integration tests/integration/test_listener_informative.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +32,6 @@ REWARD = RewardConfig(w_format=1.0, w_accuracy=1.0, w_listener=0.5, drop_zero_va
 # tiny listener stays at chance (docs/listener.md).
 PAIRS = [*synthetic_pairs(HELDOUT_SEED_OFFSET, 6, task="render"),
          *synthetic_pairs(HELDOUT_SEED_OFFSET, 6, task="render-ood")]
-MODELS = Path(__file__).resolve().parents[2] / "runs" / "test-models"  # tiny:// cache, rebuilt when stale
 WRONG_VERDICT = " So image {wrong} is better."  # a verdict sentence the masking removes
 
 
@@ -66,20 +64,13 @@ def _texts(pair: PreferencePair) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def listener_sft_dir(ray_local) -> str:
-    from pipeline.models import resolve_checkpoint
-
-    return resolve_checkpoint("tiny://listener-sft", "model.listener", MODELS)
-
-
-@pytest.fixture(scope="module")
-def rewards(ray_local, listener_sft_dir):
+def rewards(ray_local, tiny_listener_sft_dir):
     """(pair, label-swapped) -> the aggregator's CompletionRewards and the pool's scores, for every pair."""
     from actors.listener import ListenerPool
     from actors.reward import RewardAggregator
 
     pool = ray_local.remote(ListenerPool).options(num_cpus=0, max_concurrency=64).remote(
-        listener_sft_dir, CONFIG, seed=0)
+        str(tiny_listener_sft_dir), CONFIG, seed=0)
     assert ray_local.get(pool.ready.remote(), timeout=300)
     try:
         groups = [_group(pair, _texts(pair)) for pair in PAIRS]
