@@ -77,12 +77,8 @@ class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with a sqlite store; `stop()`/`start()` simulate an outage."""
 
     def __init__(self, root: Path) -> None:
-        import socket
-
         self.root = root
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process = None
 
@@ -126,3 +122,90 @@ def mlflow_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+class RayHead:
+    """A separate `ray start --head --block` cluster on 127.0.0.1 with token auth (as Ray 2.60 clusters run),
+    every port free (another cluster on this machine, e.g. the session's own, may hold Ray's defaults), torn
+    down by signalling its own process session: `ray stop` would stop every Ray process on the machine."""
+
+    def __init__(self, log: Path, num_cpus: int, resources: str) -> None:
+        import secrets
+        import subprocess
+        import sys
+        import tempfile
+
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env.pop("RAY_ADDRESS", None)
+        port, dash = _free_port(), _free_port()
+        self.gcs_address = f"127.0.0.1:{port}"
+        self.address = f"http://127.0.0.1:{dash}"  # job server, for `ray job submit --address`
+        self.temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+        self.log = log
+        self.process = subprocess.Popen(
+            ["ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(num_cpus),
+             "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+             "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+             "--ray-client-server-port", str(_free_port()),
+             "--resources", resources, "--disable-usage-stats", "--temp-dir", self.temp_dir],
+            # A `ray start --block` head drains for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) on SIGTERM,
+            # waiting for work to migrate to other nodes; a test head has none, so it stops at once.
+            env={**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}, cwd=Path(__file__).resolve().parents[1],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until the job server answers (401 without the token still means it is up)."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError as exc:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray head did not start: {self.log.read_text()[-3000:]}") from exc
+                time.sleep(1)
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+        import subprocess
+
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head_factory(tmp_path: Path):
+    """start(num_cpus, resources_json) -> a ready RayHead; every head started is stopped after the test."""
+    heads: list[RayHead] = []
+
+    def start(num_cpus: int = 8, resources: str = '{"rollout": 8, "listener": 8, "learner": 8}') -> RayHead:
+        head = RayHead(tmp_path / f"head-{len(heads)}.log", num_cpus, resources)
+        heads.append(head)
+        head.wait_ready()
+        return head
+
+    yield start
+    for head in heads:
+        head.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -293,7 +293,7 @@ def test_rays_own_default_dashboard_host_is_localhost() -> None:
 
 
 def _ray_start_commands() -> list[tuple[str, str]]:
-    """(file, command) for each `ray start` in the e2e fixtures (argument lists) and the docs (shell lines)."""
+    """(file, command) for each `ray start` in the test fixtures (argument lists) and the docs (shell lines)."""
     found = []
     for path in sorted((REPO / "tests").rglob("*.py")):
         for name, call in calls(path.read_text()):
@@ -310,5 +310,5 @@ def _ray_start_commands() -> list[tuple[str, str]]:
 
 def test_every_local_ray_start_binds_the_dashboard_to_localhost() -> None:
     commands = _ray_start_commands()
-    assert any(file.startswith("tests/e2e/") for file, _ in commands), "the e2e ray_head fixture was not found"
+    assert any(file == "tests/conftest.py" for file, _ in commands), "the tests' RayHead was not found"
     assert [(f, c) for f, c in commands if not re.search(r"--dashboard-host[ =]127\.0\.0\.1", c)] == []
