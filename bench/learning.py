@@ -41,6 +41,12 @@ TRAIN_CURVES = ("reward_listener", "contradiction_rate", "reward_accuracy")
 WINDOW = 10  # updates averaged for a training curve's start and end figures
 
 
+def _in_repo(path: str) -> str:
+    """A path under the repository as repo-relative (result files are committed), any other as it is."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def warm_starts(models: Path) -> tuple[str, str]:
     """(reasoner, listener): `tiny://reasoner-sft` and `tiny://listener-sft`, built under `models` once."""
     from pipeline.models import resolve_checkpoint
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(CONFIG)
     report = {
         "config": "configs/learn_cpu.yaml", "synthetic_task": cfg.data.synthetic_task, "ood_task": cfg.data.ood_task,
-        "seeds": args.seeds, "steps_override": args.steps, "warm_starts": dict(zip(("reasoner", "listener"), models)),
+        "seeds": args.seeds, "steps_override": args.steps, "warm_starts": {role: _in_repo(m) for role, m in zip(("reasoner", "listener"), models)},
         "warm_start_manifests": {role: json.loads((Path(m) / "sft_manifest.json").read_text())
                                  for role, m in zip(("reasoner", "listener"), models)},
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
