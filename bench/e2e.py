@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "e2e.json"
 MODELS = ROOT / "runs" / "bench-models"
@@ -282,8 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs[f"{workload}-s{staleness}"] = run
                 print(f"   {run['s_per_step_median']:.2f} s/step, {run['completions_per_s']:.2f} completions/s, "
                       f"CPU {100 * run['cpu_utilisation']:.0f}%", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print("\n".join(e2e_table(result)))
     e2e_plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "learning.json"
 PLOT = ROOT / "bench" / "results" / "learning.png"
@@ -211,8 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(report, args.out)
     plot(report, args.plot)
     print(f"wrote {args.out} and {args.plot}")
     return report

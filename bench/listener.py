@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "listener.json"
 TASKS = ("render", "match", "render-ood")
@@ -91,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for task, row in report["tasks"].items():
         print(f"{task:11} " + " ".join(f"{row[r]['accuracy']:>13.3f} {row[r]['p_preferred_mean']:>7.3f}"
                                        for r in READINGS))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(report, args.out)
     print(f"wrote {args.out}")
     return report
 

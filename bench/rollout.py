@@ -23,7 +23,6 @@ Prints a table and writes bench/results/rollout.json: per size `vllm_tokens_per_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -34,6 +33,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+
+from bench import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "rollout.json"
@@ -212,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": args.dtype, "compiled": args.compiled, "hf_dtype": args.hf_dtype or args.dtype, "threads": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count(),
               "load_average_1m_at_end": round(os.getloadavg()[0], 2),
               "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(report, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -44,6 +44,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "step.json"
 MODELS = ROOT / "runs" / "bench-models"
@@ -404,8 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
             report["memory"] = bench_demo_memory(Path(tmp))
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(report, args.out)
     print(f"wrote {args.out}")
     return report
 

@@ -20,13 +20,14 @@ Writes bench/results/weight_sync.json (`results[label][transport]`, the keys ben
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
 import statistics
 import time
 from pathlib import Path
+
+from bench import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "weight_sync.json"
 TRANSPORTS = ("shared_memory", "object_store", "collective")
@@ -180,8 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  args.transports.split(",")))
     finally:
         ray.shutdown()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_result(report, args.out)
     print(f"wrote {args.out}")
     return report
 
