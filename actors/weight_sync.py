@@ -1,4 +1,5 @@
-"""Weight sync: gather ZeRO-3 partitions bucket by bucket and send each bucket to every rollout worker.
+"""Weight sync: gather the learner's parameters (ZeRO-3 partitions, or whole tensors at stages 0/2) bucket
+by bucket and send each bucket to every rollout worker.
 
 Learner side (`sync_weights`, run by EVERY learner rank, since gathering a ZeRO-3 parameter is a
 collective): parameters are planned into buckets of at most `bucket_mb` MiB by `p.ds_numel` (the full

@@ -6,7 +6,7 @@
 
 Each step: take pairs -> rollout workers sample G completions per pair -> the listener pool scores each
 shard of groups as soon as it is generated (overlapping the other shards' generation) -> the reward
-aggregator turns rewards into group-relative advantages -> the learner takes one ZeRO-3 step -> the new
+aggregator turns rewards into group-relative advantages -> the DeepSpeed learner takes one step -> the new
 weights go to the rollout workers -> metrics, samples and checkpoints go to MLflow. With
 `trainer.max_staleness: 1` the next step's pairs are read and their rollout and scoring start before the
 learner step, so they run while the learner trains and syncs (one step off-policy: each group is sampled

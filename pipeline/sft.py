@@ -15,7 +15,7 @@ coin flips it has no reason to pick the image that matches the prompt: that is w
 (A departure worth stating: the paper's reasoner starts from an instruction-tuned VLM that already sees
 and describes; the descriptions stand in for that, on a model of 1M random parameters.)
 
-It shares the learner code: a `LearnerGroup` (DeepSpeed ZeRO-3) steps with `objective="sft"`, i.e.
+It shares the learner code: a `LearnerGroup` (DeepSpeed, `learner.zero_stage`) steps with `objective="sft"`, i.e.
 `pipeline.grpo.sft_loss`, the token-mean negative log-likelihood of the completion tokens with the same
 whole-batch normaliser as the GRPO loss, and the result is written by `actors.checkpoint.export_policy`
 (a checkpoint that transformers and vLLM load), atomically, with `sft_manifest.json` written last.
