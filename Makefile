@@ -8,10 +8,15 @@ PYTEST_ARGS ?=
 setup:
 	@bash scripts/setup_venv.sh
 
-# pytest exit code 5 means no tests ran: a failure, not a pass.
+# Unit tests first (a unit failure shows within a minute and stops there), then the e2e, integration and
+# GPU tiers on TEST_WORKERS pytest-xdist workers, one test file per worker at a time (a module's fixtures
+# run once); the longest file, e2e/test_learning.py, starts early. pytest exit code 5 means no tests ran:
+# a failure, not a pass.
+TEST_WORKERS ?= 2
 test: setup
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+	@$(PY) -m pytest tests/unit $(PYTEST_ARGS) && \
+	$(PY) -m pytest tests/e2e tests/integration tests/gpu -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup
 	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)

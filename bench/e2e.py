@@ -82,11 +82,11 @@ def checkpoints(size: str, models: Path) -> tuple[Path, Path]:
     return paths[0], paths[-1]
 
 
-def train_command(workload: str, staleness: int, run_dir: Path, models: Path) -> list[str]:
+def train_command(workload: str, staleness: int, run_dir: Path, models: Path, extra: list[str] = ()) -> list[str]:
     reasoner, listener = checkpoints(WORKLOADS[workload]["size"], models)
     return [sys.executable, "-m", "pipeline", "train", "--config", str(CONFIG), f"model.reasoner={reasoner}",
             f"model.listener={listener}", *WORKLOADS[workload]["overrides"], f"trainer.max_staleness={staleness}",
-            f"trainer.output_dir={run_dir}", f"tracking.tracking_uri=sqlite:///{run_dir}/mlflow.db"]
+            *extra, f"trainer.output_dir={run_dir}", f"tracking.tracking_uri=sqlite:///{run_dir}/mlflow.db"]
 
 
 # ---- sampling the run's process tree -----------------------------------------------------------------
@@ -143,9 +143,9 @@ def _interpolate(samples: list[tuple[float, float]], at: float) -> float:
 
 # ---- one run -----------------------------------------------------------------------------------------
 
-def run_once(workload: str, staleness: int, workdir: Path, models: Path) -> dict[str, Any]:
+def run_once(workload: str, staleness: int, workdir: Path, models: Path, extra: list[str] = ()) -> dict[str, Any]:
     run_dir = workdir / f"{workload}-s{staleness}"
-    command = train_command(workload, staleness, run_dir, models)
+    command = train_command(workload, staleness, run_dir, models, extra)
     env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     start = time.time()
     log_path = workdir / f"{workload}-s{staleness}.log"
@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--staleness", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     parser.add_argument("--models", type=Path, default=MODELS, help="where make-tiny checkpoints are built/reused")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for every run (recorded in each run's command)")
     args = parser.parse_args(argv)
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result.update({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for workload in args.workloads:
             for staleness in args.staleness:
                 print(f"== {workload}, trainer.max_staleness={staleness}", flush=True)
-                run = run_once(workload, staleness, Path(tmp), args.models)
+                run = run_once(workload, staleness, Path(tmp), args.models, args.set)
                 runs[f"{workload}-s{staleness}"] = run
                 print(f"   {run['s_per_step_median']:.2f} s/step, {run['completions_per_s']:.2f} completions/s, "
                       f"CPU {100 * run['cpu_utilisation']:.0f}%", flush=True)

@@ -51,10 +51,11 @@ def _in_repo(path: str) -> str:
 
 def warm_starts(models: Path) -> tuple[str, str]:
     """(reasoner, listener): `tiny://reasoner-sft` and `tiny://listener-sft`, built under `models` once."""
-    from pipeline.models import resolve_checkpoint
+    from pipeline.models import resolve_checkpoints
 
-    return (resolve_checkpoint("tiny://reasoner-sft", "model.reasoner", models),
-            resolve_checkpoint("tiny://listener-sft", "model.listener", models))
+    built = resolve_checkpoints({"model.reasoner": "tiny://reasoner-sft", "model.listener": "tiny://listener-sft"},
+                                models)
+    return built["model.reasoner"], built["model.listener"]
 
 
 def train(name: str, seed: int, overrides: list[str], models: tuple[str, str], workdir: Path,
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-learning")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for every run, e.g. trainer.max_staleness=1")
     args = parser.parse_args(argv)
     from pipeline.config import load_config
 
@@ -199,11 +202,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for name in args.runs:
         for seed in args.seeds:
-            runs[f"{name}/seed{seed}"] = train(name, seed, RUNS[name], models, args.workdir, args.steps)
+            runs[f"{name}/seed{seed}"] = train(name, seed, [*RUNS[name], *args.set], models, args.workdir,
+                                              args.steps)
     cfg = load_config(CONFIG)
     report = {
         "config": "configs/learn_cpu.yaml", "synthetic_task": cfg.data.synthetic_task, "ood_task": cfg.data.ood_task,
-        "seeds": args.seeds, "steps_override": args.steps, "warm_starts": {role: _in_repo(m) for role, m in zip(("reasoner", "listener"), models)},
+        "seeds": args.seeds, "steps_override": args.steps, "overrides": args.set, "warm_starts": {role: _in_repo(m) for role, m in zip(("reasoner", "listener"), models)},
         "warm_start_manifests": {role: json.loads((Path(m) / "sft_manifest.json").read_text())
                                  for role, m in zip(("reasoner", "listener"), models)},
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),

@@ -39,7 +39,7 @@ from pipeline.config import ConfigError, RunConfig, config_to_yaml, flatten_conf
 from pipeline.data import PairSource, check_source, skip_metrics
 from pipeline.errors import TrainingAborted
 from pipeline.heldout import heldout_metrics, heldout_pairs, ood_heldout_pairs
-from pipeline.models import resolve_checkpoint
+from pipeline.models import resolve_checkpoints
 from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
                                 local_cluster_resources, wait_for_resources)
 from pipeline.progress import Progress, plot_curves, read_rows, summary_lines
@@ -70,14 +70,27 @@ def train(cfg: RunConfig, resume: Path | None = None) -> int:
     run_dir = Path(resume or cfg.trainer.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
-    reasoner = resolve_checkpoint(cfg.model.reasoner, "model.reasoner", run_dir / "models")
-    listener = resolve_checkpoint(cfg.model.listener, "model.listener", run_dir / "models")
+    models = resolve_checkpoints({"model.reasoner": cfg.model.reasoner, "model.listener": cfg.model.listener},
+                                 run_dir / "models")
+    reasoner, listener = models["model.reasoner"], models["model.listener"]
     check_source(cfg.data, cfg.model)  # a source with no usable row stops here, before Ray (exit 2)
     started_ray = _connect_ray(cfg)
     _stop_on_sigterm()
     tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
                       params=flatten_config(cfg), tags=run_tags())
-    actors = create_actors(cfg, reasoner, listener)
+    # Opening the MLflow run (a new sqlite store creates its tables: ~3 s) overlaps the engines' start-up
+    # instead of stalling the first step's metrics.
+    opening = threading.Thread(target=tracker.flush, name="mlflow-open", daemon=True)
+    opening.start()
+    try:
+        actors = create_actors(cfg, reasoner, listener)
+    except BaseException:
+        opening.join()
+        tracker.close("FAILED")  # the run is recorded, as failed at start-up
+        if started_ray:
+            ray.shutdown()
+        raise
+    opening.join()
     status = "FAILED"
     try:
         training_loop(cfg, actors, tracker, run_dir)

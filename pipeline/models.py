@@ -38,6 +38,29 @@ def resolve_checkpoint(spec: str, key: str, cache_dir: Path) -> str:
     return spec  # a hub id such as Qwen/Qwen2.5-VL-7B-Instruct
 
 
+def resolve_checkpoints(specs: dict[str, str], cache_dir: Path) -> dict[str, str]:
+    """`resolve_checkpoint` for each config key -> value; the tiny warm starts still to build are built at
+    the same time (`pipeline.sft.warm_starts`), e.g. a demo's reasoner and listener on first use."""
+    from pipeline.sft import default_settings, warm_starts
+
+    roles = warm_starts_to_build(specs, cache_dir)
+    if len(roles) > 1:
+        warm_starts([(_ensure_tiny(cache_dir / f"tiny-{role}", role), cache_dir / f"tiny-{role}-sft",
+                      default_settings(role), role) for role in roles])
+    return {key: resolve_checkpoint(spec, key, cache_dir) for key, spec in specs.items()}
+
+
+def warm_starts_to_build(specs: dict[str, str], cache_dir: Path) -> list[str]:
+    """The roles of the `tiny://ROLE-sft` values in `specs` not yet built under `cache_dir`, each once."""
+    roles = []
+    for spec in specs.values():
+        role = spec.removeprefix(TINY_SCHEME).removesuffix("-sft")
+        if spec == f"{TINY_SCHEME}{role}-sft" and role in ("reasoner", "listener") and role not in roles \
+                and not built_with_default_settings(cache_dir / f"tiny-{role}-sft", role):
+            roles.append(role)
+    return roles
+
+
 def _ensure_tiny(out: Path, role: str) -> Path:
     if (out / "tiny_manifest.json").is_file():
         return out

@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -179,12 +180,7 @@ def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSe
 
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    started = not ray.is_initialized()
-    if started and os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the job's cluster
-        ray.init(log_to_driver=False)
-    elif started:
-        ray.init(num_cpus=max(2, int(settings.num_cpus)), resources={"learner": 1}, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    started = _init_ray_for_sft([settings])
     learner_cfg = LearnerConfig(num_ranks=1, lr=settings.lr, freeze_vision=settings.freeze_vision,
                                 num_cpus=settings.num_cpus, micro_batch_tokens=8192)
     processor = AutoProcessor.from_pretrained(str(model))
@@ -214,6 +210,38 @@ def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSe
         if started:
             ray.shutdown()
     return SftResult(out=out, losses=losses, seconds=seconds)
+
+
+def warm_starts(jobs: list[tuple[str | Path, str | Path, SftSettings, Role]]) -> list[SftResult]:
+    """Several warm starts (model, out, settings, role) at once, each on its own learner rank, on one Ray
+    cluster: their single-threaded learners run side by side instead of one after the other."""
+    import ray
+
+    if len(jobs) < 2:
+        return [warm_start(model, out, settings, role=role) for model, out, settings, role in jobs]
+    started = _init_ray_for_sft([settings for _, _, settings, _ in jobs])
+    try:
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="sft") as pool:
+            futures = [pool.submit(warm_start, model, out, settings, role=role) for model, out, settings, role in jobs]
+            return [future.result() for future in futures]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _init_ray_for_sft(settings: list[SftSettings]) -> bool:
+    """Join `ray job submit`'s cluster, or start a local one that fits these learners; True when started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the job's cluster
+        ray.init(log_to_driver=False)
+        return True
+    cpus = sum(int(s.num_cpus) for s in settings)
+    ray.init(num_cpus=max(2, cpus), resources={"learner": len(settings)}, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    return True
 
 
 def sft_command(args) -> int:

@@ -35,30 +35,48 @@ def tiny_listener_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_reasoner_sft_dir(tmp_path_factory, request) -> Path:
-    """The format warm start (`tiny://reasoner-sft`: make-tiny + `pipeline.sft` with the default settings),
-    built once per test run on the session's Ray cluster. A reasoner that writes the answer format, so
-    rewards vary within groups and GRPO steps are taken (a random tiny reasoner's steps are all skipped).
+def tiny_sft_dirs(tmp_path_factory, request) -> dict[str, Path]:
+    """The two warm starts, built once per test run on the session's Ray cluster, side by side
+    (`pipeline.models.resolve_checkpoints`, as the driver builds them):
 
-    TEST_TINY_SFT_DIR names one already built by this code (a local edit-test loop; CI builds it)."""
-    from pipeline.models import built_with_default_settings, resolve_checkpoint
+    - `reasoner`: the format warm start (`tiny://reasoner-sft`: make-tiny + `pipeline.sft` with the default
+      settings). It writes the answer format, so rewards vary within groups and GRPO steps are taken (a random
+      tiny reasoner's steps are all skipped).
+    - `listener`: the informative listener (`tiny://listener-sft`: `pipeline.sft --role listener` with the
+      default settings, docs/listener.md).
 
+    Under pytest-xdist the workers share them: the first to get here builds them, the others wait for it
+    (a file lock in the run's common temporary directory) and reuse them.
+
+    TEST_TINY_SFT_DIR names a reasoner warm start already built by this code (a local edit-test loop; CI
+    builds it)."""
+    from filelock import FileLock
+
+    from pipeline.models import built_with_default_settings, resolve_checkpoints
+
+    specs = {"reasoner": "tiny://reasoner-sft", "listener": "tiny://listener-sft"}
     prebuilt = os.environ.get("TEST_TINY_SFT_DIR")
     if prebuilt:
         assert built_with_default_settings(Path(prebuilt)), f"TEST_TINY_SFT_DIR={prebuilt} is not a current warm start"
-        return Path(prebuilt)
-    request.getfixturevalue("ray_local")  # built on the session's cluster (started here if not yet)
-    return Path(resolve_checkpoint("tiny://reasoner-sft", "model.reasoner", tmp_path_factory.mktemp("models")))
+        specs["reasoner"] = prebuilt
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
+    models = shared / "warm-starts"
+    with FileLock(str(models) + ".lock"):
+        request.getfixturevalue("ray_local")  # built on this worker's cluster (started here if not yet)
+        return {role: Path(path) for role, path in resolve_checkpoints(specs, models).items()}
 
 
 @pytest.fixture(scope="session")
-def tiny_listener_sft_dir(tmp_path_factory, request) -> Path:
-    """The informative listener (`tiny://listener-sft`: make-tiny + `pipeline.sft --role listener` with the
-    default settings, docs/listener.md), built once per test run on the session's Ray cluster."""
-    from pipeline.models import resolve_checkpoint
+def tiny_reasoner_sft_dir(tiny_sft_dirs: dict[str, Path]) -> Path:
+    """The format warm start (see `tiny_sft_dirs`)."""
+    return tiny_sft_dirs["reasoner"]
 
-    request.getfixturevalue("ray_local")
-    return Path(resolve_checkpoint("tiny://listener-sft", "model.listener", tmp_path_factory.mktemp("models")))
+
+@pytest.fixture(scope="session")
+def tiny_listener_sft_dir(tiny_sft_dirs: dict[str, Path]) -> Path:
+    """The informative listener (see `tiny_sft_dirs`)."""
+    return tiny_sft_dirs["listener"]
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
-def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path: Path, tiny_reasoner_sft_dir: Path) -> None:
+def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path: Path, tiny_reasoner_sft_dir: Path,
+                                                   tiny_listener_dir: Path) -> None:
     from actors.checkpoint import latest_checkpoint
 
     run_dir = tmp_path / "run"
@@ -27,7 +28,7 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path: Path, tiny
     command = ["ray", "job", "submit", "--address", ray_head.address, "--working-dir", str(REPO), "--",
                "python", "-m", "pipeline", "train", "trainer.steps=2", f"trainer.output_dir={run_dir}",
                f"tracking.tracking_uri={tracking}", "tracking.run_name=ray-job",
-               f"model.reasoner={tiny_reasoner_sft_dir}", *LEARNING]
+               f"model.reasoner={tiny_reasoner_sft_dir}", f"model.listener={tiny_listener_dir}", *LEARNING]
     for _ in range(24):  # a fresh head answers "No available agent" until its job agent has registered
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=ray_head.env,
                                 timeout=1200)

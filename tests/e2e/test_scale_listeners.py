@@ -44,12 +44,13 @@ def _scale(ray_head, replicas: int) -> str:
 
 
 def test_pool_grows_and_shrinks_during_training_without_losing_requests(ray_head, tmp_path: Path,
-                                                                        tiny_reasoner_sft_dir: Path) -> None:
+                                                                        tiny_reasoner_sft_dir: Path,
+                                                                        tiny_listener_dir: Path) -> None:
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "pipeline", "train", f"trainer.steps={STEPS}", f"trainer.output_dir={run_dir}",
                f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"data.pairs_per_step={PAIRS}",
                f"rollout.group_size={GROUP}", "rollout.max_new_tokens=128", "trainer.checkpoint_every=100",
-               f"model.reasoner={tiny_reasoner_sft_dir}"]
+               f"model.reasoner={tiny_reasoner_sft_dir}", f"model.listener={tiny_listener_dir}"]
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=(tmp_path / "train.log").open("w"))

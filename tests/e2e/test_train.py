@@ -103,14 +103,14 @@ def _pair_ids(run_dir: Path, step: int) -> list[str]:
     return list(dict.fromkeys(table["pair_id"]))
 
 
-def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: Path,
-                                                                    tiny_reasoner_sft_dir: Path) -> None:
+def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: Path, tiny_reasoner_sft_dir: Path,
+                                                                    tiny_listener_dir: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "run"
     # Steps long enough (8 pairs x G=8) that the stop lands mid-run.
     overrides = ("trainer.steps=6", "data.pairs_per_step=8",
-                 f"model.reasoner={tiny_reasoner_sft_dir}", *LEARNING)
+                 f"model.reasoner={tiny_reasoner_sft_dir}", f"model.listener={tiny_listener_dir}", *LEARNING)
     process = subprocess.Popen(train_command(run_dir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=(tmp_path / "first.log").open("w"), env={**os.environ, "RAY_ADDRESS": ""})
     manifest = run_dir / "checkpoints" / step_dir_name(1) / MANIFEST

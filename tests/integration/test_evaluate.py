@@ -144,10 +144,12 @@ def test_answer_position_probability_matches_transformers(tiny_reasoner_dir):
         assert 0.0 < p < 1.0 and p == pytest.approx(expected, abs=2e-3)
 
 
-def test_settings_come_from_a_checkpoint_of_a_one_step_run(tmp_path, monkeypatch, capsys):
+def test_settings_come_from_a_checkpoint_of_a_one_step_run(tmp_path, monkeypatch, capsys, tiny_reasoner_dir,
+                                                            tiny_listener_dir):
     """A real 1-step `python -m pipeline train`; its checkpoint's policy evaluated with no settings given."""
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "pipeline", "train", f"trainer.output_dir={run_dir}", "trainer.steps=1",
+               f"model.reasoner={tiny_reasoner_dir}", f"model.listener={tiny_listener_dir}",
                f"tracking.tracking_uri=sqlite:///{tmp_path / 'train.db'}", "data.eval_pairs=0",
                "model.max_pixels=6272", "rollout.max_new_tokens=20", "rollout.engine.dtype=float32"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1200,

@@ -132,3 +132,17 @@ def test_tiny_listener_sft_is_reused_only_when_built_as_a_listener(tmp_path) -> 
     (built / "sft_manifest.json").write_text(json.dumps({"settings": asdict(LISTENER_SFT)}))
     assert not built_with_default_settings(built, "listener")
     assert built_with_default_settings(built, "reasoner") == (LISTENER_SFT == SftSettings())
+
+
+def test_warm_starts_to_build_lists_each_unbuilt_tiny_warm_start_once(tmp_path) -> None:
+    from pipeline.models import warm_starts_to_build
+    from pipeline.sft import LISTENER_SFT
+
+    specs = {"model.reasoner": "tiny://reasoner-sft", "model.listener": "tiny://listener-sft"}
+    assert warm_starts_to_build(specs, tmp_path) == ["reasoner", "listener"]  # built side by side
+    assert warm_starts_to_build({"a": "tiny://listener-sft", "b": "tiny://listener-sft"}, tmp_path) == ["listener"]
+    assert warm_starts_to_build({"a": "tiny://listener", "b": "org/name", "c": str(tmp_path)}, tmp_path) == []
+    built = tmp_path / "tiny-listener-sft"
+    built.mkdir()
+    (built / "sft_manifest.json").write_text(json.dumps({"role": "listener", "settings": asdict(LISTENER_SFT)}))
+    assert warm_starts_to_build(specs, tmp_path) == ["reasoner"]
