@@ -9,13 +9,14 @@ setup:
 	@bash scripts/setup_venv.sh
 
 # Unit tests first (a unit failure shows within a minute and stops there), then the e2e, integration and
-# GPU tiers on TEST_WORKERS pytest-xdist workers, one test file per worker at a time (a module's fixtures
-# run once); the longest file, e2e/test_learning.py, starts early. pytest exit code 5 means no tests ran:
-# a failure, not a pass.
+# GPU tiers; both on TEST_WORKERS pytest-xdist workers, one test file per worker at a time (a module's
+# fixtures run once; tests/conftest.py starts the longest files first). pytest exit code 5 means no tests
+# ran: a failure, not a pass.
 TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 test: setup
-	@$(PY) -m pytest tests/unit $(PYTEST_ARGS) && \
-	$(PY) -m pytest tests/e2e tests/integration tests/gpu -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); \
+	@$(PY) -m pytest tests/unit $(XDIST) $(PYTEST_ARGS) && \
+	$(PY) -m pytest tests/e2e tests/integration tests/gpu $(XDIST) --durations=15 $(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup
