@@ -44,7 +44,7 @@ def resolve_checkpoints(specs: dict[str, str], cache_dir: Path) -> dict[str, str
     from pipeline.sft import default_settings, warm_starts
 
     roles = warm_starts_to_build(specs, cache_dir)
-    if len(roles) > 1:
+    if roles:
         warm_starts([(_ensure_tiny(cache_dir / f"tiny-{role}", role), cache_dir / f"tiny-{role}-sft",
                       default_settings(role), role) for role in roles])
     return {key: resolve_checkpoint(spec, key, cache_dir) for key, spec in specs.items()}

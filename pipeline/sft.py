@@ -214,7 +214,8 @@ def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSe
 
 def warm_starts(jobs: list[tuple[str | Path, str | Path, SftSettings, Role]]) -> list[SftResult]:
     """Several warm starts (model, out, settings, role) at once, each on its own learner rank, on one Ray
-    cluster: their single-threaded learners run side by side instead of one after the other."""
+    cluster: their single-threaded learners run side by side instead of one after the other. One job is
+    `warm_start` itself."""
     import ray
 
     if len(jobs) < 2:
