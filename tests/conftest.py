@@ -63,20 +63,17 @@ def tiny_sft_dirs(tmp_path_factory, request) -> dict[str, Path]:
     Under pytest-xdist the workers share them: the first to get here builds them, the others wait for it
     (a file lock in the run's common temporary directory) and reuse them.
 
-    TEST_TINY_SFT_DIR names a reasoner warm start already built by this code (a local edit-test loop; CI
-    builds it)."""
+    TEST_WARM_STARTS names a directory that keeps them between test runs (a local edit-test loop): they are
+    built there once and reused while built with today's default settings (`built_with_default_settings`).
+    CI builds them."""
     from filelock import FileLock
 
-    from pipeline.models import built_with_default_settings, resolve_checkpoints
+    from pipeline.models import resolve_checkpoints
 
     specs = {"reasoner": "tiny://reasoner-sft", "listener": "tiny://listener-sft"}
-    prebuilt = os.environ.get("TEST_TINY_SFT_DIR")
-    if prebuilt:
-        assert built_with_default_settings(Path(prebuilt)), f"TEST_TINY_SFT_DIR={prebuilt} is not a current warm start"
-        specs["reasoner"] = prebuilt
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
-    models = shared / "warm-starts"
+    models = Path(os.environ["TEST_WARM_STARTS"]) if os.environ.get("TEST_WARM_STARTS") else shared / "warm-starts"
     with FileLock(str(models) + ".lock"):
         request.getfixturevalue("ray_local")  # built on this worker's cluster (started here if not yet)
         return {role: Path(path) for role, path in resolve_checkpoints(specs, models).items()}

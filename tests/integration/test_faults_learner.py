@@ -76,6 +76,9 @@ def test_learner_killed_during_checkpoint_write_stops_cleanly_and_resumes(ray_lo
     cfg = load_config(None, [f"trainer.output_dir={run_dir}", "trainer.steps=4", "rollout.max_new_tokens=40",
                              "rollout.group_size=8",  # 4 x 4 from the peaked warm start can all tie: a skipped step
                              f"model.reasoner={tiny_reasoner_sft_dir}",
+                             # fp32 engines on every machine: with `auto`, a CPU with bf16 units runs bf16, whose
+                             # logprobs differ by up to 0.03 between two engines holding the same weights.
+                             "rollout.engine.dtype=float32", "listener.engine.dtype=float32",
                              f"model.listener={tiny_listener_dir}",
                              f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
     box: dict = {}
