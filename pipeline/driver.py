@@ -119,7 +119,7 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
     heldout = heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
     ood = ood_heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
     if heldout and start_step == 0:  # eval/* and eval_ood/* step = updates applied
-        tracker.log_metrics(0, evaluate_heldout(heldout, actors, cfg) | evaluate_heldout(ood, actors, cfg, "eval_ood"))
+        tracker.log_metrics(0, evaluate_policy(heldout, ood, actors, cfg))
     progress = Progress(cfg.trainer.steps, start_step)
     prefetched: InFlightRollout | None = None  # max_staleness 1: the next step's rollout, already running
     for step in range(start_step, cfg.trainer.steps):
@@ -142,8 +142,7 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
         if step % cfg.trainer.sample_table_every == 0:
             tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
         if heldout and ((step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps):
-            tracker.log_metrics(step + 1, evaluate_heldout(heldout, actors, cfg)
-                                | evaluate_heldout(ood, actors, cfg, "eval_ood"))
+            tracker.log_metrics(step + 1, evaluate_policy(heldout, ood, actors, cfg))
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
             # The position after this step's pairs, not after a prefetched next batch: those are re-read.
             info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, flight.batch.data_state,
@@ -330,6 +329,15 @@ def _await_restarted(indices, actors: Actors, cfg: RunConfig, policy: PolicyStat
                     raise TrainingAborted(f"rollout worker {index} did not come back within "
                                           f"{cfg.rollout.restart_timeout_s:g} s") from None
                 time.sleep(0.5)
+
+
+def evaluate_policy(heldout: list[PreferencePair], ood: list[PreferencePair], actors: Actors,
+                    cfg: RunConfig) -> dict[str, float]:
+    """eval/* on the held-out pairs, eval_ood/* on the OOD ones, and `time/eval_s` (what the evaluations
+    add to the run's wall time)."""
+    start = time.perf_counter()
+    metrics = evaluate_heldout(heldout, actors, cfg) | evaluate_heldout(ood, actors, cfg, "eval_ood")
+    return metrics | {"time/eval_s": time.perf_counter() - start}
 
 
 def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig,

@@ -15,7 +15,7 @@ coin flips it has no reason to pick the image that matches the prompt: that is w
 (A departure worth stating: the paper's reasoner starts from an instruction-tuned VLM that already sees
 and describes; the descriptions stand in for that, on a model of 1M random parameters.)
 
-It shares the learner code: a `LearnerGroup` (DeepSpeed, `learner.zero_stage`) steps with `objective="sft"`, i.e.
+It shares the learner code: a `LearnerGroup` (DeepSpeed, `SftSettings.zero_stage`) steps with `objective="sft"`, i.e.
 `pipeline.grpo.sft_loss`, the token-mean negative log-likelihood of the completion tokens with the same
 whole-batch normaliser as the GRPO loss, and the result is written by `actors.checkpoint.export_policy`
 (a checkpoint that transformers and vLLM load), atomically, with `sft_manifest.json` written last.
@@ -69,6 +69,7 @@ class SftSettings:
     tasks: tuple[str, ...] = TRAINING_TASKS  # synthetic tasks, in turn by pair (never the OOD one)
     freeze_vision: bool = False  # the vision tower learns to see colours and shapes too
     num_cpus: float = 1  # CPUs (intra-op threads) of the learner rank
+    zero_stage: Literal[0, 2, 3] = 0  # one rank: ZeRO-3 would only add its per-module hooks (~1.5x the step)
 
 
 # `tiny://listener-sft`: two sequences per pair (faithful and swapped), from the random tiny listener.
@@ -181,8 +182,9 @@ def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSe
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     started = _init_ray_for_sft([settings])
-    learner_cfg = LearnerConfig(num_ranks=1, lr=settings.lr, freeze_vision=settings.freeze_vision,
-                                num_cpus=settings.num_cpus, micro_batch_tokens=8192)
+    learner_cfg = LearnerConfig(num_ranks=1, zero_stage=settings.zero_stage, lr=settings.lr,
+                                freeze_vision=settings.freeze_vision, num_cpus=settings.num_cpus,
+                                micro_batch_tokens=8192)
     processor = AutoProcessor.from_pretrained(str(model))
     t_start = time.perf_counter()
     group = LearnerGroup(str(model), learner_cfg, AlgoConfig(), seed=settings.seed, max_new_tokens=256,
@@ -220,6 +222,8 @@ def warm_starts(jobs: list[tuple[str | Path, str | Path, SftSettings, Role]]) ->
 
     if len(jobs) < 2:
         return [warm_start(model, out, settings, role=role) for model, out, settings, role in jobs]
+    from transformers import AutoProcessor  # noqa: F401 - two threads importing it first at once can fail
+
     started = _init_ray_for_sft([settings for _, _, settings, _ in jobs])
     try:
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="sft") as pool:
