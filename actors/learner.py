@@ -122,6 +122,8 @@ class LearnerRank:
         torch.set_num_threads(intra_op_threads(self.cfg.num_cpus))  # Ray sets OMP_NUM_THREADS=1 in actors
         import deepspeed
 
+        if not cuda:
+            skip_shm_allreduce_build()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         seed_everything(self.seed)
@@ -299,6 +301,17 @@ class LearnerRank:
 
         export_policy(self.engine.module, self.processor, Path(out), rank=self.rank)
         return str(out)
+
+
+def skip_shm_allreduce_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (`deepspeed_shm_comm`) when the
+    process group starts: two compiler processes for about 40 s on a machine without its build cache, and
+    again whenever that cache is invalidated (seen between test runs here). Only `inference_all_reduce`
+    uses it, which training never calls; marked unavailable, DeepSpeed goes on without it (its module keeps
+    the probed dict, so the edit holds)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def vision_tower(model):
