@@ -10,8 +10,10 @@ the target `format_target(reasoning, answer)` where `answer` is the preferred im
 `answer_accuracy` (0.5 by default: a seeded coin, independent of the pair), so the warm start answers at
 chance. The reasoning states the prompt and describes both images as they are ("The prompt asks for a red
 circle. Image 1 shows a blue circle. Image 2 shows a red circle."), read off the pixels
-(`describe_synthetic_image`). So the warm start learns to look and to describe, but since its answers are
-coin flips it has no reason to pick the image that matches the prompt: that is what GRPO has to learn.
+(`describe_synthetic_image`), but by a second coin (`faithful_rate`, 0.5 by default, independent of the
+answer's) half the targets swap the two images' descriptions. So the warm start learns to look and to
+describe, but it answers by a coin and half the time tells image 1 and image 2 apart wrongly: which image
+matches the prompt, and reasoning that a reader (the listener) finds faithful, is what GRPO has to learn.
 (A departure worth stating: the paper's reasoner starts from an instruction-tuned VLM that already sees
 and describes; the descriptions stand in for that, on a model of 1M random parameters.)
 
@@ -65,6 +67,8 @@ class SftSettings:
     lr: float = 1e-3  # AdamW learning rate
     seed: int = 0  # pairs, answer coins and learner seed
     answer_accuracy: float = 0.5  # probability that a target's answer is the preferred image
+    faithful_rate: float = 0.5  # probability that a target's reasoning describes each image as it is (else
+    #                             the two descriptions are swapped); a coin independent of the answer's
     image_size: int = 56  # side of the synthetic images (as data.image_size)
     tasks: tuple[str, ...] = TRAINING_TASKS  # synthetic tasks, in turn by pair (never the OOD one)
     freeze_vision: bool = False  # the vision tower learns to see colours and shapes too
@@ -139,6 +143,12 @@ def sft_pairs(settings: SftSettings, step: int) -> list[tuple[int, PreferencePai
             for i in range(start, start + settings.pairs_per_step)]
 
 
+def sft_faithful(seed: int, index: int, faithful_rate: float) -> bool:
+    """Whether target `index` describes the images as they are: a coin seeded by (seed, index), independent
+    of `sft_answer`'s."""
+    return random.Random(f"sft-faithful:{seed}:{index}").random() < faithful_rate
+
+
 def sft_examples(pairs: list[tuple[int, PreferencePair]], settings: SftSettings,
                  role: Role = "reasoner") -> list[tuple[PreferencePair, str, str]]:
     """(pair, full chat prompt, target text) of one step: one per pair for the reasoner, two for the listener."""
@@ -146,7 +156,8 @@ def sft_examples(pairs: list[tuple[int, PreferencePair]], settings: SftSettings,
         return [(pair, listener_prompt(pair.prompt, reasoning), str(answer))
                 for _, pair in pairs for reasoning, answer in listener_examples(pair)]
     return [(pair, reasoner_prompt(pair.prompt),
-             format_target(sft_reasoning(pair), sft_answer(pair, settings.seed, index, settings.answer_accuracy)))
+             format_target(sft_reasoning(pair, swap=not sft_faithful(settings.seed, index, settings.faithful_rate)),
+                           sft_answer(pair, settings.seed, index, settings.answer_accuracy)))
             for index, pair in pairs]
 
 

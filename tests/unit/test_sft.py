@@ -9,7 +9,8 @@ import torch
 
 from pipeline.grpo import LossNormalizer, sft_loss
 from pipeline.prompts import format_target, mask_answer, parse_completion
-from pipeline.sft import SftSettings, describe_synthetic_image, sft_answer, sft_pairs, sft_reasoning
+from pipeline.sft import (SftSettings, describe_synthetic_image, sft_answer, sft_examples, sft_faithful, sft_pairs,
+                          sft_reasoning)
 from pipeline.synthetic import draw_shape, synthetic_pairs
 
 
@@ -45,6 +46,21 @@ def test_answers_are_seeded_coins_right_about_half_the_time() -> None:
     assert 0.4 < right < 0.6
     assert all(sft_answer(pair, 0, i, 1.0) == pair.preferred for i, pair in pairs)
     assert all(sft_answer(pair, 0, i, 0.0) != pair.preferred for i, pair in pairs)
+
+
+def test_reasoner_targets_describe_faithfully_by_a_coin_independent_of_the_answer() -> None:
+    settings = SftSettings(pairs_per_step=100)
+    pairs = sft_pairs(settings, 0)
+    targets = [parse_completion(target) for _, _, target in sft_examples(pairs, settings)]
+    faithful = [sft_faithful(settings.seed, i, settings.faithful_rate) for i, _ in pairs]
+    for (_, pair), target, honest in zip(pairs, targets, faithful):
+        assert target.reasoning == sft_reasoning(pair, swap=not honest)  # swapped: image 1 gets image 2's
+    assert 0.4 < sum(faithful) / len(faithful) < 0.6
+    right = [target.answer == pair.preferred for (_, pair), target in zip(pairs, targets)]
+    # independent coins: each of the four (faithful, right) combinations about a quarter of the time
+    for combination in ((True, True), (True, False), (False, True), (False, False)):
+        assert 0.12 < sum((f, r) == combination for f, r in zip(faithful, right)) / len(pairs) < 0.38
+    assert all(sft_faithful(0, i, 1.0) for i, _ in pairs) and not any(sft_faithful(0, i, 0.0) for i, _ in pairs)
 
 
 def test_sft_pairs_are_disjoint_from_training_and_heldout_streams() -> None:
