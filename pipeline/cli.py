@@ -77,8 +77,8 @@ def _add_make_tiny(subparsers) -> None:
 def _add_sft(subparsers) -> None:
     p = subparsers.add_parser("sft", help="Warm-start a checkpoint on the answer format only (SFT).",
                               description="Supervised fine-tuning on synthetic pairs whose target answers are "
-                              "right only --answer-accuracy of the time: the result writes the format but answers "
-                              "at chance. Runs through the DeepSpeed learner; writes a loadable checkpoint.")
+                              "right only --answer-accuracy of the time and whose descriptions are faithful only "
+                              "--faithful-rate of the time: the result writes the format but answers at chance. Runs through the DeepSpeed learner; writes a loadable checkpoint.")
     p.add_argument("--model", type=Path, required=True, help="Checkpoint to start from (e.g. from make-tiny).")
     p.add_argument("--out", type=Path, required=True, help="Output directory (replaced atomically).")
     p.add_argument("--steps", type=int, default=300, help="Optimizer steps.")
@@ -87,6 +87,9 @@ def _add_sft(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="Seed of the pairs, the answer coins and the learner.")
     p.add_argument("--answer-accuracy", type=float, default=0.5,
                    help="Probability that a target's answer is the preferred image (0.5: format only).")
+    p.add_argument("--faithful-rate", type=float, default=0.5,
+                   help="Probability that a target's reasoning describes each image as it is (else the two "
+                        "descriptions are swapped; a coin independent of the answer's).")
     p.add_argument("--image-size", type=int, default=56, help="Side of the synthetic images (as data.image_size).")
     p.add_argument("--freeze-vision", action="store_true", help="Keep the vision tower frozen.")
     p.add_argument("--role", choices=("reasoner", "listener"), default="reasoner",

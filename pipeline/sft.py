@@ -267,7 +267,8 @@ def sft_command(args) -> int:
     if not (Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model {args.model}: not a checkpoint directory (no config.json)")
     settings = SftSettings(steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr, seed=args.seed,
-                           answer_accuracy=args.answer_accuracy, image_size=args.image_size,
+                           answer_accuracy=args.answer_accuracy, faithful_rate=args.faithful_rate,
+                           image_size=args.image_size,
                            freeze_vision=args.freeze_vision, tasks=tuple(args.tasks), num_cpus=args.threads)
     result = warm_start(args.model, args.out, settings, role=getattr(args, "role", "reasoner"))
     print(f"{result.out}  ({settings.steps} steps, final loss {result.losses[-1]:.4f}, {result.seconds:.0f} s)")

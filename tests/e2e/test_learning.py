@@ -5,9 +5,11 @@ GRPO (`python -m pipeline train --config configs/learn_cpu.yaml`, listener on, t
 runs with held-out greedy evaluation.
 
 Everything is real (Ray, vLLM CPU, DeepSpeed on gloo, MLflow on sqlite). Asserted: the warm start
-writes the format and answers near chance; GRPO raises held-out accuracy by at least 20 points within
-GRPO_STEPS updates and keeps the format; the listener's reward is logged for every update (bench.learning
-runs the full version, listener on and off over 3 seeds, and BENCHMARKS.md records the curves).
+writes the format and answers near chance, and half its reasonings swap the two images' descriptions; GRPO
+raises held-out accuracy by at least 20 points within GRPO_STEPS updates and keeps the format; the
+listener's reward rises by at least 0.1 (the reasoner learns to describe the images so that the listener,
+reading them, picks the preferred one). bench.learning runs the full version, listener on and off over 3
+seeds, and BENCHMARKS.md records the curves.
 """
 
 from __future__ import annotations
@@ -58,13 +60,14 @@ def learning_run(tmp_path_factory, tiny_reasoner_sft_dir: Path, tiny_listener_sf
 def test_warm_start_writes_the_format_and_answers_near_chance(learning_run: dict) -> None:
     manifests = learning_run["manifests"]
     assert manifests["reasoner"]["settings"]["answer_accuracy"] == 0.5
+    assert manifests["reasoner"]["settings"]["faithful_rate"] == 0.5
     assert (manifests["reasoner"]["role"], manifests["listener"]["role"]) == ("reasoner", "listener")
     start = learning_run["eval"][0]
     assert start["eval/format_rate"] >= 0.9
     assert start["eval/accuracy"] <= 0.65
 
 
-def test_grpo_with_the_listener_raises_heldout_accuracy_by_20_points(learning_run: dict) -> None:
+def test_grpo_with_the_listener_raises_heldout_accuracy_and_the_listeners_reward(learning_run: dict) -> None:
     evals = learning_run["eval"]
     assert sorted(evals) == list(range(0, GRPO_STEPS + 1, EVAL_EVERY))
     updates = [row for row in learning_run["train"] if row["learn/skipped"] == 0.0]
@@ -72,6 +75,10 @@ def test_grpo_with_the_listener_raises_heldout_accuracy_by_20_points(learning_ru
     rise = evals[GRPO_STEPS]["eval/accuracy"] - evals[0]["eval/accuracy"]
     assert rise >= 0.20, {step: row["eval/accuracy"] for step, row in sorted(evals.items())}
     assert evals[GRPO_STEPS]["eval/format_rate"] >= 0.9
-    # the listener took part: a defined reward in (0, 1) at every step (its p of the preferred image)
+    # the listener took part: a defined reward in (0, 1) at every step (its p of the preferred image) ...
     listener = [row["reward/listener"] for row in learning_run["train"]]
     assert len(listener) == GRPO_STEPS and all(not math.isnan(v) and 0.0 < v < 1.0 for v in listener)
+    # ... and it rose: the reasoner's descriptions came to convince it (bench.learning, staleness 1, seed 0:
+    # 0.40 over the first 10 updates, 0.88 over the last 10)
+    first, last = sum(listener[:10]) / 10, sum(listener[-10:]) / 10
+    assert last >= first + 0.1, [round(v, 3) for v in listener]
