@@ -78,7 +78,8 @@ def _add_sft(subparsers) -> None:
     p = subparsers.add_parser("sft", help="Warm-start a checkpoint on the answer format only (SFT).",
                               description="Supervised fine-tuning on synthetic pairs whose target answers are "
                               "right only --answer-accuracy of the time and whose descriptions are faithful only "
-                              "--faithful-rate of the time: the result writes the format but answers at chance. Runs through the DeepSpeed learner; writes a loadable checkpoint.")
+                              "--faithful-rate of the time: the result writes the format but answers at chance. "
+                              "Runs through the DeepSpeed learner; writes a loadable checkpoint.")
     p.add_argument("--model", type=Path, required=True, help="Checkpoint to start from (e.g. from make-tiny).")
     p.add_argument("--out", type=Path, required=True, help="Output directory (replaced atomically).")
     p.add_argument("--steps", type=int, default=300, help="Optimizer steps.")

@@ -54,7 +54,10 @@ def test_reasoner_targets_describe_faithfully_by_a_coin_independent_of_the_answe
     targets = [parse_completion(target) for _, _, target in sft_examples(pairs, settings)]
     faithful = [sft_faithful(settings.seed, i, settings.faithful_rate) for i, _ in pairs]
     for (_, pair), target, honest in zip(pairs, targets, faithful):
-        assert target.reasoning == sft_reasoning(pair, swap=not honest)  # swapped: image 1 gets image 2's
+        assert target.reasoning == sft_reasoning(pair, swap=not honest)
+        # read off the pixels: a faithful target gives image 1 its own description, a swapped one image 2's
+        first = describe_synthetic_image(pair.image_1 if honest else pair.image_2)
+        assert f"Image 1 shows a {first}." in target.reasoning
     assert 0.4 < sum(faithful) / len(faithful) < 0.6
     right = [target.answer == pair.preferred for (_, pair), target in zip(pairs, targets)]
     # independent coins: each of the four (faithful, right) combinations about a quarter of the time
