@@ -101,17 +101,23 @@ def describe_synthetic_image(image: Image.Image) -> str:
     their pixels are exactly one of `COLOURS`); the shape follows from how much of its bounding box the
     shape fills: a square about 1, a circle pi/4, a triangle 1/2.
     """
-    pixels_N3 = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    counts = {name: int(np.all(pixels_N3 == rgb, axis=1).sum()) for name, rgb in DRAWN_COLOURS.items()
-              if rgb != BACKGROUND}
-    colour = max(counts, key=counts.get)
-    if counts[colour] == 0:
+    rgb_HW3 = np.asarray(image.convert("RGB")).astype(np.int32)
+    packed_HW = (rgb_HW3[..., 0] << 16) | (rgb_HW3[..., 1] << 8) | rgb_HW3[..., 2]  # one int per pixel
+    values, counts = np.unique(packed_HW, return_counts=True)  # one pass, not one per known colour
+    count_of = dict(zip(values.tolist(), counts.tolist()))
+    counts_by_colour = {name: count_of.get(_packed(rgb), 0) for name, rgb in DRAWN_COLOURS.items() if rgb != BACKGROUND}
+    colour = max(counts_by_colour, key=counts_by_colour.get)
+    if counts_by_colour[colour] == 0:
         raise ValueError("no shape of a known colour in the image")
-    mask_HW = np.all(np.asarray(image.convert("RGB")) == DRAWN_COLOURS[colour], axis=-1)
+    mask_HW = packed_HW == _packed(DRAWN_COLOURS[colour])
     rows, cols = np.flatnonzero(mask_HW.any(axis=1)), np.flatnonzero(mask_HW.any(axis=0))
     fill = mask_HW.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
     shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
     return f"{colour} {shape}"
+
+
+def _packed(rgb: tuple[int, int, int]) -> int:
+    return (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]
 
 
 def sft_reasoning(pair: PreferencePair, swap: bool = False) -> str:

@@ -4,6 +4,9 @@ Everything is real: a local Ray cluster started by the driver, vLLM CPU engines 
 DeepSpeed ZeRO-3 on gloo, MLflow on a sqlite store. The reasoner is the format warm start (built once per
 test session, `tiny_reasoner_sft_dir`), so every step is a learning step: none is skipped, the loss is not
 zero and the checkpoint's weights differ from the start; the listener is built by the run itself.
+
+One run serves the module: it is stopped with SIGTERM after its first checkpoint and resumed to the end
+(`stopped_and_resumed`); the other tests check what the finished run logged and wrote.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,39 +43,77 @@ def run_train(run_dir: Path, *overrides: str, resume: bool = False, timeout: int
     return result
 
 
+STEPS = 6
+# Steps long enough (8 pairs x G=8) that the stop lands mid-run.
+OVERRIDES = (f"trainer.steps={STEPS}", "data.pairs_per_step=8", *LEARNING)
+
+
+@dataclass(frozen=True)
+class StoppedAndResumed:
+    run_dir: Path
+    run_id: str
+    first_steps: list[int]  # the steps the first run logged before it was stopped
+    first_status: str  # its MLflow run's status then
+    start: int  # the step of the checkpoint the resumed run started from
+    resumed: subprocess.CompletedProcess
+
+
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory, tiny_reasoner_sft_dir) -> Path:
+def stopped_and_resumed(tmp_path_factory, tiny_reasoner_sft_dir: Path) -> StoppedAndResumed:
+    """A run stopped with SIGTERM (what `ray job stop` and Kubernetes send; handled like Ctrl-C) once its
+    first checkpoint is complete, then resumed with `--resume` to the end."""
+    from mlflow.tracking import MlflowClient
+
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    result = run_train(run_dir, "trainer.steps=2", f"model.reasoner={tiny_reasoner_sft_dir}", *LEARNING)
-    assert "step 2/2" in result.stderr  # the progress bar
-    assert "MLflow UI" in result.stdout
-    return run_dir
+    overrides = (*OVERRIDES, f"model.reasoner={tiny_reasoner_sft_dir}")
+    log = run_dir.parent / "first.log"
+    process = subprocess.Popen(train_command(run_dir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=log.open("w"), env={**os.environ, "RAY_ADDRESS": ""})
+    manifest = run_dir / "checkpoints" / step_dir_name(1) / MANIFEST
+    deadline = time.monotonic() + 900
+    while not manifest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert manifest.exists(), log.read_text()[-4000:]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=180) == 130, log.read_text()[-4000:]
+    first_steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    first_status = MlflowClient(f"sqlite:///{run_dir.parent}/mlflow.db").get_run(run_id).info.status
+    start = json.loads((latest_checkpoint(run_dir / "checkpoints") / MANIFEST).read_text())["step"]
+    resumed = run_train(run_dir, *overrides, resume=True)
+    return StoppedAndResumed(run_dir, run_id, first_steps, first_status, start, resumed)
 
 
-def test_every_metric_is_logged_for_every_step(default_run: Path) -> None:
-    run_id = (default_run / "mlflow_run_id").read_text().strip()
-    steps = metric_steps(f"sqlite:///{default_run.parent}/mlflow.db", run_id)
-    assert {key: value for key, value in steps.items() if value != [0, 1]} == {}
+def test_every_metric_is_logged_for_every_step(stopped_and_resumed: StoppedAndResumed) -> None:
+    run = stopped_and_resumed
+    steps = metric_steps(f"sqlite:///{run.run_dir.parent}/mlflow.db", run.run_id)
+    # A step the stop interrupted before its checkpoint runs again after the resume: logged twice.
+    assert {key: value for key, value in steps.items() if sorted(set(value)) != list(range(STEPS))} == {}
 
 
-def test_every_step_learns_and_the_weights_change(default_run: Path, tiny_reasoner_sft_dir: Path) -> None:
-    assert_every_step_learned(train_rows(default_run))
-    changed = changed_tensors(tiny_reasoner_sft_dir, latest_checkpoint(default_run / "checkpoints") / "policy")
+def test_every_step_learns_and_the_weights_change(stopped_and_resumed: StoppedAndResumed,
+                                                  tiny_reasoner_sft_dir: Path) -> None:
+    run_dir = stopped_and_resumed.run_dir
+    assert_every_step_learned(train_rows(run_dir))
+    changed = changed_tensors(tiny_reasoner_sft_dir, latest_checkpoint(run_dir / "checkpoints") / "policy")
     assert changed and not [name for name in changed if name.startswith("visual")]  # learner.freeze_vision
 
 
-def test_run_has_config_params_version_tags_and_sample_tables(default_run: Path) -> None:
+def test_run_has_config_params_version_tags_and_sample_tables(stopped_and_resumed: StoppedAndResumed) -> None:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{default_run.parent}/mlflow.db")
-    run = client.get_run((default_run / "mlflow_run_id").read_text().strip())
-    assert run.data.params["trainer.steps"] == "2"
+    run_dir = stopped_and_resumed.run_dir
+    assert f"step {STEPS}/{STEPS}" in stopped_and_resumed.resumed.stderr  # the progress bar
+    assert "MLflow UI" in stopped_and_resumed.resumed.stdout
+    client = MlflowClient(f"sqlite:///{run_dir.parent}/mlflow.db")
+    run = client.get_run(stopped_and_resumed.run_id)
+    assert run.data.params["trainer.steps"] == str(STEPS)
     assert run.data.params["reward.w_listener"] == "0.5"
     for tag in ("version/torch", "version/vllm", "version/deepspeed", "version/ray", "git_commit"):
         assert run.data.tags.get(tag), tag
     assert run.info.status == "FINISHED"
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert tables == {"samples/step_000000.json", "samples/step_000001.json"}
+    assert tables == {f"samples/step_{step:06d}.json" for step in range(STEPS)}
     assert Path(run.data.tags["checkpoint"]).is_dir()
 
 
@@ -84,11 +126,11 @@ print("TOKENS", len(out[0].outputs[0].token_ids))
 """
 
 
-def test_checkpoint_loads_in_transformers_and_vllm(default_run: Path) -> None:
+def test_checkpoint_loads_in_transformers_and_vllm(stopped_and_resumed: StoppedAndResumed) -> None:
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    checkpoint = latest_checkpoint(default_run / "checkpoints")
-    assert checkpoint is not None and checkpoint.name.endswith("2")
+    checkpoint = latest_checkpoint(stopped_and_resumed.run_dir / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == step_dir_name(STEPS)
     policy = checkpoint / "policy"
     Qwen2_5_VLForConditionalGeneration.from_pretrained(policy)
     AutoProcessor.from_pretrained(policy)
@@ -103,46 +145,29 @@ def _pair_ids(run_dir: Path, step: int) -> list[str]:
     return list(dict.fromkeys(table["pair_id"]))
 
 
-def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(tmp_path: Path, tiny_reasoner_sft_dir: Path,
-                                                                    tiny_listener_dir: Path) -> None:
+def test_stop_after_a_checkpoint_then_resume_continues_step_and_data(stopped_and_resumed: StoppedAndResumed,
+                                                                    tiny_reasoner_sft_dir: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    run_dir = tmp_path / "run"
-    # Steps long enough (8 pairs x G=8) that the stop lands mid-run.
-    overrides = ("trainer.steps=6", "data.pairs_per_step=8",
-                 f"model.reasoner={tiny_reasoner_sft_dir}", f"model.listener={tiny_listener_dir}", *LEARNING)
-    process = subprocess.Popen(train_command(run_dir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=(tmp_path / "first.log").open("w"), env={**os.environ, "RAY_ADDRESS": ""})
-    manifest = run_dir / "checkpoints" / step_dir_name(1) / MANIFEST
-    deadline = time.monotonic() + 900
-    while not manifest.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert manifest.exists(), (tmp_path / "first.log").read_text()[-4000:]
-    process.send_signal(signal.SIGTERM)  # what `ray job stop` and Kubernetes send; handled like Ctrl-C
-    assert process.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-4000:]
-    first_steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert first_steps[0] == 0 and first_steps[-1] < 5, "the first run was meant to stop before the end"
-    client = MlflowClient(f"sqlite:///{run_dir.parent}/mlflow.db")
-    run_id = (run_dir / "mlflow_run_id").read_text().strip()
-    assert client.get_run(run_id).info.status == "KILLED"
+    run, run_dir = stopped_and_resumed, stopped_and_resumed.run_dir
+    assert run.first_steps[0] == 0 and run.first_steps[-1] < STEPS - 1, "the first run was meant to stop before the end"
+    assert run.first_status == "KILLED"
     # The last complete checkpoint counts the steps the first run finished; the resumed run starts right
     # there (a step stopped before its checkpoint is run again) and goes to the end.
-    start = json.loads((latest_checkpoint(run_dir / "checkpoints") / MANIFEST).read_text())["step"]
-    assert 1 <= start <= first_steps[-1] + 1
-    run_train(run_dir, *overrides, resume=True)
+    assert 1 <= run.start <= run.first_steps[-1] + 1
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    resumed_steps = [r["step"] for r in rows[len(first_steps):]]
-    assert resumed_steps == list(range(start, 6))
-    assert latest_checkpoint(run_dir / "checkpoints").name == step_dir_name(6)
-    assert resumed_steps[-1] == 5
+    resumed_steps = [r["step"] for r in rows[len(run.first_steps):]]
+    assert resumed_steps == list(range(run.start, STEPS))
+    assert latest_checkpoint(run_dir / "checkpoints").name == step_dir_name(STEPS)
     assert_every_step_learned(rows)
     # The same MLflow run, reopened and finished: the resumed steps' metrics land in it.
-    assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert set(resumed_steps) <= {m.step for m in client.get_metric_history(run_id, "loss")}
+    client = MlflowClient(f"sqlite:///{run_dir.parent}/mlflow.db")
+    assert (run_dir / "mlflow_run_id").read_text().strip() == run.run_id
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    assert set(resumed_steps) <= {m.step for m in client.get_metric_history(run.run_id, "loss")}
     # The data position continues: each resumed step trains on the stream's batch of that step.
-    cfg = load_config(None, list(overrides))
+    cfg = load_config(None, [*OVERRIDES, f"model.reasoner={tiny_reasoner_sft_dir}"])
     source = PairSource.from_config(cfg.data, cfg.model)
-    batches = [[p.pair_id for p in source.next_batch(cfg.data.pairs_per_step)] for _ in range(6)]
-    for step in range(resumed_steps[0], 6):
+    batches = [[p.pair_id for p in source.next_batch(cfg.data.pairs_per_step)] for _ in range(STEPS)]
+    for step in range(resumed_steps[0], STEPS):
         assert _pair_ids(run_dir, step) == batches[step]

@@ -1,7 +1,9 @@
-"""A learner rank killed while it writes a checkpoint: the run stops with one clear message and its MLflow
-run FAILED, the previous checkpoint stays intact and loadable, a resumed run's rollout workers serve the
-restored weights, and `--resume` continues from it into the same MLflow run. Real actors, a real SIGKILL.
-The reasoner is the format warm start, so every step learns and the checkpoints hold trained weights.
+"""A learner rank killed while it writes a checkpoint: `python -m pipeline train` (its own local Ray cluster,
+real actors, a real SIGKILL) exits with code 3 and one `error:` line that names `--resume`, its MLflow run is
+FAILED, the previous checkpoint stays intact and loadable, a resumed run's rollout workers serve the restored
+weights, and `--resume` continues from it into the same MLflow run. The reasoner is the format warm start, so
+every step learns and the checkpoints hold trained weights. (Ctrl-C/SIGTERM -> exit 130 and KILLED:
+tests/e2e/test_train.py::test_stop_after_a_checkpoint_then_resume_continues_step_and_data.)
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,17 +23,22 @@ import pytest
 from actors.checkpoint import latest_checkpoint, step_dir_name
 from pipeline.config import load_config
 from pipeline.driver import _restore, train
-from pipeline.errors import TrainingAborted
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def _learner_pids() -> list[int]:
-    """This test run's learner processes: Ray names them after the actor class ("ray::LearnerRank..."),
-    and the local cluster's processes descend from this one."""
-    mine = {p.pid for p in psutil.Process().children(recursive=True)}
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.pid in mine and p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::LearnerRank")]
+def _learners_of(root: int) -> list[psutil.Process]:
+    """The learner processes of the run started as `root`: Ray names them after the actor class
+    ("ray::LearnerRank..."), and the run's local Ray cluster descends from its driver."""
+    found = []
+    for process in psutil.Process(root).children(recursive=True):
+        try:
+            if process.cmdline() and process.cmdline()[0].startswith("ray::LearnerRank"):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
 
 
 def _greedy(ray, worker) -> tuple[list[list[int]], np.ndarray]:
@@ -68,43 +76,44 @@ def _resume_serves_the_restored_weights(ray, cfg, run_dir: Path) -> None:
         actors.shutdown()
 
 
-def test_learner_killed_during_checkpoint_write_stops_cleanly_and_resumes(ray_local, tmp_path: Path,
+def test_learner_killed_during_checkpoint_write_exits_3_and_resumes(ray_local, tmp_path: Path,
                                                                          tiny_reasoner_sft_dir, tiny_listener_dir):
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "run"
-    cfg = load_config(None, [f"trainer.output_dir={run_dir}", "trainer.steps=4", "rollout.max_new_tokens=40",
-                             "rollout.group_size=8",  # 4 x 4 from the peaked warm start can all tie: a skipped step
-                             f"model.reasoner={tiny_reasoner_sft_dir}",
-                             # fp32 engines on every machine: with `auto`, a CPU with bf16 units runs bf16, whose
-                             # logprobs differ by up to 0.03 between two engines holding the same weights.
-                             "rollout.engine.dtype=float32", "listener.engine.dtype=float32",
-                             f"model.listener={tiny_listener_dir}",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = train(cfg)
-        except BaseException as exc:  # noqa: BLE001 - checked below
-            box["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    staging = run_dir / "checkpoints" / f".tmp-{step_dir_name(2)}"
-    deadline = time.monotonic() + 600
-    while not staging.exists() and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert staging.exists(), ("the run never began writing checkpoint 2", box.get("error"))
-    pids = _learner_pids()
-    assert pids, "no learner process found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    written_before_kill = (run_dir / "checkpoints" / step_dir_name(2)).exists()
-    thread.join(timeout=300)
-    error = box.get("error")
-    assert isinstance(error, TrainingAborted), error
-    assert "--resume" in str(error) and "\n" not in str(error)
+    overrides = [f"trainer.output_dir={run_dir}", "trainer.steps=4", "rollout.max_new_tokens=40",
+                 "rollout.group_size=8",  # 4 x 4 from the peaked warm start can all tie: a skipped step
+                 f"model.reasoner={tiny_reasoner_sft_dir}",
+                 # fp32 engines on every machine: with `auto`, a CPU with bf16 units runs bf16, whose
+                 # logprobs differ by up to 0.03 between two engines holding the same weights.
+                 "rollout.engine.dtype=float32", "listener.engine.dtype=float32",
+                 f"model.listener={tiny_listener_dir}",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    cfg = load_config(None, overrides)
+    log = tmp_path / "train.log"  # a file, not a pipe: nothing reads stderr while the run goes on
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *overrides], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=log.open("w"), env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        staging = run_dir / "checkpoints" / f".tmp-{step_dir_name(2)}"
+        deadline = time.monotonic() + 600
+        while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert staging.exists(), ("the run never began writing checkpoint 2", log.read_text()[-3000:])
+        learners = _learners_of(process.pid)
+        assert learners, "no learner process found"
+        for learner in learners:
+            learner.send_signal(signal.SIGKILL)
+        written_before_kill = (run_dir / "checkpoints" / step_dir_name(2)).exists()
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = log.read_text()
+    assert process.returncode == 3, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: an actor died ("), errors
+    assert errors[0].endswith(f"the run stopped. Continue from the last complete checkpoint: "
+                              f"python -m pipeline train --resume {run_dir.resolve()}")
     assert not written_before_kill, "the kill was meant to land during the write of checkpoint 2"
     latest = latest_checkpoint(run_dir / "checkpoints")
     assert latest is not None and latest.name == step_dir_name(1), "checkpoint 1 must be intact and the latest"
