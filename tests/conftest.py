@@ -18,11 +18,20 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
-# The files that take 2-5 minutes each under `make test` (2 pytest-xdist workers, measured Nov 29), longest
-# first. Under xdist they are collected first, so they start first: a worker does not sit idle at the end
-# while the other still runs one of them. Without xdist the order stays unit -> integration -> e2e.
-SLOW_FIRST = ("e2e/test_learning.py", "integration/test_faults.py", "integration/test_staleness.py",
-              "e2e/test_train.py", "integration/test_faults_learner.py", "e2e/test_ray_job.py")
+# The order the e2e/integration tier starts its files in under `make test` (2 pytest-xdist workers, one file
+# per worker at a time, `--no-loadscope-reorder`: xdist's default reorders files by their number of tests,
+# which started the learning run last). First the learning run, whose worker builds the warm starts
+# (`tiny_sft_dirs`); then the files that do not need them, longest first, so the other worker keeps its
+# core busy meanwhile instead of waiting for the build; then the files that need them, longest first; the
+# short files last, so no worker sits idle at the end while the other runs a long one. Durations measured
+# under `make test` on Dec 3. Without xdist the order stays unit -> integration -> e2e.
+LEARNING_FIRST = ("e2e/test_learning.py",)
+WITHOUT_WARM_STARTS = ("integration/test_learner.py", "integration/test_listener_pool.py",
+                       "integration/test_weight_sync.py", "integration/test_evaluate.py",
+                       "integration/test_listener.py", "integration/test_tiny_checkpoint.py")
+WITH_WARM_STARTS = ("integration/test_faults.py", "e2e/test_train.py", "integration/test_staleness.py",
+                    "integration/test_faults_learner.py", "e2e/test_scale_listeners.py", "e2e/test_ray_job.py")
+SLOW_FIRST = LEARNING_FIRST + WITHOUT_WARM_STARTS + WITH_WARM_STARTS
 
 
 def pytest_collection_modifyitems(config, items) -> None:
