@@ -2,23 +2,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-fast demo bench clean
 
 setup:
 	@bash scripts/setup_venv.sh
 
-# Unit tests first (a unit failure shows within a minute and stops there), then the e2e, integration and
-# GPU tiers; both on TEST_WORKERS pytest-xdist workers, one test file per worker at a time (a module's
-# fixtures run once). The second tier keeps the order tests/conftest.py gives its files (longest first;
-# xdist would otherwise reorder files by their number of tests). pytest exit code 5 means no tests ran:
-# a failure, not a pass.
-TEST_WORKERS ?= 2
-XDIST = -n $(TEST_WORKERS) --dist loadfile
+# Unit tests first (a unit failure shows within a minute and stops there) while the warm starts build, then
+# the e2e, integration and GPU tiers; both on TEST_WORKERS pytest-xdist workers (scripts/run_tests.sh).
 test: setup
-	@$(PY) -m pytest tests/unit $(XDIST) $(PYTEST_ARGS) && \
-	$(PY) -m pytest tests/e2e tests/integration tests/gpu $(XDIST) --no-loadscope-reorder --durations=15 $(PYTEST_ARGS); \
-	rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+	@VENV=$(VENV) TEST_WORKERS=$(TEST_WORKERS) PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/run_tests.sh
 
 test-fast: setup
 	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The command line: `python -m pipeline {train,evaluate,make-tiny,sft,scale-listeners} ...` (also `listener-grpo ...`).
+"""The command line: `python -m pipeline {train,evaluate,make-tiny,sft,warm-starts,scale-listeners} ...` (also `listener-grpo ...`).
 
 Errors the user can fix (a bad config, a missing path) print one line to stderr and exit 2, with no
 traceback.
@@ -107,6 +107,25 @@ def _sft(args: argparse.Namespace) -> int:
     return sft_command(args)
 
 
+def _add_warm_starts(subparsers) -> None:
+    p = subparsers.add_parser("warm-starts", help="Build tiny://reasoner-sft and tiny://listener-sft side by side.",
+                              description="Build the two tiny warm starts (the format warm start and the "
+                              "informative listener, `pipeline.sft` default settings) at once, into "
+                              "OUT/tiny-reasoner-sft and OUT/tiny-listener-sft, as a run does on first use; "
+                              "one already built there with today's settings is kept.")
+    p.add_argument("--out", type=Path, required=True, help="Directory to build them in.")
+    p.set_defaults(handler=_warm_starts)
+
+
+def _warm_starts(args: argparse.Namespace) -> int:
+    from pipeline.models import resolve_checkpoints
+
+    specs = {"reasoner": "tiny://reasoner-sft", "listener": "tiny://listener-sft"}
+    for role, path in resolve_checkpoints(specs, args.out.resolve()).items():
+        print(f"{role}: {path}")
+    return 0
+
+
 def _add_scale_listeners(subparsers) -> None:
     p = subparsers.add_parser("scale-listeners", help="Resize the listener pool of a running training job.",
                               description="Resize the live listener pool (a named Ray actor) of a running job; "
@@ -176,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_make_tiny(subparsers)
     _add_sft(subparsers)
+    _add_warm_starts(subparsers)
     _add_scale_listeners(subparsers)
     return parser
 

@@ -20,18 +20,15 @@ import pytest  # noqa: E402
 
 # The order the e2e/integration tier starts its files in under `make test` (2 pytest-xdist workers, one file
 # per worker at a time, `--no-loadscope-reorder`: xdist's default reorders files by their number of tests,
-# which started the learning run last). First the learning run, whose worker builds the warm starts
-# (`tiny_sft_dirs`); then the files that do not need them, longest first, so the other worker keeps its
-# core busy meanwhile instead of waiting for the build; then the files that need them, longest first; the
-# short files last, so no worker sits idle at the end while the other runs a long one. Durations measured
-# under `make test` on Dec 3. Without xdist the order stays unit -> integration -> e2e.
-LEARNING_FIRST = ("e2e/test_learning.py",)
-WITHOUT_WARM_STARTS = ("integration/test_learner.py", "integration/test_listener_pool.py",
-                       "integration/test_weight_sync.py", "integration/test_evaluate.py",
-                       "integration/test_listener.py", "integration/test_tiny_checkpoint.py")
-WITH_WARM_STARTS = ("integration/test_faults.py", "e2e/test_train.py", "integration/test_staleness.py",
-                    "integration/test_faults_learner.py", "e2e/test_scale_listeners.py", "e2e/test_ray_job.py")
-SLOW_FIRST = LEARNING_FIRST + WITHOUT_WARM_STARTS + WITH_WARM_STARTS
+# which started the learning run last): the longest first (durations under `make test`, Dec 3), so no worker
+# sits idle at the end while the other still runs a long one. The rest follow in collection order. Without
+# xdist the order stays unit -> integration -> e2e. (`make test` builds the warm starts before this tier,
+# scripts/run_tests.sh, so no file waits for them.)
+SLOW_FIRST = ("e2e/test_learning.py", "integration/test_learner.py", "integration/test_faults.py",
+              "e2e/test_train.py", "integration/test_staleness.py", "integration/test_faults_learner.py",
+              "e2e/test_scale_listeners.py", "integration/test_listener_pool.py", "e2e/test_ray_job.py",
+              "integration/test_weight_sync.py", "integration/test_evaluate.py", "integration/test_listener.py",
+              "integration/test_tiny_checkpoint.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -72,9 +69,10 @@ def tiny_sft_dirs(tmp_path_factory, request) -> dict[str, Path]:
     Under pytest-xdist the workers share them: the first to get here builds them, the others wait for it
     (a file lock in the run's common temporary directory) and reuse them.
 
-    TEST_WARM_STARTS names a directory that keeps them between test runs (a local edit-test loop): they are
-    built there once and reused while built with today's default settings (`built_with_default_settings`).
-    CI builds them."""
+    TEST_WARM_STARTS names a directory to take them from: they are built there if missing and reused while
+    built with today's default settings (`built_with_default_settings`). `make test` builds them into a fresh
+    directory while the unit tier runs and points TEST_WARM_STARTS at it (scripts/run_tests.sh); set it by
+    hand to keep them between runs of plain pytest (a local edit-test loop)."""
     from filelock import FileLock
 
     from pipeline.models import resolve_checkpoints

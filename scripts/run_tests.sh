@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# `make test`: the unit tier, then the e2e, integration and GPU tiers, each on TEST_WORKERS (default 2)
+# pytest-xdist workers, one test file per worker at a time (a module's fixtures run once).
+#
+# - The two tiny warm starts the later tiers use (two 300-step SFT runs, `python -m pipeline warm-starts`)
+#   are built while the unit tier runs, into a temporary directory the tiers then read (TEST_WARM_STARTS,
+#   tests/conftest.py). Built inside the tiers instead, they held up the files that need them.
+# - A unit failure stops the run before the later tiers (and stops the build).
+# - The later tiers keep the file order tests/conftest.py gives them (longest first); xdist would otherwise
+#   reorder files by their number of tests.
+# - pytest's exit code 5 (no tests ran) is a failure, not a pass.
+# PYTEST_ARGS: extra pytest arguments for both tiers.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${VENV:-.venv}/bin/python"
+XDIST=(-n "${TEST_WORKERS:-2}" --dist loadfile)
+read -r -a EXTRA <<< "${PYTEST_ARGS:-}"
+
+warm="$(mktemp -d -t warm-starts.XXXXXX)"
+build=""
+cleanup() {
+  [[ -n "$build" ]] && kill "$build" 2>/dev/null
+  rm -rf "$warm"
+}
+trap cleanup EXIT
+
+checked() {  # pytest's exit code, with 5 (no tests ran) made a failure
+  local rc=$1
+  if [[ $rc -eq 5 ]]; then echo "make test: no tests ran" >&2; return 1; fi
+  return "$rc"
+}
+
+"$PY" -m pipeline warm-starts --out "$warm" > "$warm.log" 2>&1 &
+build=$!
+"$PY" -m pytest tests/unit "${XDIST[@]}" "${EXTRA[@]}"
+checked $? || exit $?
+echo "make test: waiting for the warm starts (log: $warm.log) ..." >&2
+if ! wait "$build"; then
+  build=""
+  echo "make test: building the warm starts failed:" >&2
+  tail -n 40 "$warm.log" >&2
+  exit 1
+fi
+build=""
+rm -f "$warm.log"
+TEST_WARM_STARTS="$warm" "$PY" -m pytest tests/e2e tests/integration tests/gpu "${XDIST[@]}" --no-loadscope-reorder \
+  --durations=15 "${EXTRA[@]}"
+checked $?
