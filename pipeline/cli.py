@@ -1,4 +1,5 @@
-"""The command line: `python -m pipeline {train,evaluate,make-tiny,sft,warm-starts,scale-listeners} ...` (also `listener-grpo ...`).
+"""The command line: `python -m pipeline COMMAND ...` (also `listener-grpo COMMAND ...`); COMMAND is one of
+train, evaluate, make-tiny, sft, warm-starts, scale-listeners.
 
 Errors the user can fix (a bad config, a missing path) print one line to stderr and exit 2, with no
 traceback.
@@ -112,16 +113,22 @@ def _add_warm_starts(subparsers) -> None:
                               description="Build the two tiny warm starts (the format warm start and the "
                               "informative listener, `pipeline.sft` default settings) at once, into "
                               "OUT/tiny-reasoner-sft and OUT/tiny-listener-sft, as a run does on first use; "
-                              "one already built there with today's settings is kept.")
+                              "one already built there with today's settings is kept. Holds OUT.lock meanwhile.")
     p.add_argument("--out", type=Path, required=True, help="Directory to build them in.")
     p.set_defaults(handler=_warm_starts)
 
 
 def _warm_starts(args: argparse.Namespace) -> int:
+    from filelock import FileLock
+
     from pipeline.models import resolve_checkpoints
 
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
     specs = {"reasoner": "tiny://reasoner-sft", "listener": "tiny://listener-sft"}
-    for role, path in resolve_checkpoints(specs, args.out.resolve()).items():
+    with FileLock(f"{out}.lock"):  # another build into OUT (or a test session reading it) waits for this one
+        models = resolve_checkpoints(specs, out)
+    for role, path in models.items():
         print(f"{role}: {path}")
     return 0
 

@@ -3,8 +3,10 @@
 # pytest-xdist workers, one test file per worker at a time (a module's fixtures run once).
 #
 # - The two tiny warm starts the later tiers use (two 300-step SFT runs, `python -m pipeline warm-starts`)
-#   are built while the unit tier runs, into a temporary directory the tiers then read (TEST_WARM_STARTS,
-#   tests/conftest.py). Built inside the tiers instead, they held up the files that need them.
+#   build from the start, into a temporary directory the later tiers read (TEST_WARM_STARTS). The build
+#   holds DIR.lock, which the test fixture waits on (tests/conftest.py `tiny_sft_dirs`): the later tiers
+#   start their files that do not need the warm starts meanwhile (built inside the tiers, they held up
+#   every file that needs them).
 # - A unit failure stops the run before the later tiers (and stops the build).
 # - The later tiers keep the file order tests/conftest.py gives them (longest first); xdist would otherwise
 #   reorder files by their number of tests.
@@ -16,11 +18,11 @@ PY="${VENV:-.venv}/bin/python"
 XDIST=(-n "${TEST_WORKERS:-2}" --dist loadfile)
 read -r -a EXTRA <<< "${PYTEST_ARGS:-}"
 
-warm="$(mktemp -d -t warm-starts.XXXXXX)"
+warm="$(cd "$(mktemp -d -t warm-starts.XXXXXX)" && pwd -P)"  # resolved: the build and the fixture lock DIR.lock
 build=""
 cleanup() {
   [[ -n "$build" ]] && kill "$build" 2>/dev/null
-  rm -rf "$warm"
+  rm -rf "$warm" "$warm.log" "$warm.lock"
 }
 trap cleanup EXIT
 
@@ -34,15 +36,13 @@ checked() {  # pytest's exit code, with 5 (no tests ran) made a failure
 build=$!
 "$PY" -m pytest tests/unit "${XDIST[@]}" "${EXTRA[@]}"
 checked $? || exit $?
-echo "make test: waiting for the warm starts (log: $warm.log) ..." >&2
-if ! wait "$build"; then
+TEST_WARM_STARTS="$warm" "$PY" -m pytest tests/e2e tests/integration tests/gpu "${XDIST[@]}" --no-loadscope-reorder \
+  --durations=15 "${EXTRA[@]}"
+checked $? || exit $?
+if ! wait "$build"; then  # the fixture built them itself then; still, say so
   build=""
   echo "make test: building the warm starts failed:" >&2
   tail -n 40 "$warm.log" >&2
   exit 1
 fi
 build=""
-rm -f "$warm.log"
-TEST_WARM_STARTS="$warm" "$PY" -m pytest tests/e2e tests/integration tests/gpu "${XDIST[@]}" --no-loadscope-reorder \
-  --durations=15 "${EXTRA[@]}"
-checked $?

@@ -20,14 +20,15 @@ import pytest  # noqa: E402
 
 # The order the e2e/integration tier starts its files in under `make test` (2 pytest-xdist workers, one file
 # per worker at a time, `--no-loadscope-reorder`: xdist's default reorders files by their number of tests,
-# which started the learning run last): the longest first (durations under `make test`, Dec 3), so no worker
-# sits idle at the end while the other still runs a long one. The rest follow in collection order. Without
-# xdist the order stays unit -> integration -> e2e. (`make test` builds the warm starts before this tier,
-# scripts/run_tests.sh, so no file waits for them.)
-SLOW_FIRST = ("e2e/test_learning.py", "integration/test_learner.py", "integration/test_faults.py",
-              "e2e/test_train.py", "integration/test_staleness.py", "integration/test_faults_learner.py",
-              "e2e/test_scale_listeners.py", "integration/test_listener_pool.py", "e2e/test_ray_job.py",
-              "integration/test_weight_sync.py", "integration/test_evaluate.py", "integration/test_listener.py",
+# which started the learning run last). `make test` builds the warm starts (`tiny_sft_dirs`) while its unit
+# tier runs, and that build goes on for a while into this tier (scripts/run_tests.sh): long files that do not
+# need them first, then the learning run (the longest) and the other files that need them, longest first;
+# the short files last, so no worker sits idle at the end while the other runs a long one. Durations under
+# `make test` on Dec 3. Without xdist the order stays unit -> integration -> e2e.
+SLOW_FIRST = ("integration/test_learner.py", "integration/test_listener_pool.py", "integration/test_weight_sync.py",
+              "e2e/test_learning.py", "integration/test_faults.py", "e2e/test_train.py",
+              "integration/test_staleness.py", "integration/test_faults_learner.py", "e2e/test_scale_listeners.py",
+              "e2e/test_ray_job.py", "integration/test_evaluate.py", "integration/test_listener.py",
               "integration/test_tiny_checkpoint.py")
 
 
@@ -71,8 +72,9 @@ def tiny_sft_dirs(tmp_path_factory, request) -> dict[str, Path]:
 
     TEST_WARM_STARTS names a directory to take them from: they are built there if missing and reused while
     built with today's default settings (`built_with_default_settings`). `make test` builds them into a fresh
-    directory while the unit tier runs and points TEST_WARM_STARTS at it (scripts/run_tests.sh); set it by
-    hand to keep them between runs of plain pytest (a local edit-test loop)."""
+    directory from its start (`python -m pipeline warm-starts`, which holds the same lock until it is done)
+    and points TEST_WARM_STARTS at it (scripts/run_tests.sh); set it by hand to keep them between runs of
+    plain pytest (a local edit-test loop)."""
     from filelock import FileLock
 
     from pipeline.models import resolve_checkpoints
@@ -80,7 +82,9 @@ def tiny_sft_dirs(tmp_path_factory, request) -> dict[str, Path]:
     specs = {"reasoner": "tiny://reasoner-sft", "listener": "tiny://listener-sft"}
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
-    models = Path(os.environ["TEST_WARM_STARTS"]) if os.environ.get("TEST_WARM_STARTS") else shared / "warm-starts"
+    # Resolved, as `python -m pipeline warm-starts` resolves its --out: both lock the same DIR.lock.
+    models = Path(os.environ["TEST_WARM_STARTS"]).resolve() if os.environ.get("TEST_WARM_STARTS") else \
+        shared / "warm-starts"
     with FileLock(str(models) + ".lock"):
         request.getfixturevalue("ray_local")  # built on this worker's cluster (started here if not yet)
         return {role: Path(path) for role, path in resolve_checkpoints(specs, models).items()}
