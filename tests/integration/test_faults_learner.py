@@ -77,7 +77,7 @@ def _resume_serves_the_restored_weights(ray, cfg, run_dir: Path) -> None:
 
 
 def test_learner_killed_during_checkpoint_write_exits_3_and_resumes(ray_local, tmp_path: Path,
-                                                                         tiny_reasoner_sft_dir, tiny_listener_dir):
+                                                                    tiny_reasoner_sft_dir, tiny_listener_dir):
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "run"
