@@ -181,7 +181,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate_command
+    from pipeline.eval.command import evaluate_command
 
     return evaluate_command(args)
 

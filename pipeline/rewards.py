@@ -13,7 +13,7 @@
 - Contradiction: the listener prefers image k when p(image k) > 0.5; a completion contradicts when its
   parsed answer names the other image, agrees when it names the same. Ties (p = 0.5), bad formats,
   unusable or missing scores are neither (`agreement_metrics`: accuracy and rate of each, the paper's
-  agreement analysis, shared by the training metrics and `pipeline.evaluate`).
+  agreement analysis, shared by the training metrics and `pipeline.eval.command`).
 - Answer leak: a well-formed completion whose masked reasoning still has a verdict naming its answer
   (`pipeline.prompts.answer_leaks`); `listener/answer_leak_rate` is their fraction of the well-formed
   completions with a non-empty masked reasoning.

@@ -25,7 +25,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from pipeline.cli import main
-from pipeline.metrics import imagereward_pairs
+from pipeline.eval.protocol import imagereward_pairs
 from pipeline.tracking import mlflow_safe_name
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""pipeline/data.py and pipeline/formats.py on local fixtures in each dataset's hub schema.
+"""pipeline/data/source.py and pipeline/data/formats.py on local fixtures in each dataset's hub schema.
 
 Every fixture is written the way the hub stores it (parquet with `datasets` Image structs
 {"bytes", "path"} and the hub's column types, Pick-a-Pic's raw JPEG `binary` columns, HPDv2's train.json
@@ -21,9 +21,11 @@ import pytest
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from pipeline import data, eval_data, formats
+from pipeline.data import formats
+from pipeline.data import source as data
+from pipeline.eval import groups as eval_data
 from pipeline.config import DataConfig, ModelConfig
-from pipeline.formats import ImageBounds
+from pipeline.data.formats import ImageBounds
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 BOUNDS = ImageBounds(min_pixels=64, max_pixels=1024, max_image_pixels=4096)
@@ -270,7 +272,7 @@ def test_planted_bad_rows_are_skipped_and_counted_by_reason(tmp_path, caplog):
     ]
     path = write_pickapic(tmp_path / "bad.parquet", rows)
     source = data.PairSource(str(path), loop=False, bounds=BOUNDS, shuffle=False)
-    with caplog.at_level("WARNING", logger="pipeline.data"):
+    with caplog.at_level("WARNING", logger="pipeline.data.source"):
         pairs = source.next_batch(100)
     assert [p.prompt for p in pairs] == ["good 1", "good 2", "good 3"]
     assert dict(source.skip_counts) == {"undecodable_image": 2, "missing_field": 2, "label_out_of_range": 1,
@@ -483,7 +485,7 @@ def _hub_from_local(monkeypatch, local: Path, calls: list) -> None:
 
 
 def test_presets_resolve_through_the_loading_code(tmp_path, monkeypatch):
-    from pipeline.eval_presets import PRESETS, resolve_dataset
+    from pipeline.eval.presets import PRESETS, resolve_dataset
 
     assert resolve_dataset("THUDM/ImageRewardDB") is None and resolve_dataset("./local.jsonl") is None
     calls: list = []

@@ -1,4 +1,4 @@
-"""The ImageReward evaluation protocol (pipeline/metrics.py, the pure parts of pipeline/evaluate.py).
+"""The ImageReward evaluation protocol (pipeline/eval/protocol.py, the pure parts of pipeline/eval/command.py).
 
 Every expected value is worked out by hand in the comments: which pairs a prompt's ranks make, how a
 vote resolves, what accuracy the rows give when ties and unparsable answers count as wrong.
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.eval_data import RankedGroup
-from pipeline.eval_stats import answer_prefix, order_stats, prompt_weighted_accuracy, vote_weighted_accuracy
-from pipeline.evaluate import (anchor_comparisons, anchor_rows, comparison_stats, pairwise_comparisons,
+from pipeline.eval.groups import RankedGroup
+from pipeline.eval.stats import answer_prefix, order_stats, prompt_weighted_accuracy, vote_weighted_accuracy
+from pipeline.eval.command import (anchor_comparisons, anchor_rows, comparison_stats, pairwise_comparisons,
                                pairwise_rows, report_metrics, weighted_accuracies, with_swapped_orders)
-from pipeline.metrics import (PairRow, anchor_scores, imagereward_pairs, majority_vote, row_from_answers,
+from pipeline.eval.protocol import (PairRow, anchor_scores, imagereward_pairs, majority_vote, row_from_answers,
                               rows_from_scores, summarize)
 from pipeline.prompts import format_target
 from pipeline.types import Completion, ListenerScore, RolloutGroup
@@ -226,7 +226,7 @@ def test_report_metrics_are_flat_and_recountable():
 
 def test_settings_come_from_the_cli_then_the_checkpoints_run_then_defaults(tmp_path):
     from pipeline.config import config_to_yaml, load_config
-    from pipeline.eval_presets import EVAL_DEFAULTS, RUN_CONFIG_FILE, resolve_settings
+    from pipeline.eval.presets import EVAL_DEFAULTS, RUN_CONFIG_FILE, resolve_settings
 
     run = load_config(None, ["model.max_pixels=401408", "rollout.max_new_tokens=512", "rollout.engine.dtype=bfloat16"])
     (tmp_path / RUN_CONFIG_FILE).write_text(config_to_yaml(run))
@@ -244,7 +244,7 @@ def test_settings_come_from_the_cli_then_the_checkpoints_run_then_defaults(tmp_p
 def test_evaluate_logs_any_category_name_to_a_real_mlflow_run(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import log_to_mlflow
+    from pipeline.eval.command import log_to_mlflow
     from pipeline.tracking import mlflow_safe_name
 
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""Fuzzing the dataset row adapters and the image decoder (pipeline/formats.py) with hypothesis, plus the corpus.
+"""Fuzzing the dataset row adapters and the image decoder (pipeline/data/formats.py) with hypothesis, plus the corpus.
 
 The property: whatever a row holds (missing keys, wrong types, NaN and inf, garbage or mutated image bytes,
 odd PIL images), turning it into a pair either gives a `PreferencePair` the model can take (label 1 or 2,
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.formats import (MAX_ASPECT_RATIO, PAIR_ROW_ADAPTERS, SKIP_REASONS, BadRow, ImageBounds,
+from pipeline.data.formats import (MAX_ASPECT_RATIO, PAIR_ROW_ADAPTERS, SKIP_REASONS, BadRow, ImageBounds,
                               decode_image, imagereward_pair, imagereward_rank, materialize)
 from pipeline.types import PreferencePair
 

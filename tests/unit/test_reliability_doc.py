@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.formats import SKIP_REASONS
+from pipeline.data.formats import SKIP_REASONS
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "reliability.md"

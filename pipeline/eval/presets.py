@@ -4,8 +4,8 @@
     settings = resolve_settings(model_dir, cli={"max_pixels": None, ...})
 
 Presets name a hub dataset, split, subset, format and weighting (docs/evaluation.md lists them with their
-sizes); they resolve through the ordinary loading code (`pipeline.eval_data.ranked_groups` ->
-`pipeline.data.load_rows`), so a local copy in the same layout can be passed as `--dataset PATH` instead.
+sizes); they resolve through the ordinary loading code (`pipeline.eval.groups.ranked_groups` ->
+`pipeline.data.source.load_rows`), so a local copy in the same layout can be passed as `--dataset PATH` instead.
 
 Settings: a training checkpoint's policy directory holds `run_config.yaml` (written by
 `actors.checkpoint.save_checkpoint`); `min_pixels`, `max_pixels` (model), `max_new_tokens` and the engine

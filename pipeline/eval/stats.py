@@ -19,7 +19,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 
-from pipeline.metrics import PairRow
+from pipeline.eval.protocol import PairRow
 from pipeline.prompts import parse_completion
 
 SWAPPED_SUFFIX = "|swapped"  # pair id of the second order of a pair under --both-orders

@@ -11,7 +11,7 @@ Training (the driver):
 `DataConfig.source` is "synthetic", a hub id (`THUDM/ImageRewardDB`, `ymhao/HPDv2`, `yuvalkirstain/pickapic_v2`,
 `Rapidata/...`) or a local path (a dataset dir in the hub's layout, an HPDv2 dir with `<split>.json`, or one
 jsonl / json / parquet file). The format comes from the hub id, else from the column names
-(`DataConfig.format` overrides). Adapters per format live in `pipeline/formats.py`.
+(`DataConfig.format` overrides). Adapters per format live in `pipeline/data/formats.py`.
 
 Order: a stream of candidate pairs, deterministic in (seed, shard). Map-style data is permuted per epoch
 (numpy, seeded by (seed, epoch)) and sharded by stride, so a position maps to a row in O(1). Streamed data
@@ -24,7 +24,7 @@ in file order (a prompt's rows are contiguous there) and are not shuffled.
 same sequence. A bad candidate is skipped, logged and counted in `skip_counts` by reason
 (`formats.SKIP_REASONS`); the unit is the candidate pair (for ImageRewardDB, also an image row whose rank is
 unusable, counted when the prompt's pairs are enumerated: once for map-style data, on every pass when
-streamed). `eval_data.ranked_groups` (evaluation) counts image rows instead: a bad ImageRewardDB image drops that
+streamed). `pipeline.eval.groups.ranked_groups` (evaluation) counts image rows instead: a bad ImageRewardDB image drops that
 image once, not each of its pairs. Synthetic pairs are not swapped again:
 `pipeline/synthetic.py` already places the preferred image at random.
 
@@ -48,10 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import formats
+from pipeline.data import formats
 from pipeline.config import ConfigError, SyntheticTask
-from pipeline.formats import BadRow, ImageBounds, RawPair, TiePolicy
-from pipeline.metrics import imagereward_pairs
+from pipeline.data.formats import BadRow, ImageBounds, RawPair, TiePolicy, imagereward_pairs
 from pipeline.synthetic import synthetic_pair
 from pipeline.types import PreferencePair
 

@@ -3,7 +3,7 @@
     python -m pipeline evaluate --model runs/tiny/checkpoint --dataset THUDM/ImageRewardDB --split test \
         [--listener Qwen/Qwen2.5-VL-7B-Instruct] [--samples 5] [--anchor] [--max-groups 50] [--out report.json]
 
-The dataset is read by `pipeline.data.ranked_groups` (every format; bad rows skipped and counted). Every
+The dataset is read by `pipeline.eval.groups.ranked_groups` (every format; bad rows skipped and counted). Every
 pair of a prompt's images with different human ranks is judged (`pipeline.metrics`), each shown in its
 seeded image order. The reasoner runs through the rollout worker's vLLM engine (`actors.rollout`):
 greedy with `--samples 1`, else n samples at `--temperature` and a majority vote. With `--listener`, the
@@ -49,12 +49,12 @@ from pathlib import Path
 
 from pipeline.config import EngineConfig
 from pipeline.data import skip_metrics
-from pipeline.eval_data import RankedGroup, ranked_groups
-from pipeline.eval_presets import EvalSettings, resolve_dataset, resolve_settings
-from pipeline.eval_stats import (SWAPPED_SUFFIX, answer_prefix, mean_or_none, order_stats,
+from pipeline.eval.groups import RankedGroup, ranked_groups
+from pipeline.eval.presets import EvalSettings, resolve_dataset, resolve_settings
+from pipeline.eval.stats import (SWAPPED_SUFFIX, answer_prefix, mean_or_none, order_stats,
                                  prompt_weighted_accuracy, vote_weighted_accuracy)
-from pipeline.formats import ImageBounds, swapped
-from pipeline.metrics import (PairRow, anchor_scores, imagereward_pairs, row_from_answers, rows_from_scores,
+from pipeline.data.formats import ImageBounds, swapped
+from pipeline.eval.protocol import (PairRow, anchor_scores, imagereward_pairs, row_from_answers, rows_from_scores,
                               summarize)
 from pipeline.prompts import parse_completion
 from pipeline.rewards import agreement_metrics, is_contradiction

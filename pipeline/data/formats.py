@@ -1,4 +1,4 @@
-"""Per-dataset row adapters and image handling (pure: PIL only; used by `pipeline/data.py`).
+"""Per-dataset row adapters and image handling (pure: PIL only; used by `pipeline/data/source.py`).
 
 Each adapter turns one dataset row (a dict, as `datasets` yields it with images left undecoded) into a
 `RawPair`: the prompt, two image references (bytes, a path, a `{"bytes", "path"}` struct or a PIL image),
@@ -8,7 +8,7 @@ swap of the two images (label swapped with them), so no position carries the ans
 
 Schemas (docs/method.md "Hub identifiers"):
 - ImageRewardDB: one row per image: image, prompt_id, prompt, rank (1 = best), classification, ...;
-  pairs are formed per prompt (see `pipeline/metrics.imagereward_pairs`).
+  pairs are formed per prompt (see `pipeline.data.formats.imagereward_pairs`).
 - HPDv2 (train.json): prompt, file_path [2 paths relative to the dataset dir], human_preference [2]
   (one-hot; in general the larger entry wins).
 - Pick-a-Pic v2: caption, jpg_0/jpg_1 (raw JPEG bytes), label_0/label_1 (1/0, or 0.5/0.5 for a tie).
@@ -20,10 +20,12 @@ Schemas (docs/method.md "Hub identifiers"):
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from PIL import Image
@@ -247,3 +249,15 @@ def imagereward_pair(row_i: dict, row_j: dict, preferred: int, index_i: int, ind
     return RawPair(pair_id=f"{prompt_id}:{index_i}-{index_j}", prompt=prompt_of(row_i, "prompt"),
                    image_1=need(row_i, "image"), image_2=need(row_j, "image"), preferred=preferred,
                    prompt_id=prompt_id, category=str(row_i.get("classification") or ""))
+
+
+def imagereward_pairs(ranks: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Every pair (i, j), i < j, of images with different ranks, with the preferred one (1: i, 2: j).
+
+    Rank 1 is the best (ImageRewardDB's convention), so the lower rank is preferred.
+    """
+    pairs = []
+    for i, j in itertools.combinations(range(len(ranks)), 2):
+        if ranks[i] != ranks[j]:
+            pairs.append((i, j, 1 if ranks[i] < ranks[j] else 2))
+    return pairs

@@ -22,10 +22,9 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline import formats
-from pipeline.data import LoadedRows, NoUsableRows, PairSource, column_names, load_rows
-from pipeline.formats import BadRow, ImageBounds, TiePolicy
-from pipeline.metrics import imagereward_pairs
+from pipeline.data import formats
+from pipeline.data.source import LoadedRows, NoUsableRows, PairSource, column_names, load_rows
+from pipeline.data.formats import BadRow, ImageBounds, TiePolicy, imagereward_pairs
 from pipeline.types import PreferencePair
 
 log = logging.getLogger(__name__)

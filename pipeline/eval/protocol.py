@@ -17,24 +17,13 @@ Everything here works on plain Python values, so a report's per-pair rows can be
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from pipeline.data.formats import imagereward_pairs  # noqa: F401  (the pair rule lives with the data)
+
 Answer = int | None  # 1, 2, or None when the completion did not parse
-
-
-def imagereward_pairs(ranks: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Every pair (i, j), i < j, of images with different ranks, with the preferred one (1: i, 2: j).
-
-    Rank 1 is the best (ImageRewardDB's convention), so the lower rank is preferred.
-    """
-    pairs = []
-    for i, j in itertools.combinations(range(len(ranks)), 2):
-        if ranks[i] != ranks[j]:
-            pairs.append((i, j, 1 if ranks[i] < ranks[j] else 2))
-    return pairs
 
 
 @dataclass(frozen=True)
