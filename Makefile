@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench bench-setup clean
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -23,6 +23,11 @@ demo: setup
 
 bench: setup
 	@$(PY) -m bench
+
+# TRL for bench.e2e's single-process reference (the `bench` extra): pinned, --no-deps, so no runtime package
+# changes (its requirements are already in requirements/cpu.lock).
+bench-setup: setup
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements/bench.lock
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis
