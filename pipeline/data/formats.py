@@ -77,7 +77,8 @@ class ImageBounds:
 # ---------------------------------------------------------------- images
 
 
-def _image_bytes(value: Any, base_dir: Path | None) -> bytes:
+def _image_bytes(value: Any, base_dir: Any) -> bytes:
+    """`base_dir`: a directory relative paths point into, an object with `read(path)` (`hub.ImageFiles`), or None."""
     if isinstance(value, dict):  # datasets' Image(decode=False) struct
         data = value.get("bytes")
         if isinstance(data, (bytes, bytearray)) and data:  # anything else is not image data: try the path
@@ -85,6 +86,8 @@ def _image_bytes(value: Any, base_dir: Path | None) -> bytes:
         value = value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
+    if isinstance(value, str) and value and hasattr(base_dir, "read"):  # zips, an unpacked archive (`hub`)
+        return base_dir.read(value)
     if isinstance(value, str) and value:
         path = Path(value)
         if not path.is_absolute() and base_dir is not None:
@@ -96,7 +99,7 @@ def _image_bytes(value: Any, base_dir: Path | None) -> bytes:
     raise BadRow("missing_field", "image")
 
 
-def decode_image(value: Any, base_dir: Path | None, bounds: ImageBounds) -> Image.Image:
+def decode_image(value: Any, base_dir: Any, bounds: ImageBounds) -> Image.Image:
     """An RGB PIL image from any image reference; BadRow when missing, undecodable or oversized."""
     if isinstance(value, Image.Image):
         image = value
@@ -142,7 +145,7 @@ def swapped(seed: int, pair_id: str) -> bool:
     return random.Random(f"swap:{seed}:{pair_id}").random() < 0.5
 
 
-def materialize(raw: RawPair, base_dir: Path | None, bounds: ImageBounds, seed: int,
+def materialize(raw: RawPair, base_dir: Any, bounds: ImageBounds, seed: int,
                 swap: bool = True) -> PreferencePair:
     """Decode, check and resize both images; swap them (and the label) by the pair's seeded coin."""
     image_1 = resize_within(decode_image(raw.image_1, base_dir, bounds), bounds.min_pixels, bounds.max_pixels)
@@ -236,18 +239,31 @@ PAIR_ROW_ADAPTERS = {"pickapic": pickapic_row, "rapidata": rapidata_row, "hpdv2"
 
 
 def imagereward_rank(row: dict) -> int:
-    """A ranked image row's rank (1 = best); BadRow when missing or not a positive integer."""
-    rank = need(row, "rank")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    """A ranked image row's rank (1 = best); BadRow when missing or not a positive integer. An integral
+    float (`3.0`) is the same rank: a table may store ranks as floats."""
+    return whole_rank(need(row, "rank"), minimum=1)
+
+
+def whole_rank(rank: Any, minimum: int = 0) -> int:
+    """`rank` as an int (an int, or a float with no fraction) of at least `minimum`; else BadRow."""
+    if isinstance(rank, float) and rank.is_integer():
+        rank = int(rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < minimum:
         raise BadRow("label_out_of_range", f"rank={rank!r}")
     return rank
+
+
+def imagereward_image(row: dict) -> Any:
+    """A ranked row's image: `image` (a parquet export's struct) or `image_path` (metadata-{split}.parquet,
+    read from the zips by `hub.ZipImages`)."""
+    return row["image"] if row.get("image") is not None else need(row, "image_path")
 
 
 def imagereward_pair(row_i: dict, row_j: dict, preferred: int, index_i: int, index_j: int) -> RawPair:
     """The pair of two ranked rows of one prompt (ids: `prompt_id:i-j`, positions within the prompt)."""
     prompt_id = str(need(row_i, "prompt_id"))
     return RawPair(pair_id=f"{prompt_id}:{index_i}-{index_j}", prompt=prompt_of(row_i, "prompt"),
-                   image_1=need(row_i, "image"), image_2=need(row_j, "image"), preferred=preferred,
+                   image_1=imagereward_image(row_i), image_2=imagereward_image(row_j), preferred=preferred,
                    prompt_id=prompt_id, category=str(row_i.get("classification") or ""))
 
 

@@ -9,9 +9,11 @@ Training (the driver):
     mlflow.log_metrics(skip_metrics(source.skip_counts), step=step)
 
 `DataConfig.source` is "synthetic", a hub id (`THUDM/ImageRewardDB`, `ymhao/HPDv2`, `yuvalkirstain/pickapic_v2`,
-`Rapidata/...`) or a local path (a dataset dir in the hub's layout, an HPDv2 dir with `<split>.json`, or one
-jsonl / json / parquet file). The format comes from the hub id, else from the column names
-(`DataConfig.format` overrides). Adapters per format live in `pipeline/data/formats.py`.
+`Rapidata/...`) or a local path: a copy of a hub repository as `snapshot_download` leaves it (ImageRewardDB's
+metadata tables and zips, HPDv2's `<split>.json` and `<split>.tar.gz`: `pipeline/data/hub.py`, recognised by
+their files), a dataset dir `datasets` can read, or one jsonl / json / parquet file. The format comes from
+the hub id, else from the column names (`DataConfig.format` overrides); the columns of pair formats are
+checked up front. Adapters per format live in `pipeline/data/formats.py`.
 
 Order: a stream of candidate pairs, deterministic in (seed, shard). Map-style data is permuted per epoch
 (numpy, seeded by (seed, epoch)) and sharded by stride, so a position maps to a row in O(1). Streamed data
@@ -42,14 +44,15 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.data import formats
+from pipeline.data import formats, hub
 from pipeline.config import ConfigError, SyntheticTask
+from pipeline.data.hub import LoadedRows
 from pipeline.data.formats import BadRow, ImageBounds, RawPair, TiePolicy, imagereward_pairs
 from pipeline.synthetic import synthetic_pair
 from pipeline.types import PreferencePair
@@ -59,19 +62,18 @@ log = logging.getLogger(__name__)
 HUB_FORMATS: dict[str, str] = {
     "THUDM/ImageRewardDB": "imagereward", "ymhao/HPDv2": "hpdv2", "yuvalkirstain/pickapic_v2": "pickapic",
 }
-# Hub repos that still ship a loading script, which datasets >= 4 no longer runs: read the hub's own
-# parquet export instead (its config names are the script's, e.g. ImageRewardDB "1k" ... "8k").
-# Not verifiable offline: if the export is missing, download the files and pass the local directory.
-HUB_REVISIONS: dict[str, str] = {"THUDM/ImageRewardDB": "refs/convert/parquet"}
 # Checked in order: the first format whose columns are all present wins.
 COLUMN_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
     ("pickapic", frozenset({"jpg_0", "jpg_1", "label_0", "label_1", "caption"})),
     ("rapidata", frozenset({"prompt", "image1", "image2", "votes_image1", "votes_image2"})),
     ("imagereward", frozenset({"image", "prompt_id", "prompt", "rank"})),
+    ("imagereward", frozenset({"image_path", "prompt_id", "prompt", "rank"})),  # metadata-{split}.parquet
     ("hpdv2", frozenset({"prompt", "file_path", "human_preference"})),
     ("hpdv2", frozenset({"prompt", "image_path", "rank"})),  # HPDv2 test.json: ranked images per prompt
     ("local", frozenset({"prompt", "image_1", "image_2", "label"})),
 )
+# Pair formats whose columns are checked up front (a sibling set without them is refused in one line).
+REQUIRED_COLUMNS = {fmt: required for fmt, required in COLUMN_SIGNATURES if fmt in ("pickapic", "rapidata")}
 LOGGED_PER_REASON = 5  # log the first few skips of each reason in full, then only count them
 
 Candidate = Callable[[], RawPair]  # resolving a candidate reads its row; it may raise BadRow
@@ -86,16 +88,6 @@ class NoUsableRows(ConfigError):
                          f"skipped by reason: {counts}")
 
 
-@dataclass(frozen=True)
-class LoadedRows:
-    """A loaded dataset with everything needed to read its rows."""
-
-    rows: Any  # datasets.Dataset or datasets.IterableDataset, image columns undecoded
-    format: str
-    base_dir: Path | None  # where relative image paths point
-    streaming: bool
-
-
 def skip_metrics(skip_counts: dict[str, int], prefix: str = "data/skipped_") -> dict[str, float]:
     """MLflow metric names for skip counts, every reason present (0 when none)."""
     return {f"{prefix}{reason}": float(skip_counts.get(reason, 0)) for reason in formats.SKIP_REASONS}
@@ -104,47 +96,70 @@ def skip_metrics(skip_counts: dict[str, int], prefix: str = "data/skipped_") -> 
 # ---------------------------------------------------------------- loading
 
 
-def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
-    """The hub boundary for datasets whose rows point at files (HPDv2); tests replace this function."""
-    from huggingface_hub import snapshot_download as download
-
-    return download(repo_id, repo_type="dataset", allow_patterns=allow_patterns)
-
-
-def load_hub_dataset(repo_id: str, name: str | None, split: str, streaming: bool, revision: str | None) -> Any:
+def load_hub_dataset(repo_id: str, name: str | None, split: str, streaming: bool) -> Any:
     """The hub boundary for datasets read by `datasets` from the hub; tests replace this function."""
     import datasets
 
-    return datasets.load_dataset(repo_id, name, split=split, streaming=streaming, revision=revision)
+    return datasets.load_dataset(repo_id, name, split=split, streaming=streaming)
 
 
 def load_rows(source: str, split: str, fmt: str = "auto", subset: str = "", streaming: bool = False) -> LoadedRows:
-    """Load `source` (hub id or local path) with `datasets`, image columns left undecoded."""
-    import datasets
+    """Load `source` (hub id or local path) with `datasets`, image columns left undecoded.
 
+    A hub id with a layout of its own (`hub.HUB_LAYOUTS`) and a local copy of it go through the same code;
+    other hub ids through `datasets.load_dataset` (only the split's files are downloaded)."""
     path = Path(source).expanduser()
-    if not path.exists() and HUB_FORMATS.get(source) == "hpdv2":
-        path = Path(snapshot_download(source, [f"{split}.json", f"{split}/*"]))
-    name = subset or None
-    if path.is_file():
+    if not path.exists() and source in hub.HUB_LAYOUTS:
+        path = hub.fetch(source, split, subset)
+    layout = hub.layout_of(path, split) if path.is_dir() else None
+    if layout == hub.IMAGEREWARD_DB:
+        loaded = _imagereward_db(path, split, subset)
+    elif layout == hub.HPDV2:
+        rows = _load(source, "json", data_files={split: str(path / f"{split}.json")}, split=split,
+                     streaming=streaming)
+        loaded = hub.LoadedRows(_undecoded(rows), "", hub.HpdImages(path, split), streaming)
+    elif path.is_file():
         builder = "parquet" if path.suffix == ".parquet" else "json"
-        rows = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming)
-        base_dir = path.parent
-    elif path.is_dir() and (path / f"{split}.json").is_file():  # HPDv2 layout: <dir>/<split>.json
-        rows = datasets.load_dataset("json", data_files={split: str(path / f"{split}.json")}, split=split,
-                                     streaming=streaming)
-        base_dir = path
+        rows = _load(source, builder, data_files={split: str(path)}, split=split, streaming=streaming)
+        loaded = hub.LoadedRows(_undecoded(rows), "", path.parent, streaming)
     elif path.is_dir():
-        rows = datasets.load_dataset(str(path), name, split=split, streaming=streaming)
-        base_dir = path
+        rows = _load(source, str(path), subset or None, split=split, streaming=streaming)
+        loaded = hub.LoadedRows(_undecoded(rows), "", path, streaming)
     else:
-        rows = load_hub_dataset(source, name, split, streaming, HUB_REVISIONS.get(source))
-        base_dir = None
-    rows = _undecoded(rows)
+        rows = _load(source, hub_id=source, name=subset or None, split=split, streaming=streaming)
+        loaded = hub.LoadedRows(_undecoded(rows), "", None, streaming)
     if fmt == "auto":
         fmt = HUB_FORMATS.get(source) or ("rapidata" if source.startswith("Rapidata/") else "")
-        fmt = fmt or detect_format(column_names(rows))
-    return LoadedRows(rows=rows, format=fmt, base_dir=base_dir, streaming=streaming)
+        fmt = fmt or detect_format(column_names(loaded.rows))
+    check_columns(source, fmt, column_names(loaded.rows))
+    return replace(loaded, format=fmt)
+
+
+def _load(source: str, *args: Any, hub_id: str = "", **kwargs: Any) -> Any:
+    """`datasets.load_dataset`, an unknown split refused in one line naming the splits there are."""
+    import datasets
+
+    try:
+        if hub_id:
+            return load_hub_dataset(hub_id, kwargs["name"], kwargs["split"], kwargs["streaming"])
+        return datasets.load_dataset(*args, **kwargs)
+    except ValueError as exc:
+        if "Unknown split" in str(exc) or "split" in str(exc).lower() and "should be one of" in str(exc).lower():
+            raise ConfigError(f"data source '{source}': {str(exc).splitlines()[0]}") from None
+        raise
+
+
+def _imagereward_db(root: Path, split: str, subset: str) -> LoadedRows:
+    """ImageRewardDB's metadata table, its rows limited to the subset's folders; images from the zips.
+    Always map-style: the table is metadata only (137K rows in all), the images stay in the archives."""
+    import datasets
+
+    metadata = root / f"metadata-{split}.parquet"
+    rows = datasets.load_dataset("parquet", data_files={split: str(metadata)}, split=split)
+    if split == "train" and subset:
+        keep = hub.imagereward_row_indices(rows["image_path"], hub.imagereward_folders(metadata, split, subset))
+        rows = rows if keep is None else rows.select(keep)
+    return hub.LoadedRows(rows, "imagereward", hub.ZipImages(root), False)
 
 
 def detect_format(columns: list[str]) -> str:
@@ -152,7 +167,14 @@ def detect_format(columns: list[str]) -> str:
     for fmt, required in COLUMN_SIGNATURES:
         if required <= present:
             return fmt
-    raise ValueError(f"cannot tell the dataset format from its columns {sorted(present)}; set data.format")
+    raise ConfigError(f"cannot tell the dataset format from its columns {sorted(present)}; set data.format")
+
+
+def check_columns(source: str, fmt: str, columns: list[str]) -> None:
+    """A pair format's columns, checked before any row is read: one line naming what is missing and what exists."""
+    missing = sorted(REQUIRED_COLUMNS.get(fmt, frozenset()) - set(columns))
+    if missing:
+        raise ConfigError(f"data source '{source}' ({fmt}) lacks columns {missing}; it has {sorted(columns)}")
 
 
 def column_names(rows: Any) -> list[str]:
@@ -288,6 +310,7 @@ class PairSource:
         self._usable_in_epoch, self._ever_usable = 0, start > 0  # see _end_of_epoch (a resumed run had pairs)
         self.skip_counts: Counter = Counter(skip_counts or {})
         self._logged: Counter = Counter()
+        self.skipped: list[dict] | None = None  # set to a list to keep a record of each skipped candidate
         self.position = start
         self.format = "synthetic" if source == "synthetic" else ""
         self._loaded: LoadedRows | None = None
@@ -351,6 +374,8 @@ class PairSource:
 
     def _count_skip(self, bad: BadRow, where: str) -> None:
         self.skip_counts[bad.reason] += 1
+        if self.skipped is not None:  # evaluation keeps every skipped item for its report
+            self.skipped.append({"item": where, "reason": bad.reason, "detail": bad.detail})
         self._logged[bad.reason] += 1
         if self._logged[bad.reason] <= LOGGED_PER_REASON:
             log.warning("data: skipped %s (%s); skipped so far: %s", where, bad, dict(self.skip_counts))

@@ -62,23 +62,26 @@ class RankedGroup:
 
 
 def ranked_groups(source: str, split: str, *, fmt: str = "auto", subset: str = "", seed: int = 0,
-                  ties: TiePolicy = "skip", bounds: ImageBounds = ImageBounds(),
-                  skip_counts: Counter | None = None, max_groups: int | None = None) -> Iterator[RankedGroup]:
-    """The evaluation groups of a dataset, in file order; bad rows skipped and counted in `skip_counts`.
+                  ties: TiePolicy = "skip", bounds: ImageBounds = ImageBounds(), skip_counts: Counter | None = None,
+                  max_groups: int | None = None, skipped: list[dict] | None = None) -> Iterator[RankedGroup]:
+    """The evaluation groups of a dataset, in file order, decoded one group at a time; bad rows skipped,
+    counted in `skip_counts` and, when `skipped` is a list, recorded there (`{"item", "reason", "detail"}`).
 
-    ImageRewardDB rows are grouped by prompt (a bad image row drops that image only, counted once); every
-    other format gives one group of two per valid pair (ranks (1, 2) when image 1 is preferred).
+    ImageRewardDB rows are grouped by prompt and HPDv2's ranked rows are one group each (a bad image drops
+    that image only, counted once); every other format gives one group of two per valid pair (ranks (1, 2)
+    when image 1 is preferred).
     """
     counts = skip_counts if skip_counts is not None else Counter()
+    note = _recorder(counts, skipped)
     loaded = None
     if source != "synthetic":
         loaded = load_rows(source, split, fmt, subset, streaming=False)
-        ranked = _ranked_hpdv2_groups(split) if _is_ranked_hpdv2(loaded) else None
+        ranked = _ranked_hpdv2_rows if _is_ranked_hpdv2(loaded) else None
         if loaded.format == "imagereward":
             ranked = _imagereward_groups_decoded
         if ranked is not None:
             found = 0
-            for group in itertools.islice(ranked(loaded, bounds, counts), max_groups):
+            for group in itertools.islice(ranked(loaded, bounds, note), max_groups):
                 found += 1
                 yield group
             if not found:
@@ -86,6 +89,7 @@ def ranked_groups(source: str, split: str, *, fmt: str = "auto", subset: str = "
             return
     pairs = PairSource(source, split=split, fmt=fmt, subset=subset, shuffle=False, seed=seed, ties=ties,
                        bounds=bounds, loop=False, swap=False, loaded=loaded)  # raises NoUsableRows if none usable
+    pairs.skipped = skipped
     votes = _vote_columns(pairs._loaded)
     for pair in itertools.islice(pairs, max_groups):
         ranks = (1, 2) if pair.preferred == 1 else (2, 1)
@@ -96,35 +100,53 @@ def ranked_groups(source: str, split: str, *, fmt: str = "auto", subset: str = "
     counts.update(pairs.skip_counts)
 
 
+Note = Callable[[str, BadRow], None]  # records one skipped row or image
+
+
+def _recorder(counts: Counter, skipped: list[dict] | None) -> Note:
+    def note(item: str, bad: BadRow) -> None:
+        counts[bad.reason] += 1
+        if skipped is not None:
+            skipped.append({"item": item, "reason": bad.reason, "detail": bad.detail})
+        log.warning("data: skipped %s (%s)", item, bad)
+    return note
+
+
 def _is_ranked_hpdv2(loaded: LoadedRows) -> bool:
     """HPDv2's test.json: one row per prompt, `image_path` [n] and `rank` [n] (HPS v2's ranking test)."""
     return loaded.format == "hpdv2" and {"image_path", "rank"} <= set(column_names(loaded.rows))
 
 
-def _ranked_hpdv2_groups(split: str) -> Callable[..., Iterator[RankedGroup]]:
-    return lambda loaded, bounds, counts: _ranked_hpdv2_rows(loaded, split, bounds, counts)
+def _decoded(value: Any, base: Any, bounds: ImageBounds) -> Image.Image:
+    return formats.resize_within(formats.decode_image(value, base, bounds), bounds.min_pixels, bounds.max_pixels)
 
 
-def _ranked_hpdv2_rows(loaded: LoadedRows, split: str, bounds: ImageBounds, counts: Counter) -> Iterator[RankedGroup]:
-    base = loaded.base_dir
-    if base is not None and (base / split).is_dir():  # test.json names files inside test/
-        first = next(iter(loaded.rows), {}).get("image_path") or [""]
-        base = base if (base / str(first[0])).is_file() else base / split
+def _ranked_hpdv2_rows(loaded: LoadedRows, bounds: ImageBounds, note: Note) -> Iterator[RankedGroup]:
+    """One group per row of HPDv2's test.json. Only the ranks' order matters (HPS v2's `inversion_score`
+    compares orders), so any base is accepted; a lower rank is the better image."""
     for index, row in enumerate(loaded.rows):
         try:
             prompt = formats.prompt_of(row, "prompt")
             paths, ranks = formats.need(row, "image_path"), formats.need(row, "rank")
-            if len(paths) != len(ranks) or any(not isinstance(r, int) or r < 1 for r in ranks):
+            if len(paths) != len(ranks):
                 raise BadRow("label_out_of_range", f"ranks {ranks} for {len(paths)} images")
-            images = tuple(formats.resize_within(formats.decode_image(path, base, bounds),
-                                                 bounds.min_pixels, bounds.max_pixels) for path in paths)
+            ranks = [formats.whole_rank(rank) for rank in ranks]
         except BadRow as bad:
-            counts[bad.reason] += 1
-            log.warning("data: skipped ranked row %d (%s)", index, bad)
+            note(f"hpdv2-{index}", bad)
             continue
+        images, kept_ranks, image_ids = [], [], []
+        for k, (path, rank) in enumerate(zip(paths, ranks, strict=True)):
+            try:
+                images.append(_decoded(path, loaded.base_dir, bounds))
+            except BadRow as bad:
+                note(f"hpdv2-{index} image {k} ({path})", bad)
+                continue
+            kept_ranks.append(rank)
+            image_ids.append(k)
         if len(images) >= 2:
             yield RankedGroup(group_id=f"hpdv2-{index}", prompt_id=f"hpdv2-{index}", prompt=prompt,
-                              category=str(row.get("category") or ""), images=images, ranks=tuple(ranks))
+                              category=str(row.get("category") or ""), images=tuple(images),
+                              ranks=tuple(kept_ranks), image_ids=tuple(image_ids))
 
 
 def _vote_columns(loaded: LoadedRows | None) -> tuple[list, list] | None:
@@ -134,10 +156,10 @@ def _vote_columns(loaded: LoadedRows | None) -> tuple[list, list] | None:
     return loaded.rows["votes_image1"], loaded.rows["votes_image2"]
 
 
-def _imagereward_groups_decoded(loaded: LoadedRows, bounds: ImageBounds, counts: Counter) -> Iterator[RankedGroup]:
+def _imagereward_groups_decoded(loaded: LoadedRows, bounds: ImageBounds, note: Note) -> Iterator[RankedGroup]:
     rows = loaded.rows
     members: dict[Any, list[int]] = {}
-    for index, prompt_id in enumerate(rows["prompt_id"]):
+    for index, prompt_id in enumerate(rows["prompt_id"]):  # rows need not be grouped by prompt
         members.setdefault(prompt_id, []).append(index)
     for prompt_id, indices in members.items():
         images, ranks, image_ids, prompt, category = [], [], [], None, ""
@@ -148,12 +170,12 @@ def _imagereward_groups_decoded(loaded: LoadedRows, bounds: ImageBounds, counts:
                     raise BadRow("missing_field", "prompt_id")
                 rank = formats.imagereward_rank(row)
                 text = formats.prompt_of(row, "prompt")
-                image = formats.decode_image(formats.need(row, "image"), loaded.base_dir, bounds)
+                image = _decoded(formats.imagereward_image(row), loaded.base_dir, bounds)
             except BadRow as bad:
-                counts[bad.reason] += 1
-                log.warning("data: skipped image row %d of prompt %s (%s)", index, prompt_id, bad)
+                where = row.get("image_path") or f"row {index}"
+                note(f"{prompt_id} image {position} ({where})", bad)
                 continue
-            images.append(formats.resize_within(image, bounds.min_pixels, bounds.max_pixels))
+            images.append(image)
             ranks.append(rank)
             image_ids.append(position)
             prompt = prompt if prompt is not None else text

@@ -36,7 +36,7 @@ class DatasetPreset:
 
 PRESETS: dict[str, DatasetPreset] = {
     # ImageReward's test set: 466 prompts (the same in every subset; "1k" is the smallest download).
-    "imagereward-test": DatasetPreset("THUDM/ImageRewardDB", "test", "imagereward", subset="1k"),
+    "imagereward-test": DatasetPreset("THUDM/ImageRewardDB", "test", "imagereward"),
     # HPS v2's ranking test: test.json, one row per prompt with ranked images.
     "hpdv2-test": DatasetPreset("ymhao/HPDv2", "test", "hpdv2"),
     # The paper's out-of-distribution set: pairs with human vote counts.

@@ -206,18 +206,12 @@ def test_rapidata_majority_vote(tmp_path):
     assert dict(source.skip_counts) == {"tie": 1}
 
 
-def test_hpdv2_local_dir_and_hub_id(tmp_path, monkeypatch):
+def test_hpdv2_local_dir(tmp_path):
+    """A folder with train.json and the images already unpacked beside it (HPS v2's README layout)."""
     root = write_hpdv2(tmp_path / "HPDv2", [[1, 0], [0, 1], [0, 1]])
     pairs = collect(root, shuffle=False)
     assert [p.prompt for p in pairs] == ["hpd prompt 0", "hpd prompt 1", "hpd prompt 2"]
     assert all(is_red(p.image_1 if p.preferred == 1 else p.image_2) for p in pairs)
-    # The hub stand-in: ymhao/HPDv2 resolves to a snapshot directory of the same layout.
-    requested = []
-    monkeypatch.setattr(data, "snapshot_download", lambda repo, patterns: requested.append((repo, patterns)) or
-                        str(root))
-    hub_pairs = collect("ymhao/HPDv2", shuffle=False)
-    assert requested == [("ymhao/HPDv2", ["train.json", "train/*"])]
-    assert [p.pair_id for p in hub_pairs] == [p.pair_id for p in pairs]
 
 
 def test_local_jsonl_and_parquet(tmp_path):
@@ -477,36 +471,24 @@ def _hub_from_local(monkeypatch, local: Path, calls: list) -> None:
     """The hub stand-in (no network here): `load_hub_dataset` reads a local copy in the hub's own layout."""
     import datasets
 
-    def load(repo_id, name, split, streaming, revision):
-        calls.append((repo_id, name, split, revision))
+    def load(repo_id, name, split, streaming):
+        calls.append((repo_id, name, split))
         return datasets.load_dataset(str(local), split=split, streaming=streaming)
 
     monkeypatch.setattr(data, "load_hub_dataset", load)
 
 
 def test_presets_resolve_through_the_loading_code(tmp_path, monkeypatch):
+    """The Rapidata preset through `datasets` (hub stand-in); the ImageRewardDB and HPDv2 presets through
+    their hub layouts (tests/unit/test_data_hub.py)."""
     from pipeline.eval.presets import PRESETS, resolve_dataset
 
     assert resolve_dataset("THUDM/ImageRewardDB") is None and resolve_dataset("./local.jsonl") is None
     calls: list = []
-    ir = resolve_dataset("imagereward-test")
-    _hub_from_local(monkeypatch, write_imagereward(tmp_path / "ir"), calls)
-    groups = list(eval_data.ranked_groups(ir.source, ir.split, fmt=ir.format, subset=ir.subset, bounds=BOUNDS))
-    assert calls == [("THUDM/ImageRewardDB", "1k", "test", "refs/convert/parquet")]
-    assert [(g.prompt_id, g.ranks) for g in groups] == [("a", (1, 2, 3)), ("b", (2, 1, 2, 3))]
-
     rapidata = resolve_dataset("rapidata-style")
-    calls.clear()
     _hub_from_local(monkeypatch, write_rapidata(tmp_path / "rapidata", [(7, 3), (2, 9)]), calls)
     groups = list(eval_data.ranked_groups(rapidata.source, rapidata.split, fmt=rapidata.format, bounds=BOUNDS))
-    assert calls == [("Rapidata/human-style-preferences-images", None, "train", None)]
+    assert calls == [("Rapidata/human-style-preferences-images", None, "train")]
     assert rapidata.weighting == "votes" and [g.votes for g in groups] == [(7.0, 3.0), (2.0, 9.0)]
-
-    hpd = resolve_dataset("hpdv2-test")
-    root = write_hpdv2_test(tmp_path / "HPDv2", [[2, 1, 3]])
-    requested = []
-    monkeypatch.setattr(data, "snapshot_download", lambda repo, patterns: requested.append((repo, patterns)) or
-                        str(root))
-    (group,) = eval_data.ranked_groups(hpd.source, hpd.split, fmt=hpd.format, bounds=BOUNDS)
-    assert requested == [("ymhao/HPDv2", ["test.json", "test/*"])] and group.ranks == (2, 1, 3)
+    assert (PRESETS["imagereward-test"].source, PRESETS["hpdv2-test"].source) == ("THUDM/ImageRewardDB", "ymhao/HPDv2")
     assert set(PRESETS) == {"imagereward-test", "hpdv2-test", "rapidata-style"}
