@@ -1,21 +1,24 @@
-"""The learning benchmark: GRPO on the synthetic `render` task on CPU, listener on vs off, over seeds.
+"""The listener experiment (docs/listener.md, designed before it was run): GRPO on the synthetic
+`render-saturated` task on CPU, four arms x five seeds, OOD accuracy on `render-white` as the endpoint.
 
-    python -m bench.learning                                   # 2 conditions x 3 seeds of configs/learn_cpu.yaml
-    python -m bench.learning --seeds 0 --runs listener_on --steps 10    # a quick look
+    python -m bench.learning                                # the whole experiment (4 arms x 5 seeds)
+    python -m bench.learning --seeds 0 --arms on --steps 4  # a quick look
+    python -m bench.learning --resume                       # keep the runs already finished under --workdir
 
-Every run starts from the same checkpoints: the reasoner is the tiny reasoner warm-started on the answer
-format (`tiny://reasoner-sft`: it describes both images and answers by a coin), the frozen listener is
-`tiny://listener-sft` (it answers from the reasoning it reads, docs/listener.md); both are built once
-under `--models`. Each run is the real CLI, `python -m pipeline train --config configs/learn_cpu.yaml
-...`, in a subprocess; a condition's runs differ only in `trainer.seed`, the conditions only in
-`reward.w_listener` (0 and 0.5). Logged every `trainer.eval_every` updates (step = updates applied, 0 =
-the warm start): the greedy held-out accuracy on the training task (`eval/accuracy`, 64 pairs of a seed
-never trained on) and on the out-of-distribution `render-ood` task (`eval_ood/accuracy`: prompt colours no
-run or warm start saw). Every update: the listener's reward and the contradiction rate.
+Arms (`reward.listener_signal`, `reward.w_listener`): off (0), on (the listener's p, 0.5), oracle (the
+oracle faithfulness of the reasoning's image descriptions, 0.5), placebo (the listener's p shuffled
+across the step's completions, 0.5). Seed s sets trainer.seed and data.seed (so the training stream and
+the evaluation pairs); seeds in `--warm-seeds` get warm starts of their own (reasoner and listener, from
+tiny random models of their own seed, SFT seed s), the others seed 0's. Every run is the real CLI,
+`python -m pipeline train --config configs/learn_cpu.yaml ...`, in a subprocess, on policy
+(max_staleness 0: repeatable). Every evaluation (greedy, 256 held-out and 256 OOD pairs) is scored by the
+run's listener; the last one's completions also by a second listener built with another seed
+(`--agreement-seed`), never used in training (transformers, float32).
 
-Writes bench/results/learning.json: per run (`runs`, keyed `CONDITION/seedS`) the curves; per condition
-(`conditions`) the mean and spread (std, min, max over seeds) of each curve and of the end figures. Plots
-bench/results/learning.png (mean and min-max band of the four curves). Prints a table.
+Writes bench/results/learning.json (every arm x seed, the endpoint per arm and the paired differences
+on - off, on - placebo, on - oracle with 95% bootstrap intervals, the OOD format rate and accuracy among
+well-formed answers, the agreement split of both listeners on held-out and OOD per arm) and
+bench/results/learning.png; prints a table and the run time.
 """
 
 from __future__ import annotations
@@ -27,78 +30,184 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench import write_result
+from bench.learning_stats import ENDPOINT_EVALS, agreement_split, endpoint, paired_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "learning.json"
 PLOT = ROOT / "bench" / "results" / "learning.png"
 CONFIG = ROOT / "configs" / "learn_cpu.yaml"
-RUNS = {"listener_off": ["reward.w_listener=0"], "listener_on": ["reward.w_listener=0.5"]}
-TRAIN_CURVES = ("reward_listener", "contradiction_rate", "reward_accuracy")
-WINDOW = 10  # updates averaged for a training curve's start and end figures
+ARMS = {"off": ["reward.w_listener=0"],
+        "on": ["reward.w_listener=0.5", "reward.listener_signal=listener"],
+        "oracle": ["reward.w_listener=0.5", "reward.listener_signal=oracle"],
+        "placebo": ["reward.w_listener=0.5", "reward.listener_signal=placebo"]}
+CONTRASTS = (("on", "off"), ("on", "placebo"), ("on", "oracle"))  # the first two are primary
+SPLITS = {"heldout": "eval", "ood": "eval_ood"}
+TINY_SEED_STRIDE = 1000  # warm-start seed w's tiny random models: the role's seed + w * stride
 
 
-def _in_repo(path: str) -> str:
-    """A path under the repository as repo-relative (result files are committed), any other as it is."""
+def _in_repo(path: str | Path) -> str:
     resolved = Path(path).resolve()
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
-def warm_starts(models: Path) -> tuple[str, str]:
-    """(reasoner, listener): `tiny://reasoner-sft` and `tiny://listener-sft`, built under `models` once."""
-    from pipeline.models import resolve_checkpoints
+# ---- warm starts -----------------------------------------------------------------------------------
 
-    built = resolve_checkpoints({"model.reasoner": "tiny://reasoner-sft", "model.listener": "tiny://listener-sft"},
-                                models)
-    return built["model.reasoner"], built["model.listener"]
+def warm_start_jobs(models: Path, warm_seeds: list[int], agreement_seed: int) -> tuple[dict, list]:
+    """({warm seed: (reasoner dir, listener dir)}, 'agreement': listener dir) and the SFT jobs still to run."""
+    from pipeline.models import built_with_default_settings
+    from pipeline.sft import MANIFEST, default_settings
+    from pipeline.tiny import ROLE_SEEDS, make_tiny
+
+    def wanted(role: str, seed: int) -> tuple[Path, Any]:
+        settings = replace(default_settings(role), seed=seed)
+        out = models / (f"tiny-{role}-sft" if seed == 0 else f"tiny-{role}-sft-seed{seed}")
+        return out, settings
+
+    dirs: dict[Any, Any] = {}
+    jobs = []
+    pending = [(role, seed) for seed in warm_seeds for role in ("reasoner", "listener")]
+    for role, seed in [*pending, ("listener", agreement_seed)]:  # a seed's two warm starts side by side
+        out, settings = wanted(role, seed)
+        manifest = out / MANIFEST
+        done = (built_with_default_settings(out, role) if seed == 0 else manifest.is_file() and json.loads(
+            manifest.read_text()).get("settings") == json.loads(json.dumps(asdict(settings))))
+        if not done:
+            base = models / (f"tiny-{role}" if seed == 0 else f"tiny-{role}-seed{seed}")
+            if not (base / "tiny_manifest.json").is_file():
+                make_tiny(base, role=role, seed=ROLE_SEEDS[role] + seed * TINY_SEED_STRIDE)
+            jobs.append((base, out, settings, role))
+        dirs[(role, seed)] = str(out)
+    return dirs, jobs
 
 
-def train(name: str, seed: int, overrides: list[str], models: tuple[str, str], workdir: Path,
-          steps: int | None) -> dict[str, Any]:
-    """One `python -m pipeline train` run from scratch; returns its curves from RUN_DIR/metrics.jsonl."""
-    run_dir = workdir / f"{name}-seed{seed}"
+def build_warm_starts(models: Path, warm_seeds: list[int], agreement_seed: int) -> dict:
+    """Build what is missing, two at a time (each SFT learner is one thread; the machine has two cores)."""
+    from pipeline.sft import warm_starts
+
+    dirs, jobs = warm_start_jobs(models, warm_seeds, agreement_seed)
+    for i in range(0, len(jobs), 2):
+        warm_starts(jobs[i:i + 2])
+    return dirs
+
+
+# ---- one run ---------------------------------------------------------------------------------------
+
+def run_overrides(arm: str, seed: int, args: argparse.Namespace, warm: tuple[str, str]) -> list[str]:
+    return [*ARMS[arm], f"trainer.seed={seed}", f"data.seed={seed}", f"trainer.steps={args.steps}",
+            f"trainer.eval_every={args.eval_every}", f"data.eval_pairs={args.eval_pairs}",
+            "trainer.max_staleness=0", f"model.reasoner={warm[0]}", f"model.listener={warm[1]}", *args.set]
+
+
+def train(arm: str, seed: int, overrides: list[str], workdir: Path) -> Path:
+    """One `python -m pipeline train` run from scratch; returns its run directory."""
+    run_dir = workdir / f"{arm}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_overrides = [*overrides, f"trainer.seed={seed}", *([f"trainer.steps={steps}"] if steps else [])]
-    command = [sys.executable, "-m", "pipeline", "train", "--config", str(CONFIG), f"model.reasoner={models[0]}",
-               f"model.listener={models[1]}", f"trainer.output_dir={run_dir}",
-               f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db", f"tracking.run_name=learning-{name}-{seed}",
-               *run_overrides]
-    print(f"{name} seed {seed}: {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    log = workdir / f"{name}-seed{seed}.log"
+    command = [sys.executable, "-m", "pipeline", "train", "--config", str(CONFIG), f"trainer.output_dir={run_dir}",
+               f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db", f"tracking.run_name=learning-{arm}-{seed}",
+               *overrides]
+    print(f"{time.strftime('%H:%M:%S')} {arm} seed {seed}: {' '.join(command[1:])}", flush=True)
+    log = workdir / f"{arm}-seed{seed}.log"
     with log.open("w") as out:
         result = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "RAY_ADDRESS": ""})
     if result.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} failed (exit {result.returncode}); see {log}")
-    return {**curves(run_dir / "metrics.jsonl"), "seed": seed, "wall_s": round(time.perf_counter() - start, 1),
-            "command": "python -m pipeline train --config configs/learn_cpu.yaml " + " ".join(run_overrides)}
+        raise RuntimeError(f"{arm} seed {seed} failed (exit {result.returncode}); see {log}")
+    return run_dir
 
 
-def curves(metrics_file: Path) -> dict[str, Any]:
-    """Held-out (and OOD) accuracy by updates applied, and the training curves by step."""
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    evals = sorted((r["step"], r) for r in rows if "eval/accuracy" in r)
+CURVE_KEYS = ("accuracy", "format_rate", "accuracy_well_formed", "faithful", "listener/p_preferred",
+              "listener/contradiction_rate", "listener/accuracy_when_agree", "listener/accuracy_when_contradict")
+TRAIN_KEYS = {"reward_accuracy": "reward/accuracy", "reward_listener": "reward/listener",
+              "faithful": "reward/faithful", "contradiction_rate": "listener/contradiction_rate",
+              "listener_p": "listener/p_preferred", "step_s": "time/step_s"}
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """Curves and endpoint figures of one run, from RUN_DIR/metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = {r["step"]: r for r in rows if "eval/accuracy" in r}
     train_rows = sorted((r["step"], r) for r in rows if "reward/mean" in r)
-    return {
-        "acc_start": evals[0][1]["eval/accuracy"], "acc_end": evals[-1][1]["eval/accuracy"], "steps": evals[-1][0],
-        "ood_start": evals[0][1].get("eval_ood/accuracy"), "ood_end": evals[-1][1].get("eval_ood/accuracy"),
-        "reached_90_at": next((s for s, r in evals if r["eval/accuracy"] >= 0.9), None),  # first update >= 90%
-        "curve": [{"step": s, "accuracy": r["eval/accuracy"], "format_rate": r["eval/format_rate"],
-                   "ood_accuracy": r.get("eval_ood/accuracy")} for s, r in evals],
-        "train": [{"step": s, "reward_accuracy": r["reward/accuracy"], "reward_format": r["reward/format"],
-                   "reward_listener": r["reward/listener"], "contradiction_rate": r["listener/contradiction_rate"],
-                   "step_s": r["time/step_s"]} for s, r in train_rows],
-    }
+    curve = [{"step": s, **{f"{split}/{k}": evals[s].get(f"{prefix}/{k}") for split, prefix in SPLITS.items()
+                            for k in CURVE_KEYS}} for s in sorted(evals)]
+    record = {"curve": curve,
+              "train": [{"step": s, **{k: r.get(m) for k, m in TRAIN_KEYS.items()}} for s, r in train_rows],
+              "endpoint": {f"{split}/{k}": endpoint({p["step"]: _num(p[f"{split}/{k}"]) for p in curve})
+                           for split in SPLITS for k in ("accuracy", "format_rate", "accuracy_well_formed",
+                                                         "faithful", "listener/contradiction_rate")},
+              "start": {f"{split}/accuracy": curve[0][f"{split}/accuracy"] for split in SPLITS},
+              "eval_steps": sorted(evals)}
+    record["agreement_listener1"] = {split: agreement_split(_table_rows(run_dir, prefix, sorted(evals)[-ENDPOINT_EVALS:]))
+                                     for split, prefix in SPLITS.items()}
+    return record
 
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _table_rows(run_dir: Path, prefix: str, steps: list[int], p_column: str = "listener_p_preferred"):
+    for step in steps:
+        table = json.loads((run_dir / prefix / f"step_{step:06d}.json").read_text())
+        for answer, p, preferred in zip(table["answer"], table[p_column], table["preferred"]):
+            yield answer, (None if p is None else float(p)), preferred
+
+
+class SecondListener:
+    """The agreement listener: p(preferred) of evaluated completions, with transformers (float32)."""
+
+    def __init__(self, model_dir: str) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from actors.listener import answer_token_ids
+
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.ids = answer_token_ids(self.processor.tokenizer)
+
+    def p_preferred(self, pair, text: str) -> float | None:
+        """None when nothing is left of the reasoning after masking (an unusable score, as in the pool)."""
+        from pipeline.prompts import listener_p_image_1, listener_prompt, mask_answer
+
+        masked = mask_answer(text)
+        if not masked:
+            return None
+        enc = self.processor(text=[listener_prompt(pair.prompt, masked)], images=[pair.image_1, pair.image_2],
+                             return_tensors="pt")
+        with self.torch.no_grad():
+            logp = self.torch.log_softmax(self.model(**enc).logits[0, -1].float(), dim=-1)
+        p1 = listener_p_image_1(float(logp[self.ids[0]]), float(logp[self.ids[1]]))
+        return p1 if pair.preferred == 1 else 1.0 - p1
+
+
+def second_listener_split(listener: SecondListener, run_dir: Path, overrides: list[str], step: int) -> dict:
+    """The agreement split of the second listener on the run's evaluation at `step`, held-out and OOD."""
+    from pipeline.config import load_config
+    from pipeline.heldout import heldout_pairs, ood_heldout_pairs
+
+    cfg = load_config(CONFIG, [o for o in overrides if not o.startswith("model.")])
+    pairs = {p.pair_id: p for p in [*heldout_pairs(cfg.data, cfg.model), *ood_heldout_pairs(cfg.data, cfg.model)]}
+    out = {}
+    for split, prefix in SPLITS.items():
+        table = json.loads((run_dir / prefix / f"step_{step:06d}.json").read_text())
+        rows = [(answer, listener.p_preferred(pairs[pid], text), preferred)
+                for pid, text, answer, preferred in zip(table["pair_id"], table["text"], table["answer"],
+                                                        table["preferred"])]
+        out[split] = agreement_split(rows)
+    return out
+
+
+# ---- the report --------------------------------------------------------------------------------------
 
 def spread(values: list[float]) -> dict[str, float]:
-    """Mean, std (population), min and max of one figure over seeds; NaNs (undefined steps) left out."""
     v = np.asarray([x for x in values if x is not None and not np.isnan(x)], dtype=float)
     if v.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
@@ -106,121 +215,153 @@ def spread(values: list[float]) -> dict[str, float]:
             "n": int(v.size)}
 
 
-def window_mean(points: list[dict[str, Any]], key: str, first: bool) -> float:
-    """Mean of `key` over the first (or last) WINDOW training steps, NaNs left out."""
-    values = [p[key] for p in (points[:WINDOW] if first else points[-WINDOW:])]
-    values = [v for v in values if v is not None and not np.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
+def pooled_split(splits: list[dict]) -> dict[str, float]:
+    """Agreement splits of several runs summed (their counts), rates recomputed."""
+    keys = ("judged", "agree", "contradict")
+    total = {k: sum(s[k] for s in splits) for k in keys}
+    right_agree = sum(s["accuracy_when_agree"] * s["agree"] for s in splits if s["agree"])
+    right_contra = sum(s["accuracy_when_contradict"] * s["contradict"] for s in splits if s["contradict"])
+    nan = float("nan")
+    return {**total, "agree_rate": total["agree"] / total["judged"] if total["judged"] else nan,
+            "contradiction_rate": total["contradict"] / total["judged"] if total["judged"] else nan,
+            "accuracy_when_agree": right_agree / total["agree"] if total["agree"] else nan,
+            "accuracy_when_contradict": right_contra / total["contradict"] if total["contradict"] else nan}
 
 
-def condition_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-step mean/spread over seeds of every curve, and of the start and end figures."""
-    eval_steps = sorted({p["step"] for run in runs for p in run["curve"]})
-    train_steps = sorted({p["step"] for run in runs for p in run["train"]})
-    by_eval = [{p["step"]: p for p in run["curve"]} for run in runs]
-    by_train = [{p["step"]: p for p in run["train"]} for run in runs]
-    return {
-        "seeds": [run["seed"] for run in runs],
-        "curve": [{"step": s, **{key: spread([r[s][key] for r in by_eval if s in r])
-                                 for key in ("accuracy", "ood_accuracy")}} for s in eval_steps],
-        "train": [{"step": s, **{key: spread([r[s][key] for r in by_train if s in r]) for key in TRAIN_CURVES}}
-                  for s in train_steps],
-        "end": {
-            "accuracy": spread([run["acc_end"] for run in runs]),
-            "ood_accuracy": spread([run["ood_end"] for run in runs]),
-            **{f"{key}_first{WINDOW}": spread([window_mean(run["train"], key, True) for run in runs])
-               for key in TRAIN_CURVES},
-            **{f"{key}_last{WINDOW}": spread([window_mean(run["train"], key, False) for run in runs])
-               for key in TRAIN_CURVES},
-        },
-    }
+def summarise(runs: dict[str, dict], arms: list[str]) -> tuple[dict, dict]:
+    """Per arm: spread over seeds of each endpoint figure and the pooled agreement splits; the contrasts."""
+    by_arm = {arm: {r["seed"]: r for k, r in runs.items() if k.startswith(f"{arm}/")} for arm in arms}
+    summary = {}
+    for arm, seeds in by_arm.items():
+        if not seeds:
+            continue
+        keys = next(iter(seeds.values()))["endpoint"]
+        summary[arm] = {"seeds": sorted(seeds), "endpoint": {k: spread([r["endpoint"][k] for r in seeds.values()])
+                                                             for k in keys},
+                        "agreement": {who: {split: pooled_split([r[who][split] for r in seeds.values()])
+                                            for split in SPLITS}
+                                      for who in ("agreement_listener1", "agreement_listener2")}}
+    primary = "ood/accuracy"
+    contrasts = {f"{a} - {b}": paired_difference({s: r["endpoint"][primary] for s, r in by_arm[a].items()},
+                                                 {s: r["endpoint"][primary] for s, r in by_arm[b].items()})
+                 for a, b in CONTRASTS if a in by_arm and b in by_arm}
+    return summary, contrasts
 
 
-def plot(report: dict[str, Any], out: Path) -> None:
+def plot(runs: dict[str, dict], arms: list[str], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("curve", "accuracy", "held-out accuracy (render)"),
-              ("curve", "ood_accuracy", "OOD accuracy (render-ood)"),
-              ("train", "reward_listener", "r_listener (training)"),
-              ("train", "contradiction_rate", "contradiction rate (training)")]
+    panels = [("curve", "ood/accuracy", "OOD accuracy (render-white): the endpoint"),
+              ("curve", "heldout/accuracy", "held-out accuracy (render-saturated)"),
+              ("train", "faithful", "faithful descriptions (training samples)"),
+              ("train", "contradiction_rate", "contradiction rate (training, listener 1)")]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for ax, (part, key, title) in zip(axes.flat, panels):
-        for name, cond in report["conditions"].items():
-            points = [(p["step"], p[key]) for p in cond[part] if p[key]["n"]]
-            steps = [s for s, _ in points]
-            line, = ax.plot(steps, [v["mean"] for _, v in points], label=f"{name} ({len(cond['seeds'])} seeds)",
-                            marker="o" if part == "curve" else None, markersize=3)
-            ax.fill_between(steps, [v["min"] for _, v in points], [v["max"] for _, v in points],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+        for arm in arms:
+            members = [r for k, r in runs.items() if k.startswith(f"{arm}/")]
+            if not members:
+                continue
+            steps = sorted({p["step"] for r in members for p in r[part]})
+            by_step = [[_num(p[key]) for r in members for p in r[part] if p["step"] == s] for s in steps]
+            mean = [np.nanmean(v) if not all(np.isnan(v)) else np.nan for v in by_step]
+            line, = ax.plot(steps, mean, label=f"{arm} ({len(members)} seeds)", marker="o" if part == "curve" else None,
+                            markersize=3)
+            ax.fill_between(steps, [np.nanmin(v) for v in by_step], [np.nanmax(v) for v in by_step],
+                            color=line.get_color(), alpha=0.12, linewidth=0)
         ax.set(title=title, ylim=(0.0, 1.02))
-        ax.axhline(0.5, color="grey", linestyle=":", linewidth=0.8)
     for ax in axes[1]:
         ax.set_xlabel("GRPO updates")
     axes[0][0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("tiny Qwen2.5-VL on CPU (configs/learn_cpu.yaml): mean over seeds, band = min..max", fontsize=10)
+    fig.suptitle("listener experiment (docs/listener.md): mean over seeds, band = min..max", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def print_table(report: dict[str, Any]) -> None:
-    def fmt(s: dict[str, float]) -> str:
+def print_table(summary: dict, contrasts: dict) -> None:
+    def fmt(s: dict) -> str:
         return f"{s['mean']:.3f}+-{s['std']:.3f}"
 
-    print(f"\n{'condition':13} {'held-out end':>14} {'OOD end':>14} {'r_list first':>14} {'r_list last':>14} "
-          f"{'contra first':>14} {'contra last':>14}")
-    for name, cond in report["conditions"].items():
-        e = cond["end"]
-        print(f"{name:13} {fmt(e['accuracy']):>14} {fmt(e['ood_accuracy']):>14} "
-              f"{fmt(e[f'reward_listener_first{WINDOW}']):>14} {fmt(e[f'reward_listener_last{WINDOW}']):>14} "
-              f"{fmt(e[f'contradiction_rate_first{WINDOW}']):>14} {fmt(e[f'contradiction_rate_last{WINDOW}']):>14}")
+    print(f"\n{'arm':8} {'OOD acc':>13} {'OOD format':>13} {'OOD acc wf':>13} {'held-out':>13} {'faithful':>13}")
+    for arm, s in summary.items():
+        e = s["endpoint"]
+        print(f"{arm:8} {fmt(e['ood/accuracy']):>13} {fmt(e['ood/format_rate']):>13} "
+              f"{fmt(e['ood/accuracy_well_formed']):>13} {fmt(e['heldout/accuracy']):>13} "
+              f"{fmt(e['heldout/faithful']):>13}")
+    for name, c in contrasts.items():
+        print(f"{name:18} {c['mean']:+.3f}  95% CI [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]  {c['verdict']}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="conditions to run")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="trainer.seed of each run")
-    parser.add_argument("--steps", type=int, default=None, help="override trainer.steps (default: the config's)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--warm-seeds", nargs="+", type=int, default=[0, 1],
+                        help="seeds with warm starts of their own; the others use seed 0's")
+    parser.add_argument("--agreement-seed", type=int, default=100, help="SFT seed of the second listener")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--eval-pairs", type=int, default=256)
     parser.add_argument("--models", type=Path, default=ROOT / "runs" / "bench-models")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-learning")
+    parser.add_argument("--resume", action="store_true", help="keep runs already recorded under --workdir")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra config overrides for every run, e.g. trainer.max_staleness=1")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
     args = parser.parse_args(argv)
-    from pipeline.config import load_config
-
     for key, value in dict(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0").items():
         os.environ.setdefault(key, value)
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    models = warm_starts(args.models)
+    dirs = build_warm_starts(args.models, sorted(set(args.warm_seeds) | {0}), args.agreement_seed)
     build_s = time.perf_counter() - start
-    runs: dict[str, dict[str, Any]] = {}
-    for name in args.runs:
-        for seed in args.seeds:
-            runs[f"{name}/seed{seed}"] = train(name, seed, [*RUNS[name], *args.set], models, args.workdir,
-                                              args.steps)
-    cfg = load_config(CONFIG)
+    second = SecondListener(dirs[("listener", args.agreement_seed)])
+    runs: dict[str, dict] = {}
+    for seed in args.seeds:  # seed-major: a stopped experiment has whole seeds
+        w = seed if seed in args.warm_seeds else 0
+        warm = (dirs[("reasoner", w)], dirs[("listener", w)])
+        for arm in args.arms:
+            saved = args.workdir / f"{arm}-seed{seed}.json"
+            if args.resume and saved.is_file():
+                runs[f"{arm}/seed{seed}"] = json.loads(saved.read_text())
+                continue
+            overrides = run_overrides(arm, seed, args, warm)
+            t_run = time.perf_counter()
+            run_dir = train(arm, seed, overrides, args.workdir)
+            record = run_record(run_dir)
+            record["agreement_listener2"] = second_listener_split(second, run_dir, overrides, record["eval_steps"][-1])
+            record.update(seed=seed, arm=arm, warm_start_seed=w, wall_s=round(time.perf_counter() - t_run, 1),
+                          command="python -m pipeline train --config configs/learn_cpu.yaml "
+                                  + " ".join(_in_repo_override(o) for o in overrides))
+            write_result(record, saved)
+            runs[f"{arm}/seed{seed}"] = record
+    summary, contrasts = summarise(runs, args.arms)
     report = {
-        "config": "configs/learn_cpu.yaml", "synthetic_task": cfg.data.synthetic_task, "ood_task": cfg.data.ood_task,
-        "seeds": args.seeds, "steps_override": args.steps, "overrides": args.set, "warm_starts": {role: _in_repo(m) for role, m in zip(("reasoner", "listener"), models)},
-        "warm_start_manifests": {role: json.loads((Path(m) / "sft_manifest.json").read_text())
-                                 for role, m in zip(("reasoner", "listener"), models)},
+        "design": "docs/listener.md", "config": "configs/learn_cpu.yaml", "arms": {a: ARMS[a] for a in args.arms},
+        "seeds": args.seeds, "warm_seeds": args.warm_seeds, "agreement_listener_seed": args.agreement_seed,
+        "steps": args.steps, "eval_every": args.eval_every, "eval_pairs": args.eval_pairs, "overrides": args.set,
+        "endpoint": f"OOD accuracy (eval_ood/accuracy) averaged over the last {ENDPOINT_EVALS} evaluations",
+        "contrasts": contrasts, "arms_summary": summary,
+        "warm_starts": {f"{role}/seed{seed}": _in_repo(d) for (role, seed), d in dirs.items()},
+        "warm_start_manifests": {f"{role}/seed{seed}": json.loads((Path(d) / "sft_manifest.json").read_text())
+                                 for (role, seed), d in dirs.items()},
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-        "wall_s": round(time.perf_counter() - start, 1),
-        "conditions": {name: condition_summary([runs[k] for k in runs if k.startswith(f"{name}/")])
-                       for name in args.runs},
-        "runs": runs,
+        "wall_s": round(time.perf_counter() - start, 1), "runs": runs,
     }
-    print_table(report)
+    print_table(summary, contrasts)
     write_result(report, args.out)
-    plot(report, args.plot)
-    print(f"wrote {args.out} and {args.plot}")
+    plot(runs, args.arms, args.plot)
+    print(f"wrote {args.out} and {args.plot}; run time {report['wall_s'] / 60:.1f} min "
+          f"(warm starts {build_s / 60:.1f} min)")
     return report
+
+
+def _in_repo_override(override: str) -> str:
+    key, _, value = override.partition("=")
+    return f"{key}={_in_repo(value)}" if key.startswith("model.") else override
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class ModelConfig(_Section):
         return self
 
 
-SyntheticTask = Literal["match", "render", "render-ood"]  # see pipeline/synthetic.py
+SyntheticTask = Literal["match", "render", "render-ood", "render-saturated", "render-white"]  # pipeline/synthetic.py
 
 
 class DataConfig(_Section):
@@ -107,6 +107,12 @@ class RewardConfig(_Section):
     w_accuracy: float = Field(0.5, description="Weight of the accuracy reward.")
     w_listener: float = Field(0.5, description="Weight of the listener reward; 0 turns the listener off.")
     center_listener: bool = Field(False, description="Use p_listener - 0.5 instead of p_listener.")
+    listener_signal: Literal["listener", "oracle", "placebo"] = Field(
+        "listener", description="What the listener term rewards (docs/listener.md): 'listener' its p(preferred); "
+        "'oracle' the fraction of the two images the reasoning describes as they are (synthetic data only); "
+        "'placebo' the listener's p shuffled across the step's completions (same distribution, no information).")
+    log_faithfulness: bool = Field(False, description="Also log reward/faithful, the oracle faithfulness of "
+                                   "the reasoning's image descriptions, whatever the signal (synthetic data only).")
     drop_zero_variance: bool = Field(True, description="Drop groups whose rewards are all equal.")
 
 
@@ -204,6 +210,13 @@ class RunConfig(_Section):
     sync: SyncConfig = Field(default_factory=SyncConfig, description="Weight sync.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Loop, seeds, checkpoints.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+
+    @model_validator(mode="after")
+    def _oracle_needs_synthetic(self) -> "RunConfig":
+        if self.data.source != "synthetic" and (self.reward.listener_signal == "oracle" or self.reward.log_faithfulness):
+            raise ValueError("reward.listener_signal=oracle and reward.log_faithfulness read the images' true "
+                             f"descriptions, which only data.source=synthetic has (got {self.data.source!r})")
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -38,7 +38,7 @@ from pipeline.batching import train_batch_from_groups
 from pipeline.config import ConfigError, RunConfig, config_to_yaml, flatten_config
 from pipeline.data import PairSource, check_source, skip_metrics
 from pipeline.errors import TrainingAborted
-from pipeline.heldout import heldout_metrics, heldout_pairs, ood_heldout_pairs
+from pipeline.heldout import eval_table, heldout_metrics, heldout_pairs, ood_heldout_pairs
 from pipeline.models import resolve_checkpoints
 from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
                                 local_cluster_resources, wait_for_resources)
@@ -119,7 +119,7 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
     heldout = heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
     ood = ood_heldout_pairs(cfg.data, cfg.model) if cfg.trainer.eval_every else []
     if heldout and start_step == 0:  # eval/* and eval_ood/* step = updates applied
-        tracker.log_metrics(0, evaluate_policy(heldout, ood, actors, cfg))
+        tracker.log_metrics(0, evaluate_policy(heldout, ood, actors, cfg, tracker, 0))
     progress = Progress(cfg.trainer.steps, start_step)
     prefetched: InFlightRollout | None = None  # max_staleness 1: the next step's rollout, already running
     for step in range(start_step, cfg.trainer.steps):
@@ -142,7 +142,7 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
         if step % cfg.trainer.sample_table_every == 0:
             tracker.log_table(f"samples/step_{step:06d}.json", sample_table(result.scored))
         if heldout and ((step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps):
-            tracker.log_metrics(step + 1, evaluate_policy(heldout, ood, actors, cfg))
+            tracker.log_metrics(step + 1, evaluate_policy(heldout, ood, actors, cfg, tracker, step + 1))
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
             # The position after this step's pairs, not after a prefetched next batch: those are re-read.
             info = actors.learner.save_checkpoint(str(run_dir / "checkpoints"), step + 1, flight.batch.data_state,
@@ -332,21 +332,31 @@ def _await_restarted(indices, actors: Actors, cfg: RunConfig, policy: PolicyStat
 
 
 def evaluate_policy(heldout: list[PreferencePair], ood: list[PreferencePair], actors: Actors,
-                    cfg: RunConfig) -> dict[str, float]:
-    """eval/* on the held-out pairs, eval_ood/* on the OOD ones, and `time/eval_s` (what the evaluations
-    add to the run's wall time)."""
+                    cfg: RunConfig, tracker: Tracker | None = None, step: int = 0) -> dict[str, float]:
+    """eval/* on the held-out pairs, eval_ood/* on the OOD ones (each scored by the listener too: the
+    agreement split), and `time/eval_s` (what the evaluations add to the run's wall time). With `tracker`,
+    each evaluation's completions go to PREFIX/step_NNNNNN.json in the run directory and MLflow."""
     start = time.perf_counter()
-    metrics = evaluate_heldout(heldout, actors, cfg) | evaluate_heldout(ood, actors, cfg, "eval_ood")
+    metrics: dict[str, float] = {}
+    for pairs, prefix in ((heldout, "eval"), (ood, "eval_ood")):
+        groups, scores = evaluate_heldout(pairs, actors, cfg)
+        metrics |= heldout_metrics(groups, prefix, scores, cfg.reward.log_faithfulness)
+        if tracker is not None and groups:
+            tracker.log_table(f"{prefix}/step_{step:06d}.json", eval_table(groups, scores))
     return metrics | {"time/eval_s": time.perf_counter() - start}
 
 
-def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig,
-                     prefix: str = "eval") -> dict[str, float]:
-    """Greedy held-out accuracy of the rollout workers' current policy (pairs sharded over workers)."""
+def evaluate_heldout(pairs: list[PreferencePair], actors: Actors, cfg: RunConfig
+                     ) -> tuple[list[RolloutGroup], list[ListenerScore]]:
+    """Greedy completions of the rollout workers' current policy (pairs sharded over workers), in the
+    pairs' order, and the listener's scores of them."""
     shards = [pairs[i::len(actors.rollout)] for i in range(len(actors.rollout))]
     refs = [worker.generate.remote(shard, 1, cfg.rollout.max_new_tokens, 0.0)
             for worker, shard in zip(actors.rollout, shards) if shard]
-    return heldout_metrics([group for shard in ray.get(refs) for group in shard], prefix)
+    order = {pair.pair_id: index for index, pair in enumerate(pairs)}
+    groups = sorted((group for shard in ray.get(refs) for group in shard), key=lambda g: order[g.pair_id])
+    scores = ray.get(actors.listener_pool.score.remote(groups)) if groups else []
+    return groups, scores
 
 
 def throughput(groups: list[RolloutGroup], timings: dict[str, float]) -> dict[str, float]:

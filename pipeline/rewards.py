@@ -21,6 +21,11 @@
   forecast (derived from p_preferred and the label). Brier score = mean (p - y)^2, which equals
   mean (1 - p_preferred)^2; ECE uses `num_bins` equal-width bins on [0, 1] (the last one closed):
   sum over bins of (bin count / N) * |mean forecast - mean outcome|.
+- The listener term's controls (`reward.listener_signal`, docs/listener.md): `oracle` replaces the listener's
+  p by `faithfulness`, the fraction of the two images the masked reasoning describes as they are ("Image k
+  shows a C S", first sentence per image; a missing one counts as unfaithful), e.g. both right 1, one 0.5;
+  `placebo` by `placebo_p`, the usable scores' p(preferred) permuted across the step's completions by a
+  seeded shuffle (the same values, none of them about its completion). A bad format earns neither.
 - `reward_metrics`: the step's means of each component, format rate, accuracy, agreement analysis,
   answer leak rate and calibration, for the reward aggregator (`actors/reward.py`).
 
@@ -29,6 +34,8 @@ Run the tests: `.venv/bin/python -m pytest tests/unit/test_rewards.py`.
 
 from __future__ import annotations
 
+import random
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -38,6 +45,30 @@ from pipeline.types import Completion, CompletionReward, ImageIndex, ListenerSco
 
 ScoreKey = tuple[str, int]  # (pair_id, completion_index): how a listener score joins its completion
 NO_CREDIT_P = 0.0  # the p(preferred) an unusable score (no reasoning left after masking) is rewarded as
+_DESCRIPTION_RE = re.compile(r"\bImage ([12]) shows an? ([a-z]+ [a-z]+)\b")
+
+
+def described_images(reasoning: str) -> dict[ImageIndex, str]:
+    """What the reasoning says each image shows: {k: "red circle"} from its first "Image k shows a C S"."""
+    found: dict[ImageIndex, str] = {}
+    for match in _DESCRIPTION_RE.finditer(reasoning):
+        found.setdefault(1 if match.group(1) == "1" else 2, match.group(2))
+    return found
+
+
+def faithfulness(reasoning: str, truth: tuple[str, str]) -> float:
+    """The fraction of the two images whose description in `reasoning` is `truth` (image 1's, image 2's)."""
+    said = described_images(reasoning)
+    return (float(said.get(1) == truth[0]) + float(said.get(2) == truth[1])) / 2
+
+
+def placebo_p(scores: Sequence[ListenerScore], key: str) -> dict[ScoreKey, float]:
+    """The usable scores' p(preferred), permuted among them by a shuffle seeded by `key`: what each
+    completion's listener term reads in the placebo arm (unusable scores keep no credit, not listed)."""
+    usable = sorted((s for s in scores if s.usable), key=lambda s: (s.pair_id, s.completion_index))
+    values = [s.p_preferred for s in usable]
+    random.Random(f"placebo:{key}").shuffle(values)
+    return {(s.pair_id, s.completion_index): v for s, v in zip(usable, values)}
 
 
 def format_reward(answer: ImageIndex | None) -> float:
@@ -143,8 +174,11 @@ def completion_reward(
     w_accuracy: float = 0.5,
     w_listener: float = 0.5,
     center_listener: bool = False,
+    listener_term: float | None = None,
 ) -> CompletionReward:
-    """Every reward component of one completion. `score` None means no listener (its reward is 0)."""
+    """Every reward component of one completion. `score` None means no listener (its reward is 0).
+    `listener_term`, when given, is the listener term of a well-formed completion instead of the score's
+    (the oracle and placebo arms); contradiction is still the score's."""
     if score is not None and (score.pair_id, score.completion_index) != (
             completion.pair_id, completion.completion_index):
         raise ValueError(f"listener score ({score.pair_id}, {score.completion_index}) does not belong to "
@@ -153,8 +187,11 @@ def completion_reward(
     r_format = format_reward(answer)
     r_accuracy = accuracy_reward(answer, preferred)
     p_preferred = score.p_preferred if score is not None else float("nan")
-    r_listener = (listener_reward(p_preferred, answer is not None, center_listener, usable=score.usable)
-                  if score is not None else 0.0)
+    if listener_term is not None:
+        r_listener = listener_term if answer is not None else 0.0
+    else:
+        r_listener = (listener_reward(p_preferred, answer is not None, center_listener, usable=score.usable)
+                      if score is not None else 0.0)
     return CompletionReward(
         pair_id=completion.pair_id,
         completion_index=completion.completion_index,

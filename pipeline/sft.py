@@ -10,10 +10,10 @@ the target `format_target(reasoning, answer)` where `answer` is the preferred im
 `answer_accuracy` (0.5 by default: a seeded coin, independent of the pair), so the warm start answers at
 chance. The reasoning states the prompt and describes both images as they are ("The prompt asks for a red
 circle. Image 1 shows a blue circle. Image 2 shows a red circle."), read off the pixels
-(`describe_synthetic_image`), but by a second coin (`faithful_rate`, 0.5 by default, independent of the
-answer's) half the targets swap the two images' descriptions. So the warm start learns to look and to
-describe, but it answers by a coin and half the time tells image 1 and image 2 apart wrongly: which image
-matches the prompt, and reasoning that a reader (the listener) finds faithful, is what GRPO has to learn.
+(`describe_synthetic_image`). A second coin (`faithful_rate`, 1.0 by default, independent of the answer's)
+can swap the two images' descriptions in a fraction of the targets (a reasoning that contradicts the
+images); by default none is swapped. So the warm start learns to look and to describe, but it answers by a
+coin: which image matches the prompt is what GRPO has to learn, and its descriptions start faithful.
 (A departure worth stating: the paper's reasoner starts from an instruction-tuned VLM that already sees
 and describes; the descriptions stand in for that, on a model of 1M random parameters.)
 
@@ -24,9 +24,11 @@ whole-batch normaliser as the GRPO loss, and the result is written by `actors.ch
 `tiny://reasoner-sft` in a config (`pipeline.models`) builds make-tiny + this on first use.
 
 The listener warm start (`--role listener`, `tiny://listener-sft`) is the same loop on listener prompts
-(`pipeline.prompts.listener_prompt`): each pair gives two sequences, its faithful reasoning (the text
-above) -> the preferred image's number, and that reasoning with the two images' descriptions swapped -> the
-other number. The listener so learns to answer from what it reads (docs/listener.md).
+(`pipeline.prompts.listener_prompt`) on a describe-then-judge task of its own (docs/listener.md): from a
+stream no other warm start or run uses (`LISTENER_SEED_OFFSET`), a pair is described in words (the prompt
+restated, one sentence per image, in either order, with or without the prompt) and the target is the image
+whose description matches the prompt; the two images attached are of another, independent pair
+(`LISTENER_IMAGES_OFFSET`), so only the text tells the target. It never sees a reasoner's target.
 """
 
 from __future__ import annotations
@@ -44,16 +46,17 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from pipeline.config import AlgoConfig, LearnerConfig
 from pipeline.prompts import format_target, listener_prompt, reasoner_prompt
-from pipeline.synthetic import BACKGROUND, DRAWN_COLOURS, TRAINING_TASKS, synthetic_pair
+from pipeline.synthetic import TRAINING_TASKS, describe_synthetic_image, synthetic_pair
 from pipeline.types import ImageIndex, PreferencePair, TrainBatch, TrainSequence
 
 Role = Literal["reasoner", "listener"]
 
 SFT_SEED_OFFSET = 2_000_003  # the SFT pairs' synthetic stream: disjoint from training (seed) and held-out
+LISTENER_SEED_OFFSET = 3_000_017  # the listener's described pairs: a stream of its own
+LISTENER_IMAGES_OFFSET = 4_000_037  # the images attached to its examples: independent of the described pairs
 MANIFEST = "sft_manifest.json"
 IM_END = "<|im_end|>"
 
@@ -67,7 +70,7 @@ class SftSettings:
     lr: float = 1e-3  # AdamW learning rate
     seed: int = 0  # pairs, answer coins and learner seed
     answer_accuracy: float = 0.5  # probability that a target's answer is the preferred image
-    faithful_rate: float = 0.5  # probability that a target's reasoning describes each image as it is (else
+    faithful_rate: float = 1.0  # probability that a target's reasoning describes each image as it is (else
     #                             the two descriptions are swapped); a coin independent of the answer's
     image_size: int = 56  # side of the synthetic images (as data.image_size)
     tasks: tuple[str, ...] = TRAINING_TASKS  # synthetic tasks, in turn by pair (never the OOD one)
@@ -76,8 +79,8 @@ class SftSettings:
     zero_stage: Literal[0, 2, 3] = 0  # one rank: ZeRO-3 would only add its per-module hooks (~1.5x the step)
 
 
-# `tiny://listener-sft`: two sequences per pair (faithful and swapped), from the random tiny listener.
-LISTENER_SFT = SftSettings(steps=300, pairs_per_step=16)
+# `tiny://listener-sft`: one describe-then-judge example per pair, from the random tiny listener.
+LISTENER_SFT = SftSettings(steps=300, pairs_per_step=32)
 
 
 def default_settings(role: Role) -> SftSettings:
@@ -94,32 +97,6 @@ class SftResult:
 
 # ---- targets (pure) ----------------------------------------------------------------------------------
 
-def describe_synthetic_image(image: Image.Image) -> str:
-    """"red circle": the colour and shape of a synthetic image, read off its pixels.
-
-    The colour is the most frequent non-background colour (shapes are drawn without anti-aliasing, so
-    their pixels are exactly one of `COLOURS`); the shape follows from how much of its bounding box the
-    shape fills: a square about 1, a circle pi/4, a triangle 1/2.
-    """
-    rgb_HW3 = np.asarray(image.convert("RGB")).astype(np.int32)
-    packed_HW = (rgb_HW3[..., 0] << 16) | (rgb_HW3[..., 1] << 8) | rgb_HW3[..., 2]  # one int per pixel
-    values, counts = np.unique(packed_HW, return_counts=True)  # one pass, not one per known colour
-    count_of = dict(zip(values.tolist(), counts.tolist()))
-    counts_by_colour = {name: count_of.get(_packed(rgb), 0) for name, rgb in DRAWN_COLOURS.items() if rgb != BACKGROUND}
-    colour = max(counts_by_colour, key=counts_by_colour.get)
-    if counts_by_colour[colour] == 0:
-        raise ValueError("no shape of a known colour in the image")
-    mask_HW = packed_HW == _packed(DRAWN_COLOURS[colour])
-    rows, cols = np.flatnonzero(mask_HW.any(axis=1)), np.flatnonzero(mask_HW.any(axis=0))
-    fill = mask_HW.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
-    return f"{colour} {shape}"
-
-
-def _packed(rgb: tuple[int, int, int]) -> int:
-    return (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]
-
-
 def sft_reasoning(pair: PreferencePair, swap: bool = False) -> str:
     """The prompt restated and both images described, with no verdict; `swap` gives image 1 the description
     of image 2 and vice versa (a reasoning that contradicts the images)."""
@@ -129,10 +106,30 @@ def sft_reasoning(pair: PreferencePair, swap: bool = False) -> str:
     return f"The prompt asks for {pair.prompt}. Image 1 shows a {first}. Image 2 shows a {second}."
 
 
-def listener_examples(pair: PreferencePair) -> list[tuple[str, ImageIndex]]:
-    """The listener's targets for one pair: (faithful reasoning, preferred), (swapped reasoning, the other)."""
-    other: ImageIndex = 2 if pair.preferred == 1 else 1
-    return [(sft_reasoning(pair), pair.preferred), (sft_reasoning(pair, swap=True), other)]
+LISTENER_TEMPLATES = (  # (prompt restated, image 2 described first)
+    (True, False), (True, True), (False, False), (False, True))
+
+
+def listener_reading(prompt: str, first: str, second: str, restate: bool, second_first: bool) -> str:
+    """A text describing image 1 as `first` and image 2 as `second`, in one of the listener's phrasings."""
+    sentences = [f"Image 1 shows a {first}.", f"Image 2 shows a {second}."]
+    if second_first:
+        sentences.reverse()
+    return " ".join(([f"The prompt asks for {prompt}."] if restate else []) + sentences)
+
+
+def listener_example(described: PreferencePair, seed: int, index: int, image_size: int
+                     ) -> tuple[PreferencePair, str, ImageIndex]:
+    """(pair shown, text read, target) of listener example `index`: `described` in words, the images of an
+    independent pair, and the target the image whose description matches the prompt."""
+    rng = random.Random(f"listener-sft:{seed}:{index}")
+    restate, second_first = LISTENER_TEMPLATES[rng.randrange(len(LISTENER_TEMPLATES))]
+    text = listener_reading(described.prompt, describe_synthetic_image(described.image_1),
+                            describe_synthetic_image(described.image_2), restate, second_first)
+    shown = synthetic_pair(seed + LISTENER_IMAGES_OFFSET, index, image_size, rng.choice(TRAINING_TASKS))
+    pair = PreferencePair(pair_id=f"listener-sft-{seed}-{index}", prompt=described.prompt, image_1=shown.image_1,
+                          image_2=shown.image_2, preferred=described.preferred)
+    return pair, text, described.preferred
 
 
 def sft_answer(pair: PreferencePair, seed: int, index: int, answer_accuracy: float) -> ImageIndex:
@@ -141,11 +138,12 @@ def sft_answer(pair: PreferencePair, seed: int, index: int, answer_accuracy: flo
     return pair.preferred if right else (2 if pair.preferred == 1 else 1)
 
 
-def sft_pairs(settings: SftSettings, step: int) -> list[tuple[int, PreferencePair]]:
-    """(stream index, pair) of step `step`."""
+def sft_pairs(settings: SftSettings, step: int, role: Role = "reasoner") -> list[tuple[int, PreferencePair]]:
+    """(stream index, pair) of step `step`: the reasoner's and the listener's streams are disjoint."""
     start = step * settings.pairs_per_step
     tasks = settings.tasks
-    return [(i, synthetic_pair(settings.seed + SFT_SEED_OFFSET, i, settings.image_size, tasks[i % len(tasks)]))
+    offset = LISTENER_SEED_OFFSET if role == "listener" else SFT_SEED_OFFSET
+    return [(i, synthetic_pair(settings.seed + offset, i, settings.image_size, tasks[i % len(tasks)]))
             for i in range(start, start + settings.pairs_per_step)]
 
 
@@ -157,10 +155,11 @@ def sft_faithful(seed: int, index: int, faithful_rate: float) -> bool:
 
 def sft_examples(pairs: list[tuple[int, PreferencePair]], settings: SftSettings,
                  role: Role = "reasoner") -> list[tuple[PreferencePair, str, str]]:
-    """(pair, full chat prompt, target text) of one step: one per pair for the reasoner, two for the listener."""
+    """(pair, full chat prompt, target text) of one step, one per pair: the reasoner's format target, or the
+    listener's describe-then-judge example (whose pair carries the independent images it is shown)."""
     if role == "listener":
-        return [(pair, listener_prompt(pair.prompt, reasoning), str(answer))
-                for _, pair in pairs for reasoning, answer in listener_examples(pair)]
+        return [(shown, listener_prompt(shown.prompt, text), str(answer)) for index, pair in pairs
+                for shown, text, answer in [listener_example(pair, settings.seed, index, settings.image_size)]]
     return [(pair, reasoner_prompt(pair.prompt),
              format_target(sft_reasoning(pair, swap=not sft_faithful(settings.seed, index, settings.faithful_rate)),
                            sft_answer(pair, settings.seed, index, settings.answer_accuracy)))
@@ -209,7 +208,7 @@ def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSe
     losses: list[float] = []
     try:
         for step in range(settings.steps):
-            batch = sft_batch(step, sft_pairs(settings, step), processor, settings, role)
+            batch = sft_batch(step, sft_pairs(settings, step, role), processor, settings, role)
             losses.append(group.train_step(batch, objective="sft").values["loss"])
             if log_every and (step + 1) % log_every == 0:
                 print(f"sft ({role}) step {step + 1}/{settings.steps}  loss {losses[-1]:.4f}", file=sys.stderr,

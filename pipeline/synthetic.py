@@ -8,7 +8,12 @@ and shape. What the other one shows depends on the task:
 - `render`: the generator failed to render the colour: the prompt's shape, drawn in grey. The failure is
   visible in the rejected image alone, as the defects people reject generations for often are.
 - `render-ood`: `render` with prompt colours no training task uses (`OOD_COLOURS`): an out-of-distribution
-  evaluation set (`data.ood_task`); no warm start or default training run sees it.
+  evaluation set (`data.ood_task`); no warm start or default training run sees it. Its colour words are not
+  in the tiny tokenizer's corpus (2-3 tokens each), which confounds it with tokenisation.
+- `render-saturated` / `render-white`: `render` split by prompt colour, the split of the listener experiment
+  (docs/listener.md): GRPO trains on the saturated colours (`SATURATED_COLOURS`) and is evaluated out of
+  distribution on white vs grey. "white" is a word the tokenizer has and the warm starts describe (it is in
+  `COLOURS`), but a policy that learned "the image with a hue" has no such cue between two achromatic shapes.
 The preferred image's position is random. Pair `index` of seed `seed` is a pure function of (seed, index),
 so any size can be generated, in any order, identically on every machine.
 """
@@ -19,6 +24,7 @@ import random
 from collections.abc import Iterator
 from typing import get_args
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import SyntheticTask
@@ -39,6 +45,8 @@ OOD_COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (30, 200, 210),
     "pink": (240, 120, 180),
 }
+SATURATED_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")  # `render-saturated`'s
+HELDOUT_COLOUR = "white"  # `render-white`'s only prompt colour
 BACKGROUND = (40, 40, 40)
 UNRENDERED_COLOUR = "grey"  # what a `render` failure is drawn in; never a prompt's colour
 DRAWN_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, UNRENDERED_COLOUR: (128, 128, 128), **OOD_COLOURS}
@@ -72,9 +80,9 @@ def synthetic_pair(seed: int, index: int, image_size: int = 56, task: SyntheticT
         raise ValueError(f"unknown synthetic task {task!r}; known: {SYNTHETIC_TASKS}")
     stream = "synthetic" if task == "match" else f"synthetic-{task}"  # `match` keeps the stream it always had
     rng = random.Random(f"{stream}:{seed}:{index}")
-    colour = rng.choice(sorted(OOD_COLOURS if task == "render-ood" else COLOURS))
+    colour = rng.choice(prompt_colours(task))
     shape = rng.choice(SHAPES)
-    if task in ("render", "render-ood"):
+    if task != "match":
         wrong_colour, wrong_shape = UNRENDERED_COLOUR, shape
     elif rng.random() < 0.5:
         wrong_colour, wrong_shape = rng.choice([c for c in sorted(COLOURS) if c != colour]), shape
@@ -93,6 +101,43 @@ def synthetic_pair(seed: int, index: int, image_size: int = 56, task: SyntheticT
         prompt_id=f"{stream}-{seed}-{index}",
         category=shape,
     )
+
+
+def prompt_colours(task: SyntheticTask) -> list[str]:
+    """The colours a task's prompts draw from, in the order its generator picks by."""
+    if task == "render-ood":
+        return sorted(OOD_COLOURS)
+    if task == "render-saturated":
+        return sorted(SATURATED_COLOURS)
+    if task == "render-white":
+        return [HELDOUT_COLOUR]
+    return sorted(COLOURS)
+
+
+def describe_synthetic_image(image: Image.Image) -> str:
+    """"red circle": the colour and shape of a synthetic image, read off its pixels.
+
+    The colour is the most frequent non-background colour (shapes are drawn without anti-aliasing, so
+    their pixels are exactly one of `DRAWN_COLOURS`); the shape follows from how much of its bounding box
+    the shape fills: a square about 1, a circle pi/4, a triangle 1/2.
+    """
+    rgb_HW3 = np.asarray(image.convert("RGB")).astype(np.int32)
+    packed_HW = (rgb_HW3[..., 0] << 16) | (rgb_HW3[..., 1] << 8) | rgb_HW3[..., 2]  # one int per pixel
+    values, counts = np.unique(packed_HW, return_counts=True)  # one pass, not one per known colour
+    count_of = dict(zip(values.tolist(), counts.tolist()))
+    counts_by_colour = {name: count_of.get(_packed(rgb), 0) for name, rgb in DRAWN_COLOURS.items() if rgb != BACKGROUND}
+    colour = max(counts_by_colour, key=counts_by_colour.get)
+    if counts_by_colour[colour] == 0:
+        raise ValueError("no shape of a known colour in the image")
+    mask_HW = packed_HW == _packed(DRAWN_COLOURS[colour])
+    rows, cols = np.flatnonzero(mask_HW.any(axis=1)), np.flatnonzero(mask_HW.any(axis=0))
+    fill = mask_HW.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+    return f"{colour} {shape}"
+
+
+def _packed(rgb: tuple[int, int, int]) -> int:
+    return (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]
 
 
 def synthetic_pairs(seed: int, count: int, start: int = 0, image_size: int = 56,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -48,8 +48,18 @@ def test_answers_are_seeded_coins_right_about_half_the_time() -> None:
     assert all(sft_answer(pair, 0, i, 0.0) != pair.preferred for i, pair in pairs)
 
 
+def test_reasoner_targets_are_all_faithful_by_default() -> None:
+    settings = SftSettings(pairs_per_step=40)
+    assert settings.faithful_rate == 1.0  # the primary setting of the listener experiment (docs/listener.md)
+    pairs = sft_pairs(settings, 0)
+    for (_, pair), (_, _, target) in zip(pairs, sft_examples(pairs, settings)):
+        reasoning = parse_completion(target).reasoning
+        assert reasoning == sft_reasoning(pair)
+        assert f"Image 1 shows a {describe_synthetic_image(pair.image_1)}." in reasoning
+
+
 def test_reasoner_targets_describe_faithfully_by_a_coin_independent_of_the_answer() -> None:
-    settings = SftSettings(pairs_per_step=100)
+    settings = SftSettings(pairs_per_step=100, faithful_rate=0.5)
     pairs = sft_pairs(settings, 0)
     targets = [parse_completion(target) for _, _, target in sft_examples(pairs, settings)]
     faithful = [sft_faithful(settings.seed, i, settings.faithful_rate) for i, _ in pairs]
@@ -121,22 +131,38 @@ def test_a_warm_start_built_with_other_settings_is_not_reused(tmp_path) -> None:
     assert not built_with_default_settings(tmp_path)
 
 
-def test_listener_targets_faithful_to_preferred_and_swapped_to_the_other() -> None:
+def test_listener_examples_describe_a_pair_of_their_own_stream_beside_independent_images() -> None:
     from pipeline.prompts import listener_prompt
-    from pipeline.sft import listener_examples, sft_examples
+    from pipeline.sft import LISTENER_SFT, listener_example, listener_reading
 
-    pair = next(p for p in synthetic_pairs(seed=0, count=10, task="render") if p.preferred == 2)
-    shown = {1: describe_synthetic_image(pair.image_1), 2: describe_synthetic_image(pair.image_2)}
-    assert shown[1].startswith("grey ") and not shown[2].startswith("grey ")  # image 2 is the preferred one
-    (faithful, a), (swapped, b) = listener_examples(pair)
-    assert (a, b) == (2, 1)
-    assert faithful == f"The prompt asks for {pair.prompt}. Image 1 shows a {shown[1]}. Image 2 shows a {shown[2]}."
-    assert swapped == f"The prompt asks for {pair.prompt}. Image 1 shows a {shown[2]}. Image 2 shows a {shown[1]}."
-    examples = sft_examples([(0, pair)], SftSettings(), role="listener")
-    assert [(prompt, target) for _, prompt, target in examples] == [
-        (listener_prompt(pair.prompt, faithful), "2"), (listener_prompt(pair.prompt, swapped), "1")]
-    reasoner = sft_examples([(0, pair)], SftSettings(), role="reasoner")
-    assert len(reasoner) == 1 and parse_completion(reasoner[0][2]).reasoning == faithful
+    settings = LISTENER_SFT
+    pairs = sft_pairs(settings, 0, role="listener")
+    assert not {p.pair_id for _, p in pairs} & {p.pair_id for _, p in sft_pairs(settings, 0)}  # not the reasoner's
+    examples = sft_examples(pairs, settings, role="listener")
+    assert len(examples) == len(pairs) == 32
+    texts_match_images = 0
+    for (index, described), (shown, prompt, target) in zip(pairs, examples):
+        truth = {k: describe_synthetic_image(img) for k, img in ((1, described.image_1), (2, described.image_2))}
+        _, text, answer = listener_example(described, settings.seed, index, settings.image_size)
+        # the text describes the described pair, whichever order and phrasing was drawn ...
+        assert text in {listener_reading(described.prompt, truth[1], truth[2], restate, second)
+                        for restate in (True, False) for second in (True, False)}
+        assert f"Image 1 shows a {truth[1]}." in text and f"Image 2 shows a {truth[2]}." in text
+        # ... the target is the image it says matches the prompt ...
+        assert target == str(answer) == str(described.preferred)
+        assert f"a {truth[described.preferred]}" == described.prompt
+        assert prompt == listener_prompt(described.prompt, text) and shown.prompt == described.prompt
+        # ... and the images shown are another pair's
+        assert shown.image_1.tobytes() != described.image_1.tobytes()
+        texts_match_images += (describe_synthetic_image(shown.image_1), describe_synthetic_image(shown.image_2)) \
+            == (truth[1], truth[2])
+    assert texts_match_images <= 4  # independent draws: the pixels do not tell the target
+    assert 8 < sum(e[2] == "1" for e in examples) < 24
+    again = sft_examples(pairs, settings, role="listener")
+    assert [(p, t) for _, p, t in again] == [(p, t) for _, p, t in examples]  # seeded: the same every time
+    other = sft_examples(sft_pairs(replace(settings, seed=1), 0, role="listener"), replace(settings, seed=1),
+                         role="listener")
+    assert [p for _, p, _ in other] != [p for _, p, _ in examples]  # another seed, other data
 
 
 def test_tiny_listener_sft_is_reused_only_when_built_as_a_listener(tmp_path) -> None:
