@@ -18,15 +18,13 @@
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -34,178 +32,21 @@ import yaml
 from pipeline.cli import build_parser
 from pipeline.config import load_config
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-README = DEPLOY / "README.md"
-GPU_CONFIG = ROOT / "configs" / "qwen25vl_7b.yaml"
-K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests must apply to
-KINDS = ("rollout", "listener", "learner")
-GPU = "nvidia.com/gpu"
-
-CRDS = Path(__file__).resolve().parents[1] / "data" / "kuberay-crds"
-CRD_FILES = {"RayCluster": CRDS / "ray.io_rayclusters.yaml", "RayJob": CRDS / "ray.io_rayjobs.yaml"}
-# Group-level `resources` keys KubeRay maps to `ray start` flags; every other key is a custom Ray resource.
-RAY_BUILTIN = {"cpu", "memory", "gpu", "nvidia.com/gpu"}
-
-
-def strict(node):
-    """A CRD's structural schema as `kubectl apply` enforces it: unknown fields are errors (except under
-    x-kubernetes-preserve-unknown-fields), and int-or-string accepts either."""
-    if isinstance(node, list):
-        return [strict(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: strict(v) for k, v in node.items()}
-    if "properties" in out and "additionalProperties" not in out \
-            and not out.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    if out.get("x-kubernetes-int-or-string") and "anyOf" not in out:
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    return out
-
-
-@functools.cache
-def crd_schema(kind: str) -> dict:
-    crd = yaml.load(CRD_FILES[kind].read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    assert crd["spec"]["names"]["kind"] == kind
-    served = {v["name"]: v for v in crd["spec"]["versions"]}
-    schema = strict(served["v1"]["schema"]["openAPIV3Schema"])
-    schema["properties"]["apiVersion"] = {"const": f"{crd['spec']['group']}/v1"}
-    schema["properties"]["kind"] = {"const": kind}
-    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
-    return schema
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
-
-
-def operator_errors(cluster: dict) -> list[str]:
-    """What KubeRay 1.5's ValidateRayClusterSpec (and its replica clamping) rejects or silently changes."""
-    errors = []
-    groups_ = [("head", cluster.get("headGroupSpec", {}))] + [(g.get("groupName"), g)
-                                                              for g in cluster.get("workerGroupSpecs", [])]
-    names = [name for name, _ in groups_[1:]]
-    if len(names) != len(set(names)):
-        errors.append(f"duplicate worker group names {names}")
-    for name, group in groups_:
-        params = group.get("rayStartParams", {})
-        if group.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
-            errors.append(f"group {name}: resources set in both rayStartParams and resources")
-        if "labels" in params:
-            errors.append(f"group {name}: rayStartParams labels is not supported")
-    for group in cluster.get("workerGroupSpecs", []):
-        lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
-        replicas = group.get("replicas", lo)
-        if not lo <= replicas <= hi:
-            errors.append(f"group {group.get('groupName')}: replicas {replicas} outside [{lo}, {hi}]")
-    if cluster.get("authOptions", {}).get("mode") == "token" and \
-            _version(str(cluster.get("rayVersion", "0"))) < (2, 52, 0):
-        errors.append("authOptions.mode token needs rayVersion >= 2.52.0")
-    return errors
-
-
-def kuberay_errors(doc: dict) -> list[str]:
-    """Errors against the released CRD schema plus the operator's own spec checks."""
-    if doc.get("kind") not in CRD_FILES:
-        return [f"not a KubeRay kind: {doc.get('kind')}"]
-    validator = jsonschema.Draft202012Validator(crd_schema(doc["kind"]))
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-    spec = doc.get("spec", {})
-    if doc["kind"] == "RayCluster":
-        return errors + operator_errors(spec)
-    if not spec.get("clusterSelector") and not spec.get("rayClusterSpec"):
-        errors.append("one of rayClusterSpec or clusterSelector must be set")
-    if spec.get("clusterSelector") is not None and not spec["clusterSelector"].get("ray.io/cluster"):
-        errors.append("cluster name in clusterSelector should not be empty")
-    if spec.get("clusterSelector") and spec.get("shutdownAfterJobFinishes"):
-        errors.append("shutdownAfterJobFinishes cannot be used with clusterSelector")
-    return errors + operator_errors(spec.get("rayClusterSpec") or {})
-
-
-# ---------------------------------------------------------------------------------------------------
-RUNTIME_ENV = DEPLOY / "runtime_env.yaml"  # a Ray runtime_env for `ray job submit`, not a Kubernetes object
-
-
-def manifest_files() -> list[Path]:
-    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml" and p != RUNTIME_ENV)
-
-
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def load_docs(path: Path) -> list[dict]:
-    return [d for d in yaml.load_all(path.read_text(), Loader=_LOADER) if d is not None]
-
-
-@functools.cache
-def all_docs() -> tuple[tuple[Path, dict], ...]:
-    """Parsed once per session: tests read these; any test that changes one works on a deepcopy."""
-    return tuple((path, doc) for path in manifest_files() for doc in load_docs(path))
-
-
-def one(kind: str, name: str | None = None) -> dict:
-    found = [d for _, d in all_docs() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
-    return found[0]
-
-
-def ray_cluster() -> dict:
-    return one("RayCluster")
-
-
-def groups() -> dict[str, dict]:
-    return {g["groupName"]: g for g in ray_cluster()["spec"]["workerGroupSpecs"]}
-
-
-def ray_resources(group: dict) -> dict[str, float]:
-    """The custom resources a group's pods advertise: the non-CPU/GPU/memory keys of the group-level
-    `resources` field (KubeRay >= 1.5), which the operator and the autoscaler both read. Quoted JSON in
-    rayStartParams (the older way) is refused: only the operator would see it."""
-    assert "resources" not in group.get("rayStartParams", {}), "custom resources belong in the group's `resources`"
-    return {name: float(amount) for name, amount in group.get("resources", {}).items()
-            if name.lower() not in RAY_BUILTIN}
-
-
-def pod_templates() -> list[tuple[str, dict]]:
-    """(where, pod template) for every pod the manifests create."""
-    out = []
-    for path, doc in all_docs():
-        where = f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"
-        spec = doc.get("spec", {})
-        if doc["kind"] in ("Deployment", "StatefulSet"):
-            out.append((where, spec["template"]))
-        elif doc["kind"] == "RayCluster":
-            out.append((f"{where}:head", spec["headGroupSpec"]["template"]))
-            out += [(f"{where}:{g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]]
-        elif doc["kind"] == "RayJob" and "submitterPodTemplate" in spec:
-            out.append((f"{where}:submitter", spec["submitterPodTemplate"]))
-        elif doc["kind"] == "Job":
-            out.append((where, spec["template"]))
-    return out
-
-
-def ray_containers() -> list[dict]:
-    cluster = ray_cluster()["spec"]
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    # KubeRay runs Ray in the first container of each pod.
-    return [t["spec"]["containers"][0] for t in templates]
-
-
-def env_of(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def gpu_config():
-    return load_config(GPU_CONFIG)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the manifest loader
+from deploy_manifests import (CRD_FILES, DEPLOY, GPU, GPU_CONFIG, K8S_VERSION, KINDS, OWN_CLUSTER_JOB,  # noqa: E402
+                              README, ROOT, RUNTIME_ENV, STANDING_JOB, _LOADER, all_containers, all_docs,
+                              cluster_specs, crd_schema, env_of, gpu_config, groups, kuberay_errors,
+                              kustomizations, load_docs, manifest_files, one, pod_templates, ray_cluster,
+                              ray_containers, ray_jobs, ray_resources)
 
 
 # --- every manifest parses and is well formed ------------------------------------------------------
 def test_manifests_exist_and_parse():
     kinds = sorted(d["kind"] for _, d in all_docs())
-    assert kinds == sorted(["RayCluster", "RayJob", "PersistentVolumeClaim", "PersistentVolumeClaim",
-                            "PersistentVolumeClaim", "Service", "Service", "Deployment", "StatefulSet",
-                            "NetworkPolicy", "Job"])
+    assert kinds == sorted(["RayCluster", "RayJob", "RayJob", "PersistentVolumeClaim", "PersistentVolumeClaim",
+                            "PersistentVolumeClaim", "PersistentVolumeClaim", "Service", "Service", "Deployment",
+                            "StatefulSet", "NetworkPolicy", "NetworkPolicy", "Job", "CronJob", "ConfigMap",
+                            "PriorityClass", "PriorityClass", "PriorityClass"])
     for path, doc in all_docs():
         assert {"apiVersion", "kind", "metadata"} <= set(doc), path
         assert "namespace" not in doc["metadata"], f"{path}: namespace comes from the kustomization"
@@ -235,9 +76,10 @@ def test_crds_are_the_released_ones_with_the_fields_we_use():
         assert "controller-gen.kubebuilder.io/version" in path.read_text()[:2000], path
 
 
-@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
-def test_ray_objects_match_kuberay_schema(kind):
-    assert kuberay_errors(one(kind)) == []
+@pytest.mark.parametrize("doc", [d for _, d in all_docs() if d["kind"] in CRD_FILES],
+                         ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_ray_objects_match_kuberay_schema(doc):
+    assert kuberay_errors(doc) == []
 
 
 @pytest.mark.parametrize("breakage", [
@@ -266,9 +108,12 @@ def test_kuberay_schema_rejects_broken_clusters(breakage):
     lambda s: s.update(entrypoint=["python"]),
     lambda s: s["submitterPodTemplate"]["spec"].update(restartPolicyy="Never"),  # typo
     lambda s: s.update(authOptions={"mode": "token"}),  # belongs to the cluster, not the job
-], ids=["no-cluster", "empty-cluster-name", "entrypoint-list", "pod-typo", "auth-on-job"])
+    lambda s: s["submitterConfig"].update(backoffLimit=-1),
+    lambda s: s.update(submissionMode="InteractiveMode", backoffLimit=2),
+], ids=["no-cluster", "empty-cluster-name", "entrypoint-list", "pod-typo", "auth-on-job", "negative-backoff",
+        "interactive-retries"])
 def test_kuberay_schema_rejects_broken_jobs(breakage):
-    job = copy.deepcopy(one("RayJob"))
+    job = copy.deepcopy(one("RayJob", STANDING_JOB))
     breakage(job["spec"])
     assert kuberay_errors(job)
 
@@ -283,7 +128,7 @@ def test_core_schema_rejects_a_typo():
 
 def test_rayjob_runs_on_the_standing_cluster():
     """KubeRay reads the RayCluster's name from clusterSelector's `ray.io/cluster` key."""
-    job = one("RayJob")["spec"]
+    job = one("RayJob", STANDING_JOB)["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": ray_cluster()["metadata"]["name"]}
     assert "rayClusterSpec" not in job and not job.get("shutdownAfterJobFinishes")
 
@@ -295,8 +140,8 @@ def test_ray_version_matches_the_image():
 
 
 # --- the manifests agree with the code --------------------------------------------------------------
-def test_rayjob_entrypoint_is_a_real_training_command():
-    job = one("RayJob")
+@pytest.mark.parametrize("job", ray_jobs(), ids=lambda d: d["metadata"]["name"])
+def test_rayjob_entrypoint_is_a_real_training_command(job):
     words = shlex.split(job["spec"]["entrypoint"])
     assert words[:3] == ["python", "-m", "pipeline"]
     args = build_parser().parse_args(words[3:])
@@ -314,9 +159,11 @@ def test_rayjob_and_ray_job_submit_share_the_runtime_env():
     """deploy/runtime_env.yaml (for `ray job submit`) and the RayJob differ only in working_dir; the
     excludes keep local outputs from being uploaded, and .rayignore repeats them."""
     local = yaml.safe_load(RUNTIME_ENV.read_text())
-    job = yaml.safe_load(one("RayJob")["spec"]["runtimeEnvYAML"])
-    assert local["working_dir"] == "." and job["working_dir"] == "/app"
-    assert {k: v for k, v in local.items() if k != "working_dir"} == {k: v for k, v in job.items() if k != "working_dir"}
+    for doc in ray_jobs():
+        job = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+        assert local["working_dir"] == "." and job["working_dir"] == "/app"
+        assert {k: v for k, v in local.items() if k != "working_dir"} == \
+            {k: v for k, v in job.items() if k != "working_dir"}
     assert {".git", ".venv", "runs", "mlflow.db", "models"} <= set(local["excludes"])
     rayignore = {line.strip().rstrip("/") for line in (ROOT / ".rayignore").read_text().splitlines()}
     assert {".git", ".venv", "runs", "mlflow.db", "models"} <= rayignore
@@ -391,23 +238,23 @@ def test_cpus_cover_the_actors_on_each_pod():
         assert float(limits["cpu"]) >= _units(kind) * getattr(cfg, kind).num_cpus, kind
 
 
-def test_group_sizes_cover_the_config_and_only_listeners_scale():
+def test_group_sizes_cover_the_config_and_nothing_holds_gpus_without_a_run():
     cfg = gpu_config()
     demand = {"rollout": cfg.rollout.num_workers, "listener": cfg.listener.num_workers,
               "learner": cfg.learner.num_ranks}
     for kind in KINDS:
         group = groups()[kind]
         # No `replicas`: the operator clamps the live value to [min, max] and the autoscaler owns it, so a
-        # re-apply of this file cannot reset a pool that `scale-listeners` grew.
+        # re-apply of this file cannot reset a pool that grew.
         assert "replicas" not in group, kind
         assert group["maxReplicas"] * _units(kind) >= demand[kind], kind
-    # Rollout workers and learner ranks form fixed collective groups (min == max: their size is set by the
-    # bounds alone); the listener pool is the one that grows and shrinks at run time, through the autoscaler.
-    for kind in ("rollout", "learner"):
-        group = groups()[kind]
-        assert group["minReplicas"] == group["maxReplicas"] and group["minReplicas"] * _units(kind) >= demand[kind]
-    listener = groups()["listener"]
-    assert 1 <= listener["minReplicas"] <= demand["listener"] < listener["maxReplicas"]
+        # minReplicas 0: with no run, no pod of a GPU group exists; the run's actors bring them up.
+        assert group["minReplicas"] == 0, kind
+    # Rollout workers are not pinned to exactly the config's count: a config with more can run.
+    assert groups()["rollout"]["maxReplicas"] > demand["rollout"]
+    # The listener pool grows and shrinks at run time, through the autoscaler; the learner is one pod.
+    assert groups()["listener"]["maxReplicas"] > demand["listener"]
+    assert groups()["learner"]["maxReplicas"] * _units("learner") == demand["learner"]
     assert ray_cluster()["spec"]["enableInTreeAutoscaling"] is True
 
 
@@ -457,8 +304,8 @@ def test_mlflow_uri_reaches_the_job_and_the_cluster():
     service = one("Service", "mlflow")
     port = service["spec"]["ports"][0]
     uri = f"http://{service['metadata']['name']}:{port['port']}"
-    runtime_env = yaml.safe_load(one("RayJob")["spec"]["runtimeEnvYAML"])
-    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == uri
+    for job in ray_jobs():
+        assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"] == uri
     for container in ray_containers():  # also for `ray job submit`, which sets no env of its own
         assert env_of(container)["MLFLOW_TRACKING_URI"]["value"] == uri
     # The Service reaches the server: selector matches the pod, target port is the container's port.
@@ -479,12 +326,11 @@ def test_mlflow_uses_the_database_and_the_artifact_volume():
     env = env_of(container)
     db = one("Service", "mlflow-postgres")
     backend = env["MLFLOW_BACKEND_STORE_URI"]["value"]
-    host = f"@{db['metadata']['name']}:{db['spec']['ports'][0]['port']}/"
+    host = f"//{db['metadata']['name']}:{db['spec']['ports'][0]['port']}/"
     assert backend.startswith("postgresql") and host in backend
-    # Kubernetes expands $(VAR) only for variables defined earlier in the same list.
-    names = [e["name"] for e in container["env"]]
-    for ref in re.findall(r"\$\((\w+)\)", backend):
-        assert ref in names[:names.index("MLFLOW_BACKEND_STORE_URI")], ref
+    assert "@" not in backend  # no login in the URI: libpq reads PGUSER/PGPASSWORD from the Secret
+    for var, key in (("PGUSER", "username"), ("PGPASSWORD", "password")):
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-postgres", "key": key}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"] in mounts
     assert "--serve-artifacts" in container["args"]
@@ -493,30 +339,25 @@ def test_mlflow_uses_the_database_and_the_artifact_volume():
 SECRETISH = re.compile(r"PASSWORD|TOKEN|SECRET|KEY", re.I)
 
 
-def all_containers() -> list[tuple[str, dict]]:
-    out = []
-    for where, template in pod_templates():
-        for c in template["spec"]["containers"] + template["spec"].get("initContainers", []):
-            out.append((f"{where}:{c['name']}", c))
-    return out
-
-
 def test_credentials_come_from_secrets_only():
     assert not [d for _, d in all_docs() if d["kind"] == "Secret"], "Secrets are created by hand, not committed"
     containers = all_containers() + [("autoscaler", ray_cluster()["spec"]["autoscalerOptions"])]
     referenced = set()
     for where, container in containers:
         for env in container.get("env", []):
-            if SECRETISH.search(env["name"]) and env["name"] != "MLFLOW_BACKEND_STORE_URI":
+            if SECRETISH.search(env["name"]):
                 assert "value" not in env, f"{where}: {env['name']} is inline"
             ref = env.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 referenced.add(ref["name"])
-    assert referenced == {"mlflow-postgres"}  # the Ray token Secret is the operator's (authOptions)
-    # ... and the README creates it, with the keys the manifests read.
+    # the Ray token Secret is the operator's (authOptions)
+    assert referenced == {"mlflow-postgres", "mlflow-auth"}
+    # ... and the README creates them, with the keys the manifests read.
     text = README.read_text()
     assert re.search(r"create secret generic mlflow-postgres\b.*--from-literal=username=.*--from-literal=password=",
                      text, re.S)
+    assert re.search(r"create secret generic mlflow-auth\b.*--from-literal=username=.*--from-literal=password=.*"
+                     r"--from-literal=flask-secret-key=", text, re.S)
 
 
 def test_ray_auth_is_the_operators():
@@ -525,9 +366,10 @@ def test_ray_auth_is_the_operators():
     submitter, and sends it on its own job-status calls; hand-written RAY_AUTH_* env would leave the
     operator out (its calls get 401: the RayJob never finishes and cannot be stopped)."""
     spec = ray_cluster()["spec"]
-    assert spec["authOptions"] == {"mode": "token"}
-    holders = ray_containers() + [spec["autoscalerOptions"],
-                                  one("RayJob")["spec"]["submitterPodTemplate"]["spec"]["containers"][0]]
+    for _, cluster in cluster_specs():
+        assert cluster["authOptions"] == {"mode": "token"}
+    holders = ray_containers() + [spec["autoscalerOptions"]] + \
+        [job["spec"]["submitterPodTemplate"]["spec"]["containers"][0] for job in ray_jobs()]
     for container in holders:
         assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env_of(container)), container.get("name")
     text = README.read_text()
@@ -546,8 +388,9 @@ def test_every_pod_can_pull_from_a_private_registry():
 def test_every_ray_pod_shares_one_hugging_face_cache():
     claim = one("PersistentVolumeClaim", "listener-grpo-hf-cache")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    templates = [(w, t) for w, t in pod_templates() if "RayCluster" in w or w.endswith("prestage")]
-    assert len(templates) == 5  # head, three worker groups, the pre-staging job
+    templates = [(w, t) for w, t in pod_templates()
+                 if ("RayCluster" in w or "RayJob" in w) and not w.endswith(":submitter") or w.endswith("prestage")]
+    assert len(templates) == 9  # head and three worker groups, twice (standing, per run), the pre-staging job
     for where, template in templates:
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         container = template["spec"]["containers"][0]
@@ -590,7 +433,9 @@ def test_every_container_runs_as_non_root():
             checked += 1
     autoscaler = ray_cluster()["spec"]["autoscalerOptions"]["securityContext"]
     assert autoscaler["runAsNonRoot"] is True and autoscaler["runAsUser"] != 0
-    assert checked == 8  # postgres, mlflow, ray head, three worker groups, job submitter, pre-staging job
+    # postgres, its backup, mlflow and its db-upgrade, the pre-staging job, and twice (standing cluster,
+    # per-run cluster) the ray head, three worker groups and a job submitter
+    assert checked == 15
 
 
 def test_images_run_as_the_uid_the_pods_ask_for():
@@ -615,57 +460,78 @@ def test_nothing_is_exposed_outside_the_cluster():
     assert "port-forward svc/mlflow 5000:5000" in text
 
 
-def test_postgres_accepts_only_mlflow():
+def test_postgres_accepts_only_mlflow_and_its_backup():
     policy = one("NetworkPolicy", "mlflow-postgres")
     db_labels = one("StatefulSet", "mlflow-postgres")["spec"]["template"]["metadata"]["labels"]
     mlflow_labels = one("Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= db_labels.items()
+    backup_labels = one("CronJob", "mlflow-postgres-backup")["spec"]["jobTemplate"]["spec"]["template"]["metadata"][
+        "labels"]
     sources = [f["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for f in rule["from"]]
-    assert sources and all(s.items() <= mlflow_labels.items() for s in sources)
-    assert not any(s.items() <= db_labels.items() and s != {} for s in sources)
+    assert sources and all(s and (s.items() <= mlflow_labels.items() or s.items() <= backup_labels.items())
+                           for s in sources)
+    # Ray pods (which run user code) are not among them.
+    ray_labels = ray_cluster()["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert not any(s.items() <= ray_labels.items() for s in sources)
 
 
 # --- kustomizations --------------------------------------------------------------------------------
-def kustomizations() -> dict[Path, dict]:
-    return {p: yaml.safe_load(p.read_text()) for p in sorted(DEPLOY.rglob("kustomization.yaml"))}
+IMAGES = DEPLOY / "images"  # the Component every kustomization includes
+APPLIED = ["deploy", "deploy/storage", "deploy/job", "deploy/job-own-cluster", "deploy/prestage"]
 
 
-def test_kustomizations_cover_every_manifest_and_agree():
+def test_kustomizations_cover_every_manifest_and_share_one_image_component():
     covered = set()
     for path, k in kustomizations().items():
-        assert k["namespace"] == "listener-grpo"
+        if path.parent == IMAGES:
+            assert k["kind"] == "Component" and "resources" not in k
+            continue
+        assert k["namespace"] == "listener-grpo" and "images" not in k, path
         for resource in k["resources"]:
             assert (path.parent / resource).is_file(), f"{path}: missing {resource}"
             covered.add((path.parent / resource).resolve())
+        # One place names the images (deploy/images), so no two parts of a deployment run different builds.
+        if any("image: listener-grpo" in (path.parent / r).read_text() for r in k["resources"]):
+            assert [(path.parent / c).resolve() for c in k["components"]] == [IMAGES.resolve()], path
     assert covered == {p.resolve() for p in manifest_files()}
-    root = kustomizations()[DEPLOY / "kustomization.yaml"]
-    root_images = {i["name"]: i for i in root["images"]}
-    for path, k in kustomizations().items():
-        for image in k["images"]:
-            assert root_images[image["name"]] == image, f"deploy/ and {path.parent.name}/ push different images"
+    assert sorted(str(p.parent.relative_to(ROOT)) for p in kustomizations() if p.parent != IMAGES) == sorted(APPLIED)
 
 
-def test_every_project_image_is_rewritten_by_its_kustomization():
-    for path, k in kustomizations().items():
-        mapped = {i["name"] for i in k["images"]}
-        for resource in k["resources"]:
-            for doc in load_docs(path.parent / resource):
-                text = yaml.safe_dump(doc)
-                for image in re.findall(r"image: (listener-grpo\S*)", text):
-                    assert image in mapped, f"{resource}: {image} would reach the cluster unmapped"
+def test_every_project_image_is_rewritten_by_the_image_component():
+    mapped = {i["name"] for i in kustomizations()[IMAGES / "kustomization.yaml"]["images"]}
+    for path in manifest_files():
+        for doc in load_docs(path):
+            for image in re.findall(r"image: (listener-grpo\S*)", yaml.safe_dump(doc)):
+                assert image in mapped, f"{path.name}: {image} would reach the cluster unmapped"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (the machine image has it)")
-@pytest.mark.parametrize("directory", ["deploy", "deploy/job", "deploy/prestage"])
-def test_kustomize_renders_what_kubectl_apply_will_send(directory):
-    """kubectl's own kustomize (offline): images rewritten inside the Ray CRDs too, one namespace."""
+def _mapped_images() -> set[str]:
+    out = set()
+    for i in kustomizations()[IMAGES / "kustomization.yaml"]["images"]:
+        out.add(f"{i['newName']}@{i['digest']}" if "digest" in i else f"{i['newName']}:{i['newTag']}")
+    return out
+
+
+def kubectl_kustomize(directory: str) -> list[dict]:
     result = subprocess.run(["kubectl", "kustomize", str(ROOT / directory)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.load_all(result.stdout, Loader=_LOADER) if d]
-    assert docs and all(d["metadata"]["namespace"] == "listener-grpo" for d in docs)
-    images = re.findall(r"^\s*(?:- )?image: (\S+)$", result.stdout, re.M)
-    mapped = {f"{i['newName']}:{i['newTag']}" for i in yaml.safe_load((ROOT / directory / "kustomization.yaml")
-                                                                      .read_text())["images"]}
+    return [d for d in yaml.load_all(result.stdout, Loader=_LOADER) if d]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (the machine image has it)")
+@pytest.mark.parametrize("directory", APPLIED)
+def test_kustomize_renders_what_kubectl_apply_will_send(directory):
+    """kubectl's own kustomize (offline): images rewritten inside the Ray CRDs too, one namespace for the
+    namespaced objects (PriorityClasses are cluster-scoped)."""
+    docs = kubectl_kustomize(directory)
+    assert docs
+    for d in docs:
+        if d["kind"] == "PriorityClass":
+            assert "namespace" not in d["metadata"]
+        else:
+            assert d["metadata"]["namespace"] == "listener-grpo", d["metadata"]["name"]
+    images = re.findall(r"^\s*(?:- )?image: (\S+)$", yaml.safe_dump_all(docs, width=1000), re.M)
     project = [i for i in images if not i.startswith("postgres:")]
-    assert project and set(project) <= mapped, images
+    assert set(project) <= _mapped_images(), images
+    assert bool(project) == (directory != "deploy/storage")
