@@ -6,7 +6,14 @@ weight-update extension the rollout engine loads.
 What `build_engine` settles, measured on the 2-core CPU machines (Nov 2026):
 - Threads: inside a Ray actor `OMP_NUM_THREADS=1`, and vLLM itself drops torch to one thread for serving
   unless `OMP_NUM_THREADS` is set externally. The builder sets both to `num_threads` (the actor's CPUs).
-- In-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): 3.5 s start-up instead of 24 s.
+- In-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): 3.5 s start-up instead of 24 s. The rollout
+  engine REQUIRES it (`in_process=True`): the Ray-actor-side transports (shared memory, object store,
+  collective) hand buckets to the model as tensors of the actor's own process; a user's `=1` is refused
+  with one line (`in_process_conflict`), never overridden silently.
+- GPU: `limit_mm_per_prompt` (two images, no video) and `mm_processor_kwargs` (`model.min_pixels` /
+  `max_pixels`, from pipeline/placement.py) bound what vLLM profiles the vision encoder for (at the
+  checkpoint's 12.8 MP default one image alone is 16,384 tokens); an engine that only prefills (the
+  listener: one token per request) gets `cuda_graphs=False`, no CUDA graph capture on start or scale-up.
 - No first-request stall: vLLM `torch.compile`s one sampler helper (`batched_count_greater_than`, used for
   logprob ranks) even in eager mode; on CPU that is a 3 s Dynamo trace per process plus a gcc build of the
   kernel when the inductor cache is cold (the 26 s first `generate` seen on a busy machine). An eager CPU
@@ -86,9 +93,12 @@ def host_dtype_support() -> tuple[frozenset[str], bool | None]:
 
 
 def engine_kwargs(engine: EngineConfig, seed: int, max_images: int, mm_processor_kwargs: dict | None,
-                  trust_remote_code: bool = False, dtype: str | None = None) -> dict:
+                  trust_remote_code: bool = False, dtype: str | None = None, cuda_graphs: bool = True,
+                  weight_transfer: str = "") -> dict:
     """The `vllm.LLM` arguments for one engine (pure; the CPU/GPU split is vLLM's, by platform). `dtype`:
-    the resolved `engine.dtype` (`resolve_dtype`); None passes the config's value through."""
+    the resolved `engine.dtype` (`resolve_dtype`); None passes the config's value through. `cuda_graphs`
+    False: compiled but no graph capture (a prefill-only engine). `weight_transfer`: the backend of vLLM's
+    weight-transfer engine ('nccl': actors/weight_sync_nccl.py), '' for none."""
     kwargs: dict[str, Any] = dict(
         enforce_eager=engine.enforce_eager, dtype=dtype or engine.dtype, max_model_len=engine.max_model_len,
         seed=seed, limit_mm_per_prompt={"image": max_images, "video": 0}, trust_remote_code=trust_remote_code,
@@ -96,17 +106,42 @@ def engine_kwargs(engine: EngineConfig, seed: int, max_images: int, mm_processor
     )
     if mm_processor_kwargs:
         kwargs["mm_processor_kwargs"] = dict(mm_processor_kwargs)
+    if not cuda_graphs and not engine.enforce_eager:
+        kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
+    if weight_transfer:
+        kwargs["weight_transfer_config"] = {"backend": weight_transfer}
     return kwargs
 
 
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def in_process_conflict(environ: dict[str, str] | Any) -> str:
+    """One line if `environ` asks for a multiprocess engine core, which the rollout engine's weight sync
+    cannot work with; '' if unset or '0'."""
+    value = environ.get(IN_PROCESS_ENV)
+    if value is None or value.strip() == "0":
+        return ""
+    return (f"{IN_PROCESS_ENV}={value} is set, but the rollout engine's weight sync loads buckets into the "
+            f"engine core in its own process: unset it (the run sets it to 0 itself)")
+
+
 def build_engine(model_path: str, engine: EngineConfig, seed: int, num_threads: int = 1, max_images: int = 2,
-                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False, **extra: Any) -> "LLM":
+                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False,
+                 in_process: bool = False, cuda_graphs: bool = True, weight_transfer: str = "",
+                 **extra: Any) -> "LLM":
     """A warmed-up `vllm.LLM` for `model_path`; `extra` goes to `LLM` (e.g. `worker_extension_cls`).
+    `in_process`: the engine core must run in this process (forced; a conflicting setting raises).
 
     Sampling is made reproducible by the engine `seed` and the order of requests: vLLM CPU 0.32 crashes on
     a per-request `SamplingParams(seed=...)`.
     """
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if in_process:
+        if conflict := in_process_conflict(os.environ):
+            raise RuntimeError(conflict)
+        os.environ[IN_PROCESS_ENV] = "0"
+    else:
+        os.environ.setdefault(IN_PROCESS_ENV, "0")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)  # the config, not a stray env var, decides
     configure_threads(num_threads)
     from vllm import LLM
@@ -117,7 +152,8 @@ def build_engine(model_path: str, engine: EngineConfig, seed: int, num_threads: 
 
         torch._dynamo.config.disable = True  # see the module docstring: no compile in an eager CPU engine
     dtype = resolve_dtype(engine.dtype, *host_dtype_support())
-    kwargs = engine_kwargs(engine, seed, max_images, mm_processor_kwargs, trust_remote_code, dtype=dtype)
+    kwargs = engine_kwargs(engine, seed, max_images, mm_processor_kwargs, trust_remote_code, dtype=dtype,
+                           cuda_graphs=cuda_graphs, weight_transfer=weight_transfer)
     llm = LLM(model=str(model_path), **kwargs, **extra)
     warm_up(llm)
     return llm
@@ -181,11 +217,16 @@ class WeightUpdateExtension:
         incomplete = _drop_incomplete_layers(model)
         with set_current_vllm_config(self.vllm_config), _quiet_layerwise():
             finalize_layerwise_reload(model, self.model_runner.model_config)
-        self.model_runner.reset_encoder_cache()
-        self.model_runner.reset_mm_cache()
+        self.lgrpo_reset_caches()
         if incomplete:
             raise ValueError(f"weight update left layers half-loaded (a fused q/k/v or gate/up split "
                              f"across updates?); they keep their old weights: {incomplete[:5]}")
+
+
+    def lgrpo_reset_caches(self) -> None:
+        """Drop the worker's caches computed with the old weights (after vLLM's own finish_weight_update too)."""
+        self.model_runner.reset_encoder_cache()
+        self.model_runner.reset_mm_cache()
 
 
 def _drop_incomplete_layers(model: Any) -> list[str]:

@@ -45,8 +45,9 @@ class ListenerWorker:
 
     def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0, num_threads: int = 1,
                  mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False) -> None:
-        self._llm = build_engine(model_path, engine, seed, num_threads=num_threads,
-                                 mm_processor_kwargs=mm_processor_kwargs, trust_remote_code=trust_remote_code)
+        self._llm = build_engine(model_path, engine, seed, num_threads=num_threads,  # prefill only: no graphs
+                                 mm_processor_kwargs=mm_processor_kwargs, trust_remote_code=trust_remote_code,
+                                 cuda_graphs=False)
         self._answer_ids = answer_token_ids(self._llm.get_tokenizer())
 
     def ready(self) -> bool:

@@ -34,11 +34,15 @@ class RolloutWorker:
     """One reasoner engine at policy version `policy_version()`."""
 
     def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0, num_threads: int = 1,
-                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False) -> None:
+                 mm_processor_kwargs: dict | None = None, trust_remote_code: bool = False,
+                 weight_transfer: str = "") -> None:
         from transformers import AutoImageProcessor
 
+        # in_process: the Ray-actor-side transports load buckets into the engine core of this process.
+        # weight_transfer 'nccl': vLLM's own receiver in each vLLM worker (actors/weight_sync_nccl.py).
         self._llm = build_engine(model_path, engine, seed, num_threads=num_threads,
                                  mm_processor_kwargs=mm_processor_kwargs, trust_remote_code=trust_remote_code,
+                                 in_process=True, weight_transfer=weight_transfer,
                                  logprobs_mode="processed_logprobs", worker_extension_cls=WEIGHT_UPDATE_EXTENSION)
         self._image_processor = AutoImageProcessor.from_pretrained(
             model_path, trust_remote_code=trust_remote_code, **(mm_processor_kwargs or {}))
@@ -48,6 +52,7 @@ class RolloutWorker:
         self._no_vision_tokens = {int(self._tokenizer.convert_tokens_to_ids(t)): -100.0 for t in VISION_TOKENS}
         self._version = 0
         self._updating = False
+        self._vllm_session = False  # the open update is vLLM's own (nccl transport), not the extension's
 
     def ready(self) -> bool:
         return True
@@ -123,7 +128,24 @@ class RolloutWorker:
     # ---- weights ---------------------------------------------------------------------------------
     # The transports of actors/weight_sync.py call `load_bucket_arrays` (object store),
     # `load_shared_bucket` (shared memory) or `init_weight_group` + `receive_weight_bucket` (collective);
-    # each returns the seconds the engine spent loading, and all go through `load_weights`.
+    # each returns the seconds the engine spent loading, and all go through `load_weights`. The nccl
+    # transport calls `init_weight_transfer` + `receive_weight_transfer`: vLLM's own session and receiver.
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join vLLM's weight-transfer NCCL group (every vLLM worker of this engine; the nccl transport)."""
+        self._llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_weight_transfer(self, update_info: dict) -> float:
+        """Receive one bucket through vLLM's weight-transfer engine and load it; seconds from the call to
+        the bucket loaded (it includes waiting for learner rank 0's broadcast)."""
+        import time
+
+        start = time.perf_counter()
+        if not self._updating:
+            self._llm.start_weight_update()  # vLLM's layer-wise reload session, closed by finish_weight_update
+            self._updating = self._vllm_session = True
+        self._llm.update_weights({"update_info": update_info})
+        return time.perf_counter() - start
 
     def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
         """Join the weight-sync process group of learner rank 0 (group rank 0) and the rollout workers."""
@@ -178,9 +200,9 @@ class RolloutWorker:
         if not self._updating:
             self._llm.collective_rpc("lgrpo_begin_update")  # an empty update still resets the caches
         try:
-            self._llm.collective_rpc("lgrpo_finish_update")
+            self._close_update()
         finally:
-            self._updating = False
+            self._updating = self._vllm_session = False
             # Cached vision embeddings and KV blocks were computed by the old weights.
             self._llm.llm_engine.reset_encoder_cache()
             self._llm.reset_prefix_cache()
@@ -191,13 +213,20 @@ class RolloutWorker:
         if not self._updating:
             return
         try:
-            self._llm.collective_rpc("lgrpo_finish_update")
+            self._close_update()
         except Exception:  # half-loaded layers raise and keep their old weights: what an abort wants
             pass
         finally:
-            self._updating = False
+            self._updating = self._vllm_session = False
             self._llm.llm_engine.reset_encoder_cache()
             self._llm.reset_prefix_cache()
+
+    def _close_update(self) -> None:
+        if self._vllm_session:
+            self._llm.finish_weight_update()
+            self._llm.collective_rpc("lgrpo_reset_caches")
+        else:
+            self._llm.collective_rpc("lgrpo_finish_update")
 
     def update_weights(self, named_tensors: list[tuple[str, Any]], version: int) -> int:
         """`load_weights` and `finish_weight_update` in one call; returns the bytes loaded."""

@@ -19,13 +19,19 @@ serialise ~9 GB and take 40+ s):
   copies the bucket into a staging file in /dev/shm; the workers map it and the engine loads from views.
   One copy into staging, one into the engine, nothing serialised.
 - `object_store`: rank 0 `ray.put`s the bucket once (a numpy byte view per tensor); workers read it in place.
+  A CUDA bucket first hops to pinned host memory (`host_bytes`): the object store holds host bytes only.
 - `collective`: a process group of learner rank 0 (rank 0) and the rollout workers' processes (ranks
   1..R), built from its own TCPStore, so it never touches the learners' default group; each packed bucket
-  is broadcast (gloo on CPU, NCCL on GPU); the workers get the meta through Ray (`CollectiveReceiver`).
+  is broadcast (gloo on CPU, NCCL on GPU, with a watchdog of `NCCL_GROUP_TIMEOUT`, not NCCL's 10 minutes);
+  the workers get the meta through Ray (`CollectiveReceiver`, in the Ray actor's process).
+- `nccl` (what `auto` picks when the learner and the engines are on GPUs, `plan_transport`): vLLM's own
+  weight-transfer engine, the receiver in each vLLM worker; actors/weight_sync_nccl.py.
 - `cuda_ipc` (planned): a learner and an engine sharing a GPU would send CUDA IPC handles of the gathered
   bucket (`torch.multiprocessing.reductions.reduce_tensor`) instead of bytes; add a class with the same
   three methods and register it in `TRANSPORTS`.
-After the last bucket every worker gets `finish_weight_update(version)`.
+After the last bucket every worker gets `finish_weight_update(version)`. A failed send on workers that are
+all alive in the processes the transport was built with is reported as `SYNC_FAILED` (the driver stops
+with it); anything else (a worker gone or restarted) as a failure the driver recovers from by a restart.
 
 Every rank must call `sync_weights` (and its gathers) in the same order; if rank 0's transport fails
 mid-sync the other ranks wait in the next gather until the group's timeout, so treat a failed sync as
@@ -52,7 +58,11 @@ import torch
 from pipeline.types import WeightBucketMeta, WeightVersion
 
 NamedTensors = list[tuple[str, torch.Tensor]]
-_GROUP_TIMEOUT = timedelta(minutes=10)
+_GROUP_TIMEOUT = timedelta(minutes=10)  # gloo and the TCPStore: a dead CPU peer is detected by its socket
+# NCCL: a broadcast may wait behind a long `generate` (max_staleness 1) or a slow gather; NCCL's default
+# 10-minute watchdog would kill the learner for it.
+NCCL_GROUP_TIMEOUT = timedelta(hours=2)
+SYNC_FAILED = "weight sync failed with every rollout worker alive"
 
 
 # ---- learner side: planning and gathering -------------------------------------------------------------
@@ -166,8 +176,8 @@ def sync_weights(model: torch.nn.Module, transport: "WeightTransport | None", ve
             t_send = time.perf_counter()
             try:
                 load_s = transport.send_bucket(named)
-            except Exception as exc:  # a rollout worker died mid-sync: report it, but keep gathering in
-                error, load_s = _describe(exc), 0.0  # step with the other ranks (they would wait for rank 0)
+            except Exception as exc:  # report it, but keep gathering in step with the other ranks (they
+                error, load_s = describe_failure(transport, exc), 0.0  # would wait for rank 0)
             phases["load_s"] += load_s
             phases["transfer_s"] += time.perf_counter() - t_send - load_s
         num_bytes += sum(t.numel() * t.element_size() for _, t in named)
@@ -179,7 +189,7 @@ def sync_weights(model: torch.nn.Module, transport: "WeightTransport | None", ve
         try:
             transport.finish(version)
         except Exception as exc:
-            error = _describe(exc)
+            error = describe_failure(transport, exc)
         phases["load_s"] += time.perf_counter() - t_finish
     return WeightVersion(version=version, num_bytes=num_bytes, num_buckets=num_buckets,
                          seconds=time.perf_counter() - start, transport=transport_name,
@@ -189,6 +199,31 @@ def sync_weights(model: torch.nn.Module, transport: "WeightTransport | None", ve
 def _describe(exc: Exception) -> str:
     lines = str(exc).strip().splitlines()  # a RayTaskError's last line is the remote error itself
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def describe_failure(transport: Any, exc: Exception, timeout_s: float = 30.0) -> str:
+    """The error of a failed send: prefixed with `SYNC_FAILED` when every worker still answers from the
+    process the transport was built with (the sync itself failed: restarting workers would not help);
+    plain otherwise (a worker died or restarted, or does not answer: the driver's recovery applies)."""
+    baseline = getattr(transport, "pids", None)
+    if baseline is not None and worker_pids(getattr(transport, "workers", []), timeout_s) == baseline:
+        return f"{SYNC_FAILED} ({_describe(exc)})"
+    return _describe(exc)
+
+
+def worker_pids(workers: Sequence[Any], timeout_s: float = 30.0) -> list[int] | None:
+    """Each worker's process id, or None if any is dead, restarting or busy past `timeout_s`."""
+    import ray
+
+    refs = [worker.__ray_call__.remote(_pid) for worker in workers]
+    try:
+        return [int(pid) for pid in ray.get(refs, timeout=timeout_s)]
+    except Exception:  # RayActorError, GetTimeoutError, ...: not provably the same live processes
+        return None
+
+
+def _pid(_actor: Any) -> int:
+    return os.getpid()
 
 
 # ---- transports -------------------------------------------------------------------------------------
@@ -234,8 +269,22 @@ class ObjectStoreTransport:
 
 
 def byte_view(tensor: torch.Tensor) -> Any:
-    """The tensor's own bytes as a numpy uint8 array sharing its memory (copied only if not contiguous)."""
-    return tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
+    """The tensor's own bytes as a numpy uint8 array: sharing its memory for a host tensor (copied only if
+    not contiguous); for a CUDA tensor, a copy in pinned host memory (`host_bytes`: numpy has no view of
+    device memory, and the object store holds host bytes)."""
+    flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+    return (host_bytes(flat) if flat.device.type != "cpu" else flat).numpy()
+
+
+def host_bytes(flat_u8: torch.Tensor, pin: bool | None = None) -> torch.Tensor:
+    """A host copy of a flat uint8 tensor, in pinned (page-locked) memory where CUDA is there to pin it, so
+    the device-to-host copy runs at full PCIe speed; synchronised before it is returned."""
+    pin = torch.cuda.is_available() if pin is None else pin
+    host = torch.empty(flat_u8.numel(), dtype=torch.uint8, pin_memory=pin)
+    host.copy_(flat_u8, non_blocking=pin)
+    if pin and flat_u8.device.type == "cuda":
+        torch.cuda.current_stream(flat_u8.device).synchronize()
+    return host
 
 
 def from_byte_arrays(meta: WeightBucketMeta, arrays: Sequence[Any]) -> NamedTensors:
@@ -350,21 +399,51 @@ class CollectiveTransport:
         self.group = None
 
 
+# The transports that run everywhere (CPU and GPU); `nccl` needs CUDA on both ends.
 TRANSPORTS = {"object_store": ObjectStoreTransport, "collective": CollectiveTransport,
               "shared_memory": SharedMemoryTransport}
+GPU_TRANSPORTS = ("nccl",)  # actors/weight_sync_nccl.py
+
+
+def plan_transport(name: str, learner_on_gpu: bool, rollout_on_gpu: bool, same_node: bool | None) -> str:
+    """What `sync.transport` stands for (pure; `same_node` None: not known yet). `auto`: vLLM's NCCL
+    engine when the learner and the engines are on GPUs (never a host hop of every bucket); else shared
+    memory when every worker is on learner rank 0's node, else the object store (CUDA buckets hop through
+    pinned host memory). Without `same_node`, the CPU choice stays `auto` (decided when the sync starts)."""
+    if name != "auto":
+        return name
+    if learner_on_gpu and rollout_on_gpu:
+        return "nccl"
+    if same_node is None:
+        return "auto"
+    return "shared_memory" if same_node else "object_store"
 
 
 def resolve_transport(name: str, workers: Sequence[Any]) -> str:
-    """`auto`: shared memory when every worker is on this (learner rank 0's) node, else the object store."""
+    """`plan_transport` with what learner rank 0 sees: its own GPU, the workers' GPUs and nodes."""
     if name != "auto":
         return name
-    return "shared_memory" if same_node(workers) else "object_store"
+    import ray
+
+    learner_on_gpu = torch.cuda.is_available()
+    rollout_on_gpu = learner_on_gpu and all(ray.get([w.__ray_call__.remote(_has_cuda) for w in workers]))
+    return plan_transport(name, learner_on_gpu, rollout_on_gpu, same_node(workers))
+
+
+def _has_cuda(_actor: Any) -> bool:
+    return torch.cuda.is_available()
 
 
 def make_transport(name: str, workers: Sequence[Any]) -> WeightTransport:
-    if name not in TRANSPORTS:
-        raise ValueError(f"unknown weight-sync transport {name!r}; known: {sorted(TRANSPORTS)}")
-    return TRANSPORTS[name](workers)
+    if name in GPU_TRANSPORTS:
+        from actors.weight_sync_nccl import NcclTransport as cls
+    elif name in TRANSPORTS:
+        cls = TRANSPORTS[name]
+    else:
+        raise ValueError(f"unknown weight-sync transport {name!r}; known: {sorted([*TRANSPORTS, *GPU_TRANSPORTS])}")
+    transport = cls(workers)
+    transport.pids = worker_pids(workers)  # describe_failure: the same live processes after a failed send?
+    return transport
 
 
 # ---- the collective group, both sides ----------------------------------------------------------------
@@ -409,7 +488,9 @@ def new_group(host: str, port: int, rank: int, world_size: int, backend: str) ->
         process_group = dist.ProcessGroupGloo(prefixed, rank, world_size, _GROUP_TIMEOUT)
         device = torch.device("cpu")
     elif backend == "nccl":
-        process_group = dist.ProcessGroupNCCL(prefixed, rank, world_size, dist.ProcessGroupNCCL.Options())
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = NCCL_GROUP_TIMEOUT  # the watchdog's limit: see NCCL_GROUP_TIMEOUT
+        process_group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         raise ValueError(f"unknown backend {backend!r}; expected 'gloo' or 'nccl'")

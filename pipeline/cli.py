@@ -172,8 +172,11 @@ def _train(args: argparse.Namespace) -> int:
         if not config_path.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a run directory)")
     cfg = load_config(config_path, args.overrides)
-    if args.print_config:
-        sys.stdout.write(config_to_yaml(cfg))
+    if args.print_config:  # the config, then what the run will do with it (refusals: one line, exit 2)
+        from pipeline.placement import check_plan, describe_plan
+
+        check_plan(cfg)
+        sys.stdout.write(config_to_yaml(cfg) + "".join(f"# plan: {line}\n" for line in describe_plan(cfg)))
         return 0
     from pipeline.driver import train  # heavy imports (ray) only when training
 

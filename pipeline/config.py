@@ -76,7 +76,8 @@ class EngineConfig(_Section):
     max_model_len: int = Field(1024, gt=0, description="vLLM context length.")
     kv_cache_gib: int = Field(1, gt=0, description="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU fraction for vLLM (GPU only).")
-    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel size (GPU only).")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel size (GPU only); only 1 runs "
+                                      "today (pipeline/placement.py refuses more: one GPU per engine actor).")
 
 
 class RolloutConfig(_Section):
@@ -154,6 +155,10 @@ class LearnerConfig(_Section):
     num_cpus: float = Field(1, ge=0, description="CPUs per learner rank.")
     num_gpus: float = Field(0, ge=0, description="GPUs per learner rank.")
     resource: str = Field("learner", description="Ray custom resource learner ranks ask for (one unit each).")
+    placement: Literal["strict_pack", "pack", "none"] = Field(
+        "pack", description="Placement group of the learner ranks (pipeline/placement.py): strict_pack = all on "
+        "one node (NVLink for ZeRO-3's gathers; the run waits until one node holds them all), pack = one node "
+        "if possible, none = wherever Ray puts them.")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "LearnerConfig":
@@ -163,10 +168,12 @@ class LearnerConfig(_Section):
 
 
 class SyncConfig(_Section):
-    transport: Literal["auto", "shared_memory", "object_store", "collective"] = Field(
+    transport: Literal["auto", "shared_memory", "object_store", "collective", "nccl"] = Field(
         "auto", description="How weights reach the rollout workers: shared_memory (same node, no "
-        "serialisation), object_store (Ray), collective (gloo/NCCL broadcast); auto: shared_memory when every "
-        "rollout worker is on learner rank 0's node, else object_store.")
+        "serialisation), object_store (Ray; CUDA buckets hop through pinned host memory), collective "
+        "(gloo/NCCL broadcast to the Ray actors), nccl (vLLM's weight-transfer engine, GPU learner and GPU "
+        "engines); auto: nccl when the learner and the rollout workers have GPUs, else shared_memory when every "
+        "rollout worker is on learner rank 0's node, else object_store (actors/weight_sync.py plan_transport).")
     bucket_mb: float = Field(64.0, gt=0, description="Weight-sync bucket size in MiB.")
 
 

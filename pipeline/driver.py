@@ -204,6 +204,7 @@ def learn_step(step: int, groups: list[RolloutGroup], scores: list[ListenerScore
         synced = actors.learner.sync_weights(actors.rollout, policy.version + 1, cfg.sync)
         if synced.error:  # a rollout worker died during the sync: restart it, then sync everyone again
             log.warning("weight sync failed (%s)", synced.error)
+            stop_if_sync_failed(synced)
             synced = recover_rollout_workers(range(len(actors.rollout)), actors, cfg, policy, policy.version + 1)
         policy.version = synced.version
         timings["time/sync_s"] = time.perf_counter() - t_sync
@@ -308,8 +309,18 @@ def recover_rollout_workers(indices, actors: Actors, cfg: RunConfig, policy: Pol
         synced = actors.learner.sync_weights(actors.rollout, version, cfg.sync)
         if not synced.error:
             return synced
+        stop_if_sync_failed(synced)
         log.warning("weight sync to the restarted rollout workers failed (%s); recovering again", synced.error)
         indices = range(len(actors.rollout))
+
+
+def stop_if_sync_failed(synced) -> None:
+    """A sync that failed while every rollout worker lived on in its process is no worker death: restarting
+    them would not help, so the run stops with what failed (actors/weight_sync.py describe_failure)."""
+    from actors.weight_sync import SYNC_FAILED
+
+    if synced.error.startswith(SYNC_FAILED):
+        raise TrainingAborted(f"{synced.error} (sync.transport={synced.transport}); the run stopped")
 
 
 def _await_restarted(indices, actors: Actors, cfg: RunConfig, policy: PolicyState, version: int) -> None:

@@ -8,10 +8,20 @@ worker group and the groups scale independently. The listener pool is a named ac
 On an existing cluster (`ray job submit`) `wait_for_resources` asks the autoscaler for every actor's
 resources and waits at most `trainer.startup_timeout_s`; the engines then get the same time to come up.
 Either wait ending stops the run with one line naming the resources the cluster did not provide.
+
+GPU topology (docs/design.md "GPU topology" has the 7B arithmetic): `check_plan` refuses, one line each,
+what cannot run (tensor parallelism, a GPU count an engine would not use, `sync.transport=nccl` without a
+whole GPU per rank, a multiprocess engine core); the learner ranks share a placement group
+(`learner.placement`: STRICT_PACK or PACK, `learner_placement_group`), so ZeRO-3's all-gathers stay on one
+node's NVLink; the listener pool and the reward aggregator (no resources of their own) are pinned to the
+head node (`head_node_id`), so an autoscaler removing a listener or rollout pod never takes them with it;
+the weight-sync transport `auto` stands for is planned from the config (`plan_transport`). `python -m
+pipeline train --print-config` prints all of it (`describe_plan`) below the config.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +40,16 @@ class Actors:
     listener_pool: Any  # the named ListenerPool actor
     reward: Any  # RewardAggregator actor
     learner: Any  # LearnerGroup (driver-side handle over W LearnerRank actors)
+    learner_group: Any = None  # the learner ranks' placement group (None: learner.placement none)
 
     def shutdown(self) -> None:
         """Stop every actor of the run (the named pool too, so a new run in this cluster can take the name)."""
         import ray
 
         self.learner.shutdown()
+        if self.learner_group is not None:
+            ray.util.remove_placement_group(self.learner_group)
+            self.learner_group = None
         try:
             ray.get(self.listener_pool.shutdown.remote(), timeout=60)
         except Exception:  # a dead pool has nothing left to stop
@@ -83,6 +97,86 @@ def actor_bundles(cfg: RunConfig) -> list[dict[str, float]]:
     return bundles
 
 
+# ---- GPU topology: refusals, the transport, the learner's placement group, the head node ----------------
+
+def check_plan(cfg: RunConfig, environ: Any = None) -> None:
+    """Refuse, with one line, a setting the run cannot work with (before any actor starts)."""
+    from actors.engine import in_process_conflict
+
+    for name, section in (("rollout", cfg.rollout), ("listener", cfg.listener)):
+        tp = section.engine.tensor_parallel_size
+        if tp > 1:
+            raise ConfigError(f"{name}.engine.tensor_parallel_size={tp} is not supported: each engine is one Ray "
+                              f"actor whose vLLM runs on one GPU (the weight sync and the GPU requests assume it); "
+                              f"use 1 and more {name}.num_workers (a 7B engine fits one 80 GB GPU)")
+        if section.num_gpus > 1:
+            raise ConfigError(f"{name}.num_gpus={section.num_gpus:g}: an engine uses one GPU "
+                              f"(tensor_parallel_size 1); the others would sit idle")
+    if cfg.sync.transport == "nccl" and (cfg.learner.num_gpus < 1 or cfg.rollout.num_gpus < 1):
+        raise ConfigError(f"sync.transport=nccl needs a whole GPU per learner rank and per rollout worker (NCCL "
+                          f"runs one rank per GPU), got learner.num_gpus={cfg.learner.num_gpus:g}, "
+                          f"rollout.num_gpus={cfg.rollout.num_gpus:g}; use sync.transport=auto")
+    if conflict := in_process_conflict(os.environ if environ is None else environ):
+        raise ConfigError(conflict)
+
+
+def planned_transport(cfg: RunConfig) -> str:
+    """The transport `sync.transport` stands for, from the config alone ('auto': shared_memory or
+    object_store, decided by where the workers are when the first sync starts)."""
+    from actors.weight_sync import plan_transport
+
+    return plan_transport(cfg.sync.transport, cfg.learner.num_gpus > 0, cfg.rollout.num_gpus > 0, None)
+
+
+def learner_placement_group(cfg: RunConfig) -> tuple[list[dict[str, float]], str] | None:
+    """(bundles, strategy) of the learner ranks' placement group: one bundle per rank, as the rank asks."""
+    strategy = {"strict_pack": "STRICT_PACK", "pack": "PACK"}.get(cfg.learner.placement)
+    if strategy is None:
+        return None
+    learner = cfg.learner
+    bundle = {"CPU": learner.num_cpus, "GPU": learner.num_gpus, learner.resource: 1.0}
+    return [{k: v for k, v in bundle.items() if v > 0} for _ in range(learner.num_ranks)], strategy
+
+
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # what Ray puts on the head node's resources
+
+
+def head_node_id(nodes: list[dict[str, Any]]) -> str | None:
+    """The head node's id in `ray.nodes()`, None if no live node carries the head marker."""
+    for node in nodes:
+        if node.get("Alive") and HEAD_NODE_RESOURCE in node.get("Resources", {}):
+            return node["NodeID"]
+    return None
+
+
+def engine_processor_kwargs(cfg: RunConfig) -> dict[str, int]:
+    """vLLM's `mm_processor_kwargs` for both engines: the model's pixel bounds, so vLLM profiles the vision
+    encoder for the largest image the run feeds it, not the checkpoint's 12.8 MP default."""
+    return {"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels}
+
+
+def describe_plan(cfg: RunConfig) -> list[str]:
+    """What the run will do with its resources, one line each (`train --print-config`)."""
+    transport = planned_transport(cfg)
+    transport_line = {"nccl": "nccl (vLLM's weight-transfer engine: learner rank 0's GPU -> every rollout "
+                              "engine's GPU, packed NCCL broadcast)",
+                      "auto": "auto -> shared_memory if every rollout worker is on learner rank 0's node, "
+                              "else object_store (decided at the first sync)"}.get(transport, transport)
+    group = learner_placement_group(cfg)
+    learner = cfg.learner
+    lines = [f"sync.transport: {transport_line}",
+             f"learner: {learner.num_ranks} ranks x {learner.num_gpus:g} GPU, "
+             + (f"placement group {group[1]} of {len(group[0])} x {group[0][0]}" if group else "no placement group"),
+             f"rollout: {cfg.rollout.num_workers} engines x {cfg.rollout.num_gpus:g} GPU (resource "
+             f"'{cfg.rollout.resource}'), in-process engine core, mm_processor_kwargs {engine_processor_kwargs(cfg)}",
+             f"listener: {cfg.listener.num_workers} engines x {cfg.listener.num_gpus:g} GPU (resource "
+             f"'{cfg.listener.resource}'), no CUDA graphs (prefill only), max_in_flight {cfg.listener.max_in_flight} "
+             f"per engine for {cfg.data.pairs_per_step * cfg.rollout.group_size} requests a step",
+             "listener pool, reward aggregator: pinned to the head node (0 CPUs, 0 GPUs)",
+             f"GPUs: {required_resources(cfg)['GPU']:g} in all"]
+    return lines
+
+
 def wait_for_resources(cfg: RunConfig, poll_s: float = 1.0) -> None:
     """On an existing cluster: ask the autoscaler for the run's actors, then wait until the cluster holds
     them; after `trainer.startup_timeout_s` raise one line naming what is still missing."""
@@ -120,26 +214,33 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
     from actors.reward import RewardAggregator
     from actors.rollout import RolloutWorker
 
+    check_plan(cfg)
     seed = cfg.trainer.seed
+    mm_kwargs = engine_processor_kwargs(cfg)
+    weight_transfer = "nccl" if planned_transport(cfg) == "nccl" else ""  # vLLM's receiver in the engines
     rollout_options = _options(cfg.rollout.num_cpus, cfg.rollout.num_gpus, cfg.rollout.resource)
     rollout = [
         ray.remote(RolloutWorker).options(**rollout_options, max_restarts=-1, max_task_retries=0)
         .remote(reasoner_path, cfg.rollout.engine, seed=seed + index,
-                num_threads=intra_op_threads(cfg.rollout.num_cpus),
-                trust_remote_code=cfg.model.trust_remote_code)
+                num_threads=intra_op_threads(cfg.rollout.num_cpus), mm_processor_kwargs=mm_kwargs,
+                trust_remote_code=cfg.model.trust_remote_code, weight_transfer=weight_transfer)
         for index in range(cfg.rollout.num_workers)
     ]
+    on_head = _on_head_node()
     listener_options = _options(cfg.listener.num_cpus, cfg.listener.num_gpus, cfg.listener.resource)
     listener_pool = ray.remote(ListenerPool).options(
-        name=LISTENER_POOL_NAME, namespace=RAY_NAMESPACE, num_cpus=0, max_concurrency=64,
+        name=LISTENER_POOL_NAME, namespace=RAY_NAMESPACE, num_cpus=0, max_concurrency=64, **on_head,
     ).remote(listener_path, cfg.listener, worker_options=listener_options, seed=seed,
-             trust_remote_code=cfg.model.trust_remote_code)
-    reward = ray.remote(RewardAggregator).options(num_cpus=0).remote(cfg.reward, cfg.algo.advantage_scaling)
+             mm_processor_kwargs=mm_kwargs, trust_remote_code=cfg.model.trust_remote_code)
+    reward = ray.remote(RewardAggregator).options(num_cpus=0, **on_head).remote(cfg.reward,
+                                                                                 cfg.algo.advantage_scaling)
+    learner_group, learner_options = _learner_group(cfg)
     learner = LearnerGroup(
         reasoner_path, cfg.learner, cfg.algo, seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature, trust_remote_code=cfg.model.trust_remote_code,
-        actor_options=_options(cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resource))
-    actors = Actors(rollout=rollout, listener_pool=listener_pool, reward=reward, learner=learner)
+        actor_options=learner_options)
+    actors = Actors(rollout=rollout, listener_pool=listener_pool, reward=reward, learner=learner,
+                    learner_group=learner_group)
     ready = [worker.ready.remote() for worker in rollout] + [listener_pool.ready.remote()]
     try:
         ray.get(ready, timeout=cfg.trainer.startup_timeout_s)
@@ -155,3 +256,37 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
 
 def _options(num_cpus: float, num_gpus: float, resource: str) -> dict[str, Any]:
     return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": {resource: 1}}
+
+
+def _on_head_node() -> dict[str, Any]:
+    """Actor options pinning an actor to the head node (nothing if no node carries the head marker)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = head_node_id(ray.nodes())
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=False)} if head else {}
+
+
+def _learner_group(cfg: RunConfig) -> tuple[Any, dict[str, Any]]:
+    """The learner ranks' placement group, ready (or one line after trainer.startup_timeout_s), and the
+    ranks' actor options (each rank takes one bundle)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    learner = cfg.learner
+    options = _options(learner.num_cpus, learner.num_gpus, learner.resource)
+    spec = learner_placement_group(cfg)
+    if spec is None:
+        return None, options
+    bundles, strategy = spec
+    group = placement_group(bundles, strategy=strategy)
+    try:
+        ray.get(group.ready(), timeout=cfg.trainer.startup_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise ConfigError(f"the learner's placement group ({len(bundles)} x {bundles[0]}, {strategy}) was not "
+                          f"placed within {cfg.trainer.startup_timeout_s:g} s (trainer.startup_timeout_s): no node "
+                          f"holds all the ranks; set learner.placement=pack or fewer learner.num_ranks") from None
+    return group, {**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=-1, placement_group_capture_child_tasks=False)}
