@@ -204,11 +204,47 @@ def local_cluster_resources(cfg: RunConfig) -> dict[str, Any]:
     return {"num_cpus": max(need["CPU"] + 2, 4), "resources": custom}
 
 
+# ---- threads: each actor's torch/OpenMP intra-op threads ------------------------------------------------
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Intra-op threads of each rollout worker, each listener and each learner rank."""
+
+    rollout: int
+    listener: int
+    learner: int
+
+
+def local_cores(environ: Any = None) -> int | None:
+    """The cores this process may run on when the run starts its own local cluster (no RAY_ADDRESS, as the
+    driver decides), else None: on an existing cluster an actor's share is its `num_cpus` on its node."""
+    environ = os.environ if environ is None else environ
+    return None if environ.get("RAY_ADDRESS") else len(os.sched_getaffinity(0))
+
+
+def thread_plan(cfg: RunConfig, cores: int | None) -> ThreadPlan:
+    """Threads that follow the cores the run has, no setting per machine. The engines (rollout workers and
+    listeners) run together, the listeners scoring shards as they are generated: they split the cores. The
+    learner takes every core: with `max_staleness` 0 it runs alone; with 1 the engines' threads run beside it
+    only while they generate and score, a part of its step (at mid ~20 of ~50 s), and a core kept back for
+    them idles for the rest (CPU 63-67% with one learner thread on 2 cores, BENCHMARKS.md), so the OS shares
+    the cores while both run. A section's `num_cpus` (its Ray reservation) is a floor; `cores` None (an
+    existing cluster) gives each actor its reservation's whole CPUs."""
+    from actors.engine import intra_op_threads
+
+    floor = ThreadPlan(intra_op_threads(cfg.rollout.num_cpus), intra_op_threads(cfg.listener.num_cpus),
+                       intra_op_threads(cfg.learner.num_cpus))
+    if cores is None:
+        return floor
+    engine_share = cores // (cfg.rollout.num_workers + cfg.listener.num_workers)
+    return ThreadPlan(max(floor.rollout, engine_share), max(floor.listener, engine_share),
+                      max(floor.learner, cores // cfg.learner.num_ranks))
+
+
 def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Actors:
     """Create every actor with its resources; the engines start in parallel."""
     import ray
 
-    from actors.engine import intra_op_threads
     from actors.learner import LearnerGroup
     from actors.listener import ListenerPool
     from actors.reward import RewardAggregator
@@ -216,13 +252,14 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
 
     check_plan(cfg)
     seed = cfg.trainer.seed
+    threads = thread_plan(cfg, local_cores())
     mm_kwargs = engine_processor_kwargs(cfg)
     weight_transfer = "nccl" if planned_transport(cfg) == "nccl" else ""  # vLLM's receiver in the engines
     rollout_options = _options(cfg.rollout.num_cpus, cfg.rollout.num_gpus, cfg.rollout.resource)
     rollout = [
         ray.remote(RolloutWorker).options(**rollout_options, max_restarts=-1, max_task_retries=0)
         .remote(reasoner_path, cfg.rollout.engine, seed=seed + index,
-                num_threads=intra_op_threads(cfg.rollout.num_cpus), mm_processor_kwargs=mm_kwargs,
+                num_threads=threads.rollout, mm_processor_kwargs=mm_kwargs,
                 trust_remote_code=cfg.model.trust_remote_code, weight_transfer=weight_transfer)
         for index in range(cfg.rollout.num_workers)
     ]
@@ -230,13 +267,14 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
     listener_options = _options(cfg.listener.num_cpus, cfg.listener.num_gpus, cfg.listener.resource)
     listener_pool = ray.remote(ListenerPool).options(
         name=LISTENER_POOL_NAME, namespace=RAY_NAMESPACE, num_cpus=0, max_concurrency=64, **on_head,
-    ).remote(listener_path, cfg.listener, worker_options=listener_options, seed=seed,
-             mm_processor_kwargs=mm_kwargs, trust_remote_code=cfg.model.trust_remote_code)
+    ).remote(listener_path, _with_threads(cfg.listener, threads.listener), worker_options=listener_options,
+             seed=seed, mm_processor_kwargs=mm_kwargs, trust_remote_code=cfg.model.trust_remote_code)
     reward = ray.remote(RewardAggregator).options(num_cpus=0, **on_head).remote(cfg.reward,
                                                                                  cfg.algo.advantage_scaling)
     learner_group, learner_options = _learner_group(cfg)
     learner = LearnerGroup(
-        reasoner_path, cfg.learner, cfg.algo, seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
+        reasoner_path, _with_threads(cfg.learner, threads.learner), cfg.algo, seed=seed,
+        max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature, trust_remote_code=cfg.model.trust_remote_code,
         actor_options=learner_options)
     actors = Actors(rollout=rollout, listener_pool=listener_pool, reward=reward, learner=learner,
@@ -256,6 +294,12 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
 
 def _options(num_cpus: float, num_gpus: float, resource: str) -> dict[str, Any]:
     return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": {resource: 1}}
+
+
+def _with_threads(section: Any, threads: int) -> Any:
+    """The section an actor reads its threads from (`intra_op_threads(num_cpus)`), carrying its planned
+    threads; Ray's reservation stays the configured `num_cpus` (`_options`)."""
+    return section.model_copy(update={"num_cpus": float(threads)})
 
 
 def _on_head_node() -> dict[str, Any]:
