@@ -94,13 +94,51 @@ class RolloutConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
 
 
+class AutoscaleConfig(_Section):
+    """The listener pool sizing itself from its own backlog (pipeline/autoscale.py has the rule)."""
+
+    enabled: bool = Field(False, description="Let the pool resize itself between min_workers and max_workers.")
+    min_workers: int = Field(1, gt=0, description="The pool never shrinks itself below this.")
+    max_workers: int = Field(4, gt=0, description="The pool never grows itself above this, and `scale-listeners` "
+                             "refuses more; on KubeRay keep it <= the listener group's maxReplicas.")
+    target_backlog_per_worker: float = Field(8.0, gt=0, description="Requests queued or in flight per worker the "
+                                             "pool aims for (the peak since the last check): more grows it, "
+                                             "less shrinks it after scale_down_cooldown_s.")
+    interval_s: float = Field(5.0, gt=0, description="How often the pool checks its backlog.")
+    scale_up_cooldown_s: float = Field(30.0, ge=0, description="No growth sooner than this after a resize.")
+    scale_down_cooldown_s: float = Field(300.0, ge=0, description="Shrink only after the backlog has wanted "
+                                         "fewer workers for this long (longer than a GRPO step's quiet part).")
+    resize_timeout_s: float = Field(900.0, gt=0, description="How long a growth (autoscaled, or manual with no "
+                                    "timeout of its own) waits for the new engines "
+                                    "(on KubeRay: for new listener pods) before it gives them up and keeps "
+                                    "the workers that came up.")
+    override_hold_s: float = Field(600.0, ge=0, description="After a manual `scale-listeners`, the pool keeps "
+                                   "that size this long before autoscaling resumes.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscaleConfig":
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) > max_workers ({self.max_workers})")
+        return self
+
+
 class ListenerConfig(_Section):
-    num_workers: int = Field(1, gt=0, description="Listener engines in the pool (resizable live).")
+    num_workers: int = Field(1, gt=0, description="Listener engines in the pool (resizable live); with "
+                             "autoscale.enabled, the size it starts at, within [min_workers, max_workers].")
     max_in_flight: int = Field(4, gt=0, description="Score requests in flight per listener (backpressure).")
     num_cpus: float = Field(1, ge=0, description="CPUs per listener.")
     num_gpus: float = Field(0, ge=0, description="GPUs per listener.")
     resource: str = Field("listener", description="Ray custom resource the pool asks for, so it scales alone.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig, description="The pool resizing itself.")
+
+    @model_validator(mode="after")
+    def _start_within_bounds(self) -> "ListenerConfig":
+        bounds = self.autoscale
+        if bounds.enabled and not bounds.min_workers <= self.num_workers <= bounds.max_workers:
+            raise ValueError(f"num_workers ({self.num_workers}) outside autoscale [min_workers, max_workers] = "
+                             f"[{bounds.min_workers}, {bounds.max_workers}]")
+        return self
 
 
 class RewardConfig(_Section):

@@ -14,7 +14,9 @@ one policy version behind the learner's, `policy/staleness`); a worker loads the
 its generate calls (a Ray actor runs one call at a time, so the sync's loads queue behind the generation).
 A step whose groups all have zero reward variance has no learning signal: the learner step and the weight
 sync are skipped and `learn/skipped` is 1. With `trainer.eval_every` > 0 the policy's greedy accuracy on held-out pairs is
-logged as `eval/accuracy`, at MLflow step = number of updates applied (0 = before training).
+logged as `eval/accuracy`, at MLflow step = number of updates applied (0 = before training). Every step also
+logs the listener pool's size, peak backlog (queue depth) and scoring latency (`listener/*`, from
+`ListenerPool.metrics`) and the data position (`data/position`, checked by `python -m bench.soak`).
 
 Under `ray job submit` (RAY_ADDRESS set) the driver joins that cluster; otherwise it starts a local one
 sized for the run.
@@ -136,6 +138,8 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
             prefetched = submit_rollout(read_batch(source, cfg), actors, cfg, policy)
         result = learn_step(step, groups, scores, timings, actors, cfg, policy, max(t_top, flight.t_submit))
         result.metrics.update(skip_metrics(flight.batch.data_state["skip_counts"]))
+        # Candidates read up to this step's pairs: a resumed run's positions must be the undisturbed run's.
+        result.metrics["data/position"] = float(flight.batch.data_state["position"])
         # Metrics before the checkpoint: a run stopped in between re-runs the step (logged twice), never
         # resumes past a step whose metrics were lost.
         tracker.log_metrics(step, result.metrics)

@@ -98,6 +98,17 @@ class ListenerPoolStats:
 
 
 @dataclass(frozen=True)
+class ResizeResult:
+    """What a resize of the listener pool did (`ListenerPool.scale_to`, `python -m pipeline scale-listeners`)."""
+
+    asked: int  # workers asked for
+    before: int  # workers serving before
+    serving: int  # workers serving after (fewer than asked when new engines got no resources in time)
+    error: str = ""  # one line when it fell short (what the cluster lacked), else ""
+    hold_s: float = 0.0  # a manual resize: seconds before autoscaling may change the size again (0: off)
+
+
+@dataclass(frozen=True)
 class CompletionReward:
     """Every reward component of one completion, kept for logging."""
 
