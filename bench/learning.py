@@ -59,8 +59,9 @@ def _in_repo(path: str | Path) -> str:
 
 # ---- warm starts -----------------------------------------------------------------------------------
 
-def warm_start_jobs(models: Path, warm_seeds: list[int], agreement_seed: int) -> tuple[dict, list]:
-    """({warm seed: (reasoner dir, listener dir)}, 'agreement': listener dir) and the SFT jobs still to run."""
+def warm_start_jobs(models: Path, warm_seeds: list[int], agreement_seed: int | None) -> tuple[dict, list]:
+    """{(role, seed): dir} of the warm starts of `warm_seeds` (and of the agreement listener) and the SFT jobs
+    still to run for them."""
     from pipeline.models import built_with_default_settings
     from pipeline.sft import MANIFEST, default_settings
     from pipeline.tiny import ROLE_SEEDS, make_tiny
@@ -73,7 +74,9 @@ def warm_start_jobs(models: Path, warm_seeds: list[int], agreement_seed: int) ->
     dirs: dict[Any, Any] = {}
     jobs = []
     pending = [(role, seed) for seed in warm_seeds for role in ("reasoner", "listener")]
-    for role, seed in [*pending, ("listener", agreement_seed)]:  # a seed's two warm starts side by side
+    if agreement_seed is not None:
+        pending.append(("listener", agreement_seed))
+    for role, seed in pending:  # a seed's two warm starts side by side
         out, settings = wanted(role, seed)
         manifest = out / MANIFEST
         done = (built_with_default_settings(out, role) if seed == 0 else manifest.is_file() and json.loads(
@@ -87,7 +90,7 @@ def warm_start_jobs(models: Path, warm_seeds: list[int], agreement_seed: int) ->
     return dirs, jobs
 
 
-def build_warm_starts(models: Path, warm_seeds: list[int], agreement_seed: int) -> dict:
+def build_warm_starts(models: Path, warm_seeds: list[int], agreement_seed: int | None = None) -> dict:
     """Build what is missing, two at a time (each SFT learner is one thread; the machine has two cores)."""
     from pipeline.sft import warm_starts
 
@@ -160,32 +163,40 @@ def _table_rows(run_dir: Path, prefix: str, steps: list[int], p_column: str = "l
 
 
 class SecondListener:
-    """The agreement listener: p(preferred) of evaluated completions, with transformers (float32)."""
+    """The agreement listener: p(preferred) of evaluated completions, with transformers (float32), in
+    left-padded batches (the answer is read at the last position, as the pool reads it)."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, batch: int = 32) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from actors.listener import answer_token_ids
 
-        self.torch = torch
+        self.torch, self.batch = torch, batch
         self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor.tokenizer.padding_side = "left"
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.ids = answer_token_ids(self.processor.tokenizer)
 
-    def p_preferred(self, pair, text: str) -> float | None:
-        """None when nothing is left of the reasoning after masking (an unusable score, as in the pool)."""
+    def p_preferred(self, items: list[tuple[Any, str]]) -> list[float | None]:
+        """For each (pair, completion text): p(pair.preferred), or None when nothing is left of the reasoning
+        after masking (an unusable score, as in the pool)."""
         from pipeline.prompts import listener_p_image_1, listener_prompt, mask_answer
 
-        masked = mask_answer(text)
-        if not masked:
-            return None
-        enc = self.processor(text=[listener_prompt(pair.prompt, masked)], images=[pair.image_1, pair.image_2],
-                             return_tensors="pt")
-        with self.torch.no_grad():
-            logp = self.torch.log_softmax(self.model(**enc).logits[0, -1].float(), dim=-1)
-        p1 = listener_p_image_1(float(logp[self.ids[0]]), float(logp[self.ids[1]]))
-        return p1 if pair.preferred == 1 else 1.0 - p1
+        masked = [mask_answer(text) for _, text in items]
+        todo = [i for i, m in enumerate(masked) if m]
+        out: list[float | None] = [None] * len(items)
+        for start in range(0, len(todo), self.batch):
+            chunk = todo[start:start + self.batch]
+            pairs = [items[i][0] for i in chunk]
+            enc = self.processor(text=[listener_prompt(p.prompt, masked[i]) for p, i in zip(pairs, chunk)],
+                                 images=[[p.image_1, p.image_2] for p in pairs], padding=True, return_tensors="pt")
+            with self.torch.no_grad():
+                logp_BV = self.torch.log_softmax(self.model(**enc).logits[:, -1].float(), dim=-1)  # [B, V]
+            for row, (i, pair) in enumerate(zip(chunk, pairs)):
+                p1 = listener_p_image_1(float(logp_BV[row, self.ids[0]]), float(logp_BV[row, self.ids[1]]))
+                out[i] = p1 if pair.preferred == 1 else 1.0 - p1
+        return out
 
 
 def second_listener_split(listener: SecondListener, run_dir: Path, overrides: list[str], step: int) -> dict:
@@ -198,10 +209,8 @@ def second_listener_split(listener: SecondListener, run_dir: Path, overrides: li
     out = {}
     for split, prefix in SPLITS.items():
         table = json.loads((run_dir / prefix / f"step_{step:06d}.json").read_text())
-        rows = [(answer, listener.p_preferred(pairs[pid], text), preferred)
-                for pid, text, answer, preferred in zip(table["pair_id"], table["text"], table["answer"],
-                                                        table["preferred"])]
-        out[split] = agreement_split(rows)
+        ps = listener.p_preferred([(pairs[pid], text) for pid, text in zip(table["pair_id"], table["text"])])
+        out[split] = agreement_split(zip(table["answer"], ps, table["preferred"]))
     return out
 
 
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warm-seeds", nargs="+", type=int, default=[0, 1],
                         help="seeds with warm starts of their own; the others use seed 0's")
     parser.add_argument("--agreement-seed", type=int, default=100, help="SFT seed of the second listener")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-pairs", type=int, default=256)
     parser.add_argument("--models", type=Path, default=ROOT / "runs" / "bench-models")
@@ -316,12 +325,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault(key, value)
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    dirs = build_warm_starts(args.models, sorted(set(args.warm_seeds) | {0}), args.agreement_seed)
-    build_s = time.perf_counter() - start
-    second = SecondListener(dirs[("listener", args.agreement_seed)])
+    build_s = 0.0
+    dirs: dict = {}
     runs: dict[str, dict] = {}
     for seed in args.seeds:  # seed-major: a stopped experiment has whole seeds
         w = seed if seed in args.warm_seeds else 0
+        t_build = time.perf_counter()
+        dirs |= build_warm_starts(args.models, [w])  # built once, on first need
+        build_s += time.perf_counter() - t_build
         warm = (dirs[("reasoner", w)], dirs[("listener", w)])
         for arm in args.arms:
             saved = args.workdir / f"{arm}-seed{seed}.json"
@@ -332,12 +343,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t_run = time.perf_counter()
             run_dir = train(arm, seed, overrides, args.workdir)
             record = run_record(run_dir)
-            record["agreement_listener2"] = second_listener_split(second, run_dir, overrides, record["eval_steps"][-1])
             record.update(seed=seed, arm=arm, warm_start_seed=w, wall_s=round(time.perf_counter() - t_run, 1),
-                          command="python -m pipeline train --config configs/learn_cpu.yaml "
-                                  + " ".join(_in_repo_override(o) for o in overrides))
+                          overrides=overrides, command="python -m pipeline train --config configs/learn_cpu.yaml "
+                          + " ".join(_in_repo_override(o) for o in overrides))
             write_result(record, saved)
             runs[f"{arm}/seed{seed}"] = record
+    t_build = time.perf_counter()
+    dirs |= build_warm_starts(args.models, [], args.agreement_seed)
+    build_s += time.perf_counter() - t_build
+    second = SecondListener(dirs[("listener", args.agreement_seed)])
+    for key, record in runs.items():  # the second listener reads each run's last evaluation
+        if "agreement_listener2" not in record:
+            run_dir = args.workdir / f"{record['arm']}-seed{record['seed']}"
+            record["agreement_listener2"] = second_listener_split(second, run_dir, record["overrides"],
+                                                                  record["eval_steps"][-1])
+            write_result(record, args.workdir / f"{record['arm']}-seed{record['seed']}.json")
     summary, contrasts = summarise(runs, args.arms)
     report = {
         "design": "docs/listener.md", "config": "configs/learn_cpu.yaml", "arms": {a: ARMS[a] for a in args.arms},
