@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -323,3 +324,54 @@ def test_gpu_lock_keeps_the_torch_family_consistent():
     assert "torchaudio" not in gpu and "torchcodec" not in gpu
     torch_minor = int(public(gpu["torch"]).split(".")[1])
     assert gpu["torchvision"].split(".")[:2] == ["0", str(torch_minor + 15)]
+
+
+# --- one CUDA toolkit in the GPU image (issue 28, item 6) --------------------------------------------------
+# Packages versioned with the CUDA toolkit itself (their major.minor is the toolkit's). Libraries with their
+# own numbering (cuBLAS 13.1, cuDNN 9, NCCL 2, cuda-core, cuda-tile, the -cu13 suffixed wheels) are not.
+CUDA_VERSIONED = re.compile(r"cuda-toolkit|cuda-bindings|cuda-python|nvidia-cuda-[a-z-]+|nvidia-nvjitlink|nvidia-nvvm"
+                            r"|nvidia-nvtx|nvidia-nvfatbin|nvidia-nvptxcompiler")
+# The oldest Linux driver of each CUDA release (NVIDIA's CUDA toolkit release notes, table 3).
+MIN_DRIVER = {(12, 8): 570, (12, 9): 575, (13, 0): 580}
+
+
+def cuda_minors(locked: dict[str, str]) -> dict[tuple[int, int], list[str]]:
+    """major.minor -> the toolkit-versioned packages of a lock at that CUDA release."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for name, version in locked.items():
+        if CUDA_VERSIONED.fullmatch(name) and not re.search(r"-cu\d+$", name):
+            major, minor = (int(x) for x in public(version).split(".")[:2])
+            out.setdefault((major, minor), []).append(name)
+    return out
+
+
+def test_gpu_lock_has_one_cuda_release_matching_the_base_image_and_the_driver():
+    """FlashInfer JIT-compiles with the lock's nvcc: a 13.5 nvcc over a 13.0 runtime (driver 580) emits code
+    the runtime cannot load. Runtime, compiler wheels and bindings must be one release, the base image's."""
+    releases = cuda_minors(pins(GPU_LOCK))
+    assert len(releases) == 1, f"gpu.lock mixes CUDA releases: {releases}"
+    (release, names), = releases.items()
+    assert {"cuda-toolkit", "nvidia-cuda-runtime", "nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-nvvm",
+            "nvidia-nvjitlink", "cuda-bindings"} <= set(names)
+    base = next(args for op, args in instructions(DOCKER / "Dockerfile") if op == "FROM")
+    assert tuple(int(x) for x in re.match(r"nvidia/cuda:(\d+)\.(\d+)", base).groups()) == release
+    driver = int(re.search(r"driver \*\*(\d+) or newer\*\*", (ROOT / "deploy" / "README.md").read_text()).group(1))
+    assert release in MIN_DRIVER, f"add CUDA {release}'s minimum driver to MIN_DRIVER"
+    assert driver >= MIN_DRIVER[release]
+
+
+def test_cuda_release_check_catches_the_mixed_lock():
+    """The lock as it was: runtime 13.0, nvcc/crt/nvvm/nvjitlink 13.5, cccl 13.3, bindings 13.4."""
+    mixed = {"nvidia-cuda-runtime": "13.0.96", "nvidia-cuda-nvcc": "13.5.37", "nvidia-cuda-cccl": "13.3.5.0.6",
+             "cuda-bindings": "13.4.4", "nvidia-cudnn-cu13": "9.20.0.48", "nvidia-cublas": "13.1.1.3"}
+    assert set(cuda_minors(mixed)) == {(13, 0), (13, 5), (13, 3), (13, 4)}
+
+
+def test_mlflow_image_carries_the_auth_app_the_deployment_runs():
+    """deploy/mlflow.yaml starts `mlflow server --app-name basic-auth`, which imports Flask-WTF."""
+    deployment = yaml.safe_load_all((ROOT / "deploy" / "mlflow.yaml").read_text())
+    args = next(d for d in deployment if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--app-name") + 1] == "basic-auth"
+    lines = [line.split("#", 1)[0].strip() for line in MLFLOW_REQS.read_text().splitlines()]
+    assert any(re.fullmatch(r"mlflow\[([^\]]*\b)?auth(\b[^\]]*)?\]==\S+", line) for line in lines)
+    assert "flask-wtf" in pins(MLFLOW_REQS)
