@@ -11,6 +11,12 @@
 - The manifests agree with the code: entrypoints parse with the real CLI parser and name existing
   configs; each worker group advertises the custom Ray resource that configs/qwen25vl_7b.yaml asks for,
   with matching GPUs; MLflow's URI reaches the job; containers run as non-root; nothing is public.
+- Kustomizations: every manifest belongs to one, all share the image Component deploy/images, and
+  kubectl's offline kustomize renders each (where kubectl is installed).
+
+The loader and the KubeRay checks live in tests/deploy_manifests.py; what a first deployment needs beyond
+valid objects (images, storage, placement, retries, shared memory, operations) is in
+tests/unit/test_deploy_operations.py.
 
     .venv/bin/python -m pytest tests/unit/test_deploy.py
 """
