@@ -151,6 +151,15 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     return record
 
 
+def with_summary_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The per-run fields bench/report.py reads (held-out accuracy as `accuracy` in the curve, start, end,
+    first update >= 90%, updates)."""
+    curve = [{**p, "accuracy": p["heldout/accuracy"], "ood_accuracy": p["ood/accuracy"]} for p in record["curve"]]
+    return {**record, "curve": curve, "acc_start": curve[0]["accuracy"], "acc_end": curve[-1]["accuracy"],
+            "steps": curve[-1]["step"], "ood_end": curve[-1]["ood_accuracy"],
+            "reached_90_at": next((p["step"] for p in curve if p["accuracy"] >= 0.9), None)}
+
+
 def _num(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
@@ -197,6 +206,27 @@ class SecondListener:
                 p1 = listener_p_image_1(float(logp_BV[row, self.ids[0]]), float(logp_BV[row, self.ids[1]]))
                 out[i] = p1 if pair.preferred == 1 else 1.0 - p1
         return out
+
+
+def listener_check(listener: SecondListener, pairs_per_task: int = 64) -> dict[str, dict]:
+    """How a listener reads, on held-out pairs of the training and OOD tasks: mean p(preferred) and the
+    fraction of pairs it sends to the image the text supports, for the faithful reasoning, the same with the
+    two descriptions swapped (supports the other image) and an empty one (the images alone)."""
+    from pipeline.heldout import HELDOUT_SEED_OFFSET
+    from pipeline.prompts import format_target
+    from pipeline.sft import sft_reasoning
+    from pipeline.synthetic import synthetic_pairs
+
+    out: dict[str, dict] = {}
+    for task in ("render-saturated", "render-white"):
+        pairs = list(synthetic_pairs(HELDOUT_SEED_OFFSET, pairs_per_task, task=task))
+        out[task] = {}
+        for reading, text_of in (("faithful", sft_reasoning), ("swapped", lambda p: sft_reasoning(p, swap=True)),
+                                 ("empty", lambda p: "-")):
+            ps = listener.p_preferred([(p, format_target(text_of(p), 1)) for p in pairs])
+            toward = [(x > 0.5) if reading != "swapped" else (x < 0.5) for x in ps]
+            out[task][reading] = {"p_preferred_mean": float(np.mean(ps)), "accuracy": float(np.mean(toward))}
+    return out
 
 
 def second_listener_split(listener: SecondListener, run_dir: Path, overrides: list[str], step: int) -> dict:
@@ -247,7 +277,7 @@ def summarise(runs: dict[str, dict], arms: list[str]) -> tuple[dict, dict]:
         keys = next(iter(seeds.values()))["endpoint"]
         summary[arm] = {"seeds": sorted(seeds), "endpoint": {k: spread([r["endpoint"][k] for r in seeds.values()])
                                                              for k in keys},
-                        "agreement": {who: {split: pooled_split([r[who][split] for r in seeds.values()])
+                        "agreement": {who: {split: pooled_split([r[who][split] for r in seeds.values() if who in r])
                                             for split in SPLITS}
                                       for who in ("agreement_listener1", "agreement_listener2")}}
     primary = "ood/accuracy"
@@ -304,6 +334,43 @@ def print_table(summary: dict, contrasts: dict) -> None:
         print(f"{name:18} {c['mean']:+.3f}  95% CI [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]  {c['verdict']}")
 
 
+def markdown(report: dict) -> str:
+    """The endpoint, the contrasts and the agreement splits as markdown tables (for docs/listener.md)."""
+    def f(s: dict) -> str:
+        return f"{s['mean']:.3f} +- {s['std']:.3f}" if s["n"] else "n/a"
+
+    lines = [f"{report['endpoint']}; {len(report['runs'])} runs, {report['steps']} updates, "
+             f"{report['eval_pairs']} pairs per split; bench/results/learning.json", "",
+             "| arm | seeds | OOD accuracy (endpoint) | OOD format rate | OOD accuracy, well-formed | held-out accuracy "
+             "| faithful (held-out eval) |", "|---|---|---|---|---|---|---|"]
+    for arm, s in report["arms_summary"].items():
+        e = s["endpoint"]
+        lines.append(f"| {arm} | {len(s['seeds'])} | {f(e['ood/accuracy'])} | {f(e['ood/format_rate'])} | "
+                     f"{f(e['ood/accuracy_well_formed'])} | {f(e['heldout/accuracy'])} | {f(e['heldout/faithful'])} |")
+    lines += ["", "| contrast (OOD endpoint, paired by seed) | per seed | mean | 95% bootstrap CI | verdict |",
+              "|---|---|---|---|---|"]
+    for name, c in report["contrasts"].items():
+        per_seed = ", ".join(f"{d:+.3f}" for d in c["per_seed"])
+        lines.append(f"| {name} | {per_seed} | {c['mean']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
+                     f"{c['verdict']} |")
+    lines += ["", "| arm | listener | split | judged | agree rate | accuracy when agree | accuracy when contradict |",
+              "|---|---|---|---|---|---|---|"]
+    for arm, s in report["arms_summary"].items():
+        for who, label in (("agreement_listener1", "training (last 4 evals)"), ("agreement_listener2",
+                                                                                 "second (last eval)")):
+            for split, a in s["agreement"].get(who, {}).items():
+                lines.append(f"| {arm} | {label} | {split} | {a['judged']} | {a['agree_rate']:.3f} | "
+                             f"{a['accuracy_when_agree']:.3f} | {a['accuracy_when_contradict']:.3f} |")
+    lines += ["", "| listener | task | faithful: p(preferred) / toward the text | swapped: p / toward the text "
+              "| empty: p / right |", "|---|---|---|---|---|"]
+    for name, tasks in report.get("listener_checks", {}).items():
+        for task, r in tasks.items():
+            lines.append(f"| {name} | {task} | " + " | ".join(
+                f"{r[k]['p_preferred_mean']:.3f} / {100 * r[k]['accuracy']:.0f}%" for k in ("faithful", "swapped", "empty"))
+                + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -317,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", type=Path, default=ROOT / "runs" / "bench-models")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-learning")
     parser.add_argument("--resume", action="store_true", help="keep runs already recorded under --workdir")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the runs already recorded under --workdir (e.g. a partial experiment)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
@@ -331,13 +400,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.seeds:  # seed-major: a stopped experiment has whole seeds
         w = seed if seed in args.warm_seeds else 0
         t_build = time.perf_counter()
-        dirs |= build_warm_starts(args.models, [w])  # built once, on first need
+        dirs |= build_warm_starts(args.models, [w]) if not args.report_only else {}  # built once, on first need
         build_s += time.perf_counter() - t_build
-        warm = (dirs[("reasoner", w)], dirs[("listener", w)])
+        warm = (dirs.get(("reasoner", w), ""), dirs.get(("listener", w), ""))
         for arm in args.arms:
             saved = args.workdir / f"{arm}-seed{seed}.json"
-            if args.resume and saved.is_file():
+            if (args.resume or args.report_only) and saved.is_file():
                 runs[f"{arm}/seed{seed}"] = json.loads(saved.read_text())
+                continue
+            if args.report_only:
                 continue
             overrides = run_overrides(arm, seed, args, warm)
             t_run = time.perf_counter()
@@ -349,22 +420,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_result(record, saved)
             runs[f"{arm}/seed{seed}"] = record
     t_build = time.perf_counter()
-    dirs |= build_warm_starts(args.models, [], args.agreement_seed)
+    agreement_dirs, missing = warm_start_jobs(args.models, [], args.agreement_seed)
+    if not args.report_only or not missing:
+        dirs |= build_warm_starts(args.models, [], args.agreement_seed)
     build_s += time.perf_counter() - t_build
-    second = SecondListener(dirs[("listener", args.agreement_seed)])
+    second = SecondListener(dirs[("listener", args.agreement_seed)]) if ("listener", args.agreement_seed) in dirs \
+        else None
     for key, record in runs.items():  # the second listener reads each run's last evaluation
-        if "agreement_listener2" not in record:
+        if "agreement_listener2" not in record and second is not None:
             run_dir = args.workdir / f"{record['arm']}-seed{record['seed']}"
             record["agreement_listener2"] = second_listener_split(second, run_dir, record["overrides"],
                                                                   record["eval_steps"][-1])
             write_result(record, args.workdir / f"{record['arm']}-seed{record['seed']}.json")
+    checks = {f"listener/seed{seed}": listener_check(SecondListener(d)) for (role, seed), d in sorted(dirs.items())
+              if role == "listener" and (Path(d) / "sft_manifest.json").is_file()}
+    runs = {key: with_summary_fields(record) for key, record in runs.items()}
     summary, contrasts = summarise(runs, args.arms)
     report = {
         "design": "docs/listener.md", "config": "configs/learn_cpu.yaml", "arms": {a: ARMS[a] for a in args.arms},
         "seeds": args.seeds, "warm_seeds": args.warm_seeds, "agreement_listener_seed": args.agreement_seed,
         "steps": args.steps, "eval_every": args.eval_every, "eval_pairs": args.eval_pairs, "overrides": args.set,
         "endpoint": f"OOD accuracy (eval_ood/accuracy) averaged over the last {ENDPOINT_EVALS} evaluations",
-        "contrasts": contrasts, "arms_summary": summary,
+        "contrasts": contrasts, "arms_summary": summary, "listener_checks": checks,
         "warm_starts": {f"{role}/seed{seed}": _in_repo(d) for (role, seed), d in dirs.items()},
         "warm_start_manifests": {f"{role}/seed{seed}": json.loads((Path(d) / "sft_manifest.json").read_text())
                                  for (role, seed), d in dirs.items()},
@@ -373,8 +450,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print_table(summary, contrasts)
     write_result(report, args.out)
+    args.out.with_suffix(".md").write_text(markdown(report))
     plot(runs, args.arms, args.plot)
-    print(f"wrote {args.out} and {args.plot}; run time {report['wall_s'] / 60:.1f} min "
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.plot}; run time {report['wall_s'] / 60:.1f} min "
           f"(warm starts {build_s / 60:.1f} min)")
     return report
 
