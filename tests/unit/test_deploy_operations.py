@@ -379,3 +379,15 @@ def test_weight_sync_pods_set_the_nccl_environment(where, cluster):
         assert int(env["NCCL_SOCKET_NTHREADS"]) * int(env["NCCL_NSOCKS_PERTHREAD"]) <= 64  # NCCL's limit
         assert wanted in (None, env), name
         wanted = env
+
+
+def test_first_run_checklist_gives_a_verifying_command_for_each_item():
+    checklist = readme_block("## First-run checklist")
+    items = re.split(r"\n\d\. \*\*", checklist)[1:]
+    titles = [item.split("**", 1)[0] for item in items]
+    assert titles == ["Storage class.", "GPU node labels.", "Image.", "Secrets."]
+    expected = {"Storage class.": "kubectl get storageclass", "GPU node labels.": "nvidia.com/gpu.memory>",
+                "Image.": "kubectl kustomize deploy", "Secrets.": "describe secret mlflow-auth"}
+    for title, item in zip(titles, items):
+        blocks = re.findall(r"```bash\n(.*?)```", item, re.S)
+        assert blocks and expected[title] in "".join(blocks), title
