@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warm-seeds", nargs="+", type=int, default=[0, 1],
                         help="seeds with warm starts of their own; the others use seed 0's")
     parser.add_argument("--agreement-seed", type=int, default=100, help="SFT seed of the second listener")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--eval-pairs", type=int, default=256)
     parser.add_argument("--models", type=Path, default=ROOT / "runs" / "bench-models")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-learning")
@@ -445,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warm_starts": {f"{role}/seed{seed}": _in_repo(d) for (role, seed), d in dirs.items()},
         "warm_start_manifests": {f"{role}/seed{seed}": json.loads((Path(d) / "sft_manifest.json").read_text())
                                  for (role, seed), d in dirs.items()},
+        "commit": _commit(),
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
         "wall_s": round(time.perf_counter() - start, 1), "runs": runs,
     }
@@ -455,6 +456,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.plot}; run time {report['wall_s'] / 60:.1f} min "
           f"(warm starts {build_s / 60:.1f} min)")
     return report
+
+
+def _commit() -> str:
+    """The commit the code ran from: ROOT/COMMIT in a `git archive` export, else git's HEAD."""
+    if (ROOT / "COMMIT").is_file():
+        return (ROOT / "COMMIT").read_text().strip()
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
 
 
 def _in_repo_override(override: str) -> str:
