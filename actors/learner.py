@@ -14,7 +14,17 @@ shares a node, else rank 0's IP; a free port found on rank 0's node) and fans ev
 
 One step: every rank plans the same micro-batches (`pipeline.batching`) and takes its row; each
 micro-batch recomputes the completion tokens' logprobs (`pipeline.logprobs`) and adds its contribution
-to the batch loss (`pipeline.grpo.grpo_loss`, normalised by counts of the WHOLE batch).
+to the batch loss (`pipeline.grpo.grpo_loss`, normalised by counts of the WHOLE batch). Less work per step:
+a micro-batch's sequences are packed into rows without padding between them (one row with flash-attention
+on a GPU; rows no longer than the longest sequence with SDPA: `pipeline.batching.pack_rows`); with the
+vision tower frozen, each pair's images go through the image processor and the tower once per step and
+their features serve the pair's G completions in every micro-batch; the output head computes the
+completion tokens' logprobs in chunks, never a [tokens, vocabulary] float32 tensor.
+
+Precision (`learner.dtype`, `auto` resolved per machine: `resolve_learner_dtype`): float32, or bf16/fp16
+mixed precision with fp32 master weights and fp32 gradient accumulation (`deepspeed_config`). On a GPU
+AdamW is torch's fused kernel and the CUDA allocator uses expandable segments; `offload_optimizer` never
+JIT-builds DeepSpeed's CPU Adam (`make_optimizer`).
 
 Gradient scaling (why the loss is multiplied by `world_size`): we want the gradient of the full-batch
 loss, i.e. the SUM of the contributions' gradients over micro-batches and ranks. We call
@@ -51,10 +61,11 @@ import time
 from typing import Any, Literal
 
 from actors.engine import intra_op_threads
-from pipeline.batching import padded_tokens, plan_micro_batches
+from pipeline.batching import plan_micro_batches, row_tokens_for
 from pipeline.config import AlgoConfig, LearnerConfig, SyncConfig
 from pipeline.grpo import LossNormalizer, aggregate, combine_metrics, grpo_loss, sft_loss
-from pipeline.logprobs import MicroBatchInputs, VisionSpec, build_inputs, completion_logprobs
+from pipeline.logprobs import (MicroBatchInputs, VisionSpec, build_inputs, completion_logprobs, encode_images,
+                               model_rope_index, pair_key, process_images, with_image_embeds)
 from pipeline.types import CheckpointInfo, StepMetrics, TrainBatch, TrainSequence, WeightVersion
 
 # "grpo": the clipped policy loss on the sequences' advantages; "sft": the negative log-likelihood of the
@@ -62,14 +73,37 @@ from pipeline.types import CheckpointInfo, StepMetrics, TrainBatch, TrainSequenc
 Objective = Literal["grpo", "sft"]
 
 
-def deepspeed_config(cfg: LearnerConfig, world_size: int, with_optimizer: bool = True) -> dict[str, Any]:
+def resolve_learner_dtype(dtype: str) -> str:
+    """`learner.dtype` on this machine: 'auto' is bfloat16 where the GPU (CUDA with bf16) or, without one,
+    the CPU (AVX512_BF16 or AMX) runs it fast, else float32 (actors/engine.py's rule, shared with vLLM)."""
+    from actors.engine import host_dtype_support, resolve_dtype
+
+    return resolve_dtype(dtype, *host_dtype_support()) if dtype == "auto" else dtype
+
+
+def deepspeed_config(cfg: LearnerConfig, world_size: int, with_optimizer: bool = True,
+                     dtype: str | None = None) -> dict[str, Any]:
     """The DeepSpeed config of the policy at `cfg.zero_stage` (or, without optimizer, of the frozen
-    reference: ZeRO-3 partitions it like the policy; below 3 there is nothing to partition, so stage 0)."""
+    reference: ZeRO-3 partitions it like the policy; below 3 there is nothing to partition, so stage 0),
+    in `dtype` (the resolved `cfg.dtype`).
+
+    Mixed precision: bf16/fp16 weights, fp32 master weights in the optimizer and fp32 gradient accumulation
+    over the micro-batches (`data_types.grad_accum_dtype`: ZeRO 1-3 accumulate the reduced gradients in
+    fp32). DeepSpeed gives stage 0 no fp32 master weights for bf16 (it would step the bf16 weights), so a
+    bf16 policy at stage 0 runs stage 1, which on one rank partitions nothing and keeps fp32 masters."""
+    dtype = dtype or cfg.dtype
     stage = cfg.zero_stage if with_optimizer or cfg.zero_stage == 3 else 0
+    half = dtype in ("bfloat16", "float16")
+    if with_optimizer and half and stage == 0:
+        stage = 1
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=cfg.zero3_persistence_threshold,
+                    stage3_prefetch_bucket_size=cfg.zero3_prefetch_bucket_size,
+                    stage3_max_live_parameters=cfg.zero3_max_live_parameters,
                     stage3_gather_16bit_weights_on_model_save=False)  # we export through our own bucketed gather
+    if stage in (2, 3):
+        zero.update(reduce_bucket_size=cfg.reduce_bucket_size)
     if with_optimizer and cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
@@ -78,8 +112,9 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int, with_optimizer: bool =
         "train_batch_size": world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.dtype == "float16", "initial_scale_power": 16},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16", "initial_scale_power": 16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if half and with_optimizer else {}),
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW: no JIT-built optimizer op
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
@@ -113,9 +148,13 @@ class LearnerRank:
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the world and build the DeepSpeed engine(s) (and the reference when kl_coef > 0)."""
+        # Before the first CUDA allocation: segments that grow in place instead of fragmenting the cache
+        # between micro-batches of different lengths.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         import torch
 
         cuda = torch.cuda.is_available()
+        self.dtype = resolve_learner_dtype(self.cfg.dtype)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")  # before deepspeed is imported
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray gives each rank its own GPU
@@ -148,10 +187,11 @@ class LearnerRank:
         from transformers import AutoModelForImageTextToText
         from transformers.integrations import HfDeepSpeedConfig
 
-        config = deepspeed_config(self.cfg, self.world_size, with_optimizer)
+        config = deepspeed_config(self.cfg, self.world_size, with_optimizer, self.dtype)
         self._hf_ds_config = HfDeepSpeedConfig(config)  # must exist (and stay referenced) before from_pretrained
-        model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg.dtype),
-                                                            trust_remote_code=self.trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.model_path, dtype=getattr(torch, self.dtype), trust_remote_code=self.trust_remote_code,
+            **attention_kwargs(self.device, self.dtype))
         if not with_optimizer:
             model.requires_grad_(False)
             engine, *_ = deepspeed.initialize(model=model, config=config)
@@ -161,7 +201,8 @@ class LearnerRank:
             vision_tower(model).requires_grad_(False)
         if self.cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], self.cfg)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], self.cfg,
+                                   cuda=self.device.type == "cuda")
         cfg = self.cfg
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
             step, cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio))
@@ -183,6 +224,11 @@ class LearnerRank:
                                                  max_tokens=self.max_new_tokens)
         lr = float(self.engine.get_lr()[0])
         self.engine.train()
+        # Empty slots re-run sequence 0 (below): its images are needed too.
+        stand_in = [sequences[0]] if any(not micro for micro in plan) else []
+        images = process_images([sequences[i] for micro in plan for i in micro] + stand_in,
+                                self.processor.image_processor, self.vision)  # once per pair
+        features: dict | None = {} if self.cfg.freeze_vision else None
         parts: list[dict[str, float]] = []
         tokens = padded = 0
         own_norm = None
@@ -191,7 +237,9 @@ class LearnerRank:
             self.engine.set_gradient_accumulation_boundary(last)
             # An empty slot re-runs sequence 0 with zero weight: the ranks' collectives must stay in step.
             chosen = [sequences[i] for i in micro] or [sequences[0]]
-            loss, metrics, n_tokens = self._micro_step(chosen, normalizer, real=bool(micro), objective=objective)
+            loss, metrics, n_tokens, n_positions = self._micro_step(chosen, normalizer, real=bool(micro),
+                                                                    objective=objective, images=images,
+                                                                    features=features)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if last and self.cfg.zero_stage == 0:  # DeepSpeed's fp32 stage 0 clips without reporting the norm
                 own_norm = grad_norm_of(self.engine.module)
@@ -199,7 +247,7 @@ class LearnerRank:
             if micro:
                 parts.append(metrics)
                 tokens += n_tokens
-                padded += padded_tokens(lengths, micro)
+                padded += n_positions
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = own_norm if grad_norm is None else grad_norm
         values = self._reduce_metrics(parts, tokens, padded)
@@ -210,23 +258,42 @@ class LearnerRank:
                       micro_batches=float(len(plan)))
         return StepMetrics(step=batch.step, values=values)
 
-    def _micro_step(self, sequences: list[TrainSequence], normalizer: LossNormalizer, real: bool,
-                    objective: Objective = "grpo"):
-        """(loss contribution, metrics, tokens) of one micro-batch."""
+    def _encode_new_pairs(self, sequences: list[TrainSequence], images: dict, features: dict) -> None:
+        """Add to `features` (frozen tower) the micro-batch's pairs not encoded yet this step, so each pair's
+        images go through the tower once and serve its G completions in every micro-batch. Exactly one
+        vision forward per micro-batch (the first pair again when none is new, a 2-image forward): every
+        rank then makes the same calls (ZeRO-3 gathers are collective) and ZeRO-3's recorded module order
+        is the same for every micro-batch, so its prefetching stays on."""
         import torch
 
-        inputs: MicroBatchInputs = build_inputs(sequences, self.processor.image_processor, self.vision)
-        inputs = inputs.to(self.device, pixel_dtype=getattr(torch, self.cfg.dtype))
+        keys = list(dict.fromkeys(pair_key(s) for s in sequences))
+        new = [key for key in keys if (key, 0) not in features] or keys[:1]
+        features.update(encode_images(self.engine, {key: images[key] for key in new}, self.device,
+                                      getattr(torch, self.dtype)))
+
+    def _micro_step(self, sequences: list[TrainSequence], normalizer: LossNormalizer, real: bool,
+                    objective: Objective = "grpo", images: dict | None = None, features: dict | None = None):
+        """(loss contribution, metrics, real tokens, positions run) of one micro-batch."""
+        import torch
+
+        row_tokens = row_tokens_for(self.engine.module.config._attn_implementation, self.cfg.micro_batch_tokens)
+        inputs: MicroBatchInputs = build_inputs(sequences, self.processor.image_processor, self.vision,
+                                                model_rope_index(self.engine), row_tokens, images)
+        inputs = inputs.to(self.device, pixel_dtype=getattr(torch, self.dtype))
+        if features is not None:
+            self._encode_new_pairs(sequences, images, features)
+            inputs = with_image_embeds(inputs, features)
+        positions = inputs.input_ids_RN.numel()
         logp_BT = completion_logprobs(self.engine, inputs, self.temperature)
         ref_logp_BT = None
         if self.ref_engine is not None:  # also on empty slots: the reference's gathers are collective too
             with torch.no_grad():
                 ref_logp_BT = completion_logprobs(self.ref_engine, inputs, self.temperature)
         if not real:
-            return logp_BT.sum() * 0.0, {}, 0
+            return logp_BT.sum() * 0.0, {}, 0, 0
         if objective == "sft":
             loss = sft_loss(logp_BT, inputs.mask_BT, normalizer)
-            return loss, {"loss": float(loss.detach())}, inputs.num_tokens
+            return loss, {"loss": float(loss.detach())}, inputs.num_tokens, positions
         rollout_BT = inputs.rollout_logp_BT
         old_BT = logp_BT.detach() if self.algo.tis_cap is not None else rollout_BT
         loss, metrics = grpo_loss(
@@ -238,7 +305,7 @@ class LearnerRank:
         metrics["learner_rollout_logp_diff"] = aggregate(
             (logp_BT.detach() - rollout_BT).abs(), inputs.mask_BT, normalizer, "token_mean")
         metrics["loss"] = loss.detach()
-        return loss, {k: float(v) for k, v in metrics.items()}, inputs.num_tokens
+        return loss, {k: float(v) for k, v in metrics.items()}, inputs.num_tokens, positions
 
     def _reduce_metrics(self, parts: list[dict[str, float]], tokens: int, padded: int) -> dict[str, float]:
         """Combine the micro-batches' metrics over all ranks (grpo's additive/min/max rules); `padded_tokens`
@@ -334,15 +401,41 @@ def lr_multiplier(step: int, warmup_steps: int, decay_steps: int = 0, min_ratio:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, cfg: LearnerConfig):
-    """torch AdamW (no JIT-built op); DeepSpeed's CPU Adam only for optimizer offload on a GPU machine."""
+def make_optimizer(params, cfg: LearnerConfig, cuda: bool | None = None):
+    """torch AdamW, never a JIT-built op: on a GPU the fused kernel (one launch for all tensors); with
+    `offload_optimizer` the states live on the CPU, where DeepSpeed's CPU Adam is used only if it was
+    prebuilt into the install (building it at run time needs CUDA headers a runtime image lacks), else
+    torch's fused AdamW, which has a CPU kernel; on a CPU-only learner torch's default (foreach)."""
     import torch
 
-    if cfg.offload_optimizer and torch.cuda.is_available():
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cfg.offload_optimizer and cuda and prebuilt_cpu_adam():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = cuda or None  # None: torch picks (foreach) on a CPU-only learner
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def prebuilt_cpu_adam() -> bool:
+    """Whether DeepSpeed's CPU Adam op was compiled into this install (DS_BUILD_CPU_ADAM=1 at pip time)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get("cpu_adam"))
+
+
+def attention_kwargs(device, dtype: str) -> dict[str, str]:
+    """from_pretrained's attention choice: flash-attention 2 (variable-length, so micro-batches are packed
+    into one row: pipeline.batching.row_tokens_for) on a GPU in half precision when the package is
+    installed; else transformers' default (SDPA)."""
+    import importlib.util
+
+    if getattr(device, "type", str(device)) == "cuda" and dtype in ("bfloat16", "float16") \
+            and importlib.util.find_spec("flash_attn") is not None:
+        return {"attn_implementation": "flash_attention_2"}
+    return {}
 
 
 def grad_norm_of(model) -> float:

@@ -13,17 +13,18 @@ longest one. A sequence longer than the budget gets a micro-batch of its own. Mi
 the sequences sorted by length, so the padding is only the length spread inside one micro-batch (the
 learner reports `padded_tokens` beside `tokens`).
 
-Why padded rows and not packed ones (several sequences back to back in one row, no padding): transformers'
-Qwen2.5-VL does take packed rows (position ids [4, 1, N]: text positions restarting at 0 for each sequence,
-then the three mrope rows; no attention mask and no cache, and the causal mask becomes block-diagonal;
-checked equal to separate rows on the tiny model), but with SDPA, the attention CPUs run, that mask is a
-dense [N, N] one: a row of k packed sequences costs k times the attention of the k padded rows, to save
-the padding (for 128 sequences of a 96-token prompt and 16-128 completion tokens: 5% more positions at
-a 4096-token budget, 17% at 16384). Packing pays only with a variable-length attention kernel (flash-attention's
-varlen on a GPU), which this project does not ship.
+Rows inside a micro-batch (`pack_rows`): the learner lays a micro-batch's sequences back to back in rows
+without padding between them (pipeline/logprobs.py: each sequence's positions restart at 0, so attention
+stays inside it). What a row may hold depends on the attention kernel. With a variable-length kernel
+(flash-attention on a GPU) the whole micro-batch is one row and no position is padding. With SDPA (CPUs,
+and GPUs without flash-attention) the packed row's block-diagonal mask is a dense [N, N] one: k sequences
+of n tokens in one row cost (kn)^2 of attention against k n^2 in k rows. There a row holds at most the
+micro-batch's longest sequence, so short sequences share a row and a micro-batch never costs more than
+its padded form (rows x longest row <= sequences x longest sequence).
 
     plan_micro_batches(lengths=[90, 40, 40, 30], world_size=2, token_budget=100)
     # -> [[(0,), ()], [(1, 2), (3,)]]: rank 0 pads with an empty micro-batch
+    pack_rows(lengths=[90, 40, 40, 30], row_tokens=0)    # -> [[0], [1, 2], [3]]: rows of <= 90 tokens
 """
 
 from __future__ import annotations
@@ -83,6 +84,33 @@ def plan_micro_batches(lengths: Sequence[int], world_size: int, token_budget: in
     per_rank = [pack_by_token_budget(lengths, shard, token_budget) for shard in shards]
     count = max(1, max(len(mbs) for mbs in per_rank))
     return [mbs + [()] * (count - len(mbs)) for mbs in per_rank]
+
+
+def pack_rows(lengths: Sequence[int], row_tokens: int | None) -> list[list[int]]:
+    """Positions in `lengths` -> rows of at most max(`row_tokens`, longest) tokens, first-fit decreasing
+    (deterministic: ties by index); each row keeps its sequences in index order, rows ordered by their first
+    sequence. None: one sequence per row (the right-padded layout)."""
+    if row_tokens is None:
+        return [[i] for i in range(len(lengths))]
+    capacity = max(row_tokens, max(lengths, default=0))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r in range(len(rows)) if fill[r] + lengths[index] <= capacity), None)
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        rows[row].append(index)
+        fill[row] += lengths[index]
+    return sorted(sorted(row) for row in rows)
+
+
+def row_tokens_for(attn_implementation: str, token_budget: int) -> int:
+    """`pack_rows`' capacity for a model's attention kernel: the whole micro-batch in one row where the
+    kernel is variable-length (flash-attention), else 0 (rows as long as the longest sequence: SDPA's
+    packed mask is dense)."""
+    return token_budget if attn_implementation.startswith("flash") else 0
 
 
 def train_batch_from_groups(step: int, policy_version: int, groups: Sequence[ScoredGroup]) -> TrainBatch:

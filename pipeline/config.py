@@ -181,7 +181,11 @@ class LearnerConfig(_Section):
     decay_steps: int = Field(0, ge=0, description="Cosine decay of the lr over this many steps after the "
                              "warm-up, down to lr * min_lr_ratio (then held there); 0 keeps it constant.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Where the cosine decay ends, as a fraction of lr.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Training dtype: bfloat16/float16 are mixed precision (half-precision weights, "
+        "fp32 master weights and fp32 gradient accumulation); auto is bfloat16 where the GPU or the CPU "
+        "(AVX512_BF16/AMX) runs it fast, else float32 (float32 by default: the learner's logprobs then match "
+        "fp32 rollout engines to 1e-5 on every machine).")
     offload_optimizer: bool = Field(False, description="Optimizer state offload to CPU (zero_stage 2 or 3).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     micro_batch_tokens: int = Field(4096, gt=0, description="Token budget of one micro-batch.")
@@ -190,6 +194,12 @@ class LearnerConfig(_Section):
     zero3_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3 keeps parameters with fewer "
                                              "elements than this unpartitioned on every rank (DeepSpeed's "
                                              "default); 0 partitions everything.")
+    zero3_prefetch_bucket_size: int = Field(50_000_000, ge=0, description="ZeRO-3: parameter elements "
+                                            "fetched ahead of use (DeepSpeed's default).")
+    zero3_max_live_parameters: int = Field(1_000_000_000, ge=0, description="ZeRO-3: gathered parameter "
+                                           "elements kept on a rank before release (DeepSpeed's default).")
+    reduce_bucket_size: int = Field(500_000_000, gt=0, description="ZeRO-2/3: gradient elements reduced "
+                                    "per bucket (DeepSpeed's default).")
     num_cpus: float = Field(1, ge=0, description="CPUs per learner rank.")
     num_gpus: float = Field(0, ge=0, description="GPUs per learner rank.")
     resource: str = Field("learner", description="Ray custom resource learner ranks ask for (one unit each).")

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from pipeline.batching import pack_by_token_budget, padded_tokens, plan_micro_batches, shard_sequences
+from pipeline.batching import (pack_by_token_budget, pack_rows, padded_tokens, plan_micro_batches, row_tokens_for,
+                               shard_sequences)
 
 
 def test_docstring_example() -> None:
@@ -137,8 +138,10 @@ def test_advantages_reach_the_rows_and_tokens_of_a_micro_batch() -> None:
     assert inputs.advantages_B.tolist() == [0.5, -1.5, -0.25, 0.25]
     assert inputs.targets_BT.tolist() == [[5, 6, 7], [8, 0, 0], [4, 4, 0], [3, 2, 0]]
     assert inputs.mask_BT.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]]
-    # prompt lengths 4, 4, 3, 3: completion token t of row b is predicted at P_b - 1 + t
-    assert inputs.positions_BT[inputs.mask_BT].tolist() == [3, 4, 5, 3, 2, 3, 2, 3]
+    # prompt lengths 4, 4, 3, 3; one sequence per row (row_tokens None), rows of N = 7 positions: completion
+    # token t of sequence b is predicted at flat position b * N + P_b - 1 + t
+    assert inputs.input_ids_RN.shape == (4, 7)
+    assert inputs.positions_BT[inputs.mask_BT].tolist() == [3, 4, 5, 7 + 3, 14 + 2, 14 + 3, 21 + 2, 21 + 3]
 
 
 def test_advantage_count_must_match_the_completions() -> None:
@@ -146,3 +149,34 @@ def test_advantage_count_must_match_the_completions() -> None:
 
     with pytest.raises(ValueError, match="pair a: 2 advantages for 3 completions"):
         train_batch_from_groups(0, 0, [_scored("a", 1, [1], [[5], [6], [7]], [0.5, -0.5])])
+
+
+def test_pack_rows_first_fit_decreasing_within_the_longest() -> None:
+    # capacity max(0, 90) = 90: 90 alone; 40 + 40 = 80 share a row; 30 no longer fits beside them
+    assert pack_rows([90, 40, 40, 30], row_tokens=0) == [[0], [1, 2], [3]]
+    # capacity 150: 90 + 40 = 130; the second 40 opens row 2; 30 fits beside it (70), not beside 130
+    assert pack_rows([90, 40, 40, 30], row_tokens=150) == [[0, 1], [2, 3]]
+    assert pack_rows([90, 40, 40, 30], row_tokens=200) == [[0, 1, 2, 3]]  # 200 exactly: one row
+    assert pack_rows([30, 40, 50], row_tokens=None) == [[0], [1], [2]]  # the right-padded layout
+    assert pack_rows([5, 5, 5, 5], row_tokens=0) == [[0], [1], [2], [3]]  # equal lengths: nothing shares
+
+
+def test_pack_rows_keeps_every_sequence_once_and_each_row_within_capacity() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 30))]
+        budget = rng.choice([None, 0, 64, 200, 10_000])
+        rows = pack_rows(lengths, budget)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        capacity = max(lengths) if budget is None else max(budget, max(lengths))
+        assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+        # never more positions than the padded layout (rows x longest row <= sequences x longest sequence)
+        assert len(rows) * max(sum(lengths[i] for i in row) for row in rows) <= len(lengths) * max(lengths) \
+            or budget not in (None, 0)
+
+
+def test_row_tokens_follow_the_attention_kernel() -> None:
+    assert row_tokens_for("flash_attention_2", 16384) == 16384  # varlen: the whole micro-batch in one row
+    assert row_tokens_for("sdpa", 16384) == 0 and row_tokens_for("eager", 4096) == 0
