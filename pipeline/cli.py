@@ -59,8 +59,11 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="Larger images are skipped.")
     p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
                    help="vLLM dtype (default: the checkpoint's run, else float32).")
-    p.add_argument("--max-model-len", type=int, default=4096, help="vLLM context length.")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the "
+                   "checkpoint's run, else 4096); a longer prompt is skipped, counted and judged wrong.")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per engine.")
+    p.add_argument("--chunk-pairs", type=int, default=256, help="Comparisons decoded and judged at once: "
+                   "memory is bounded by this, not by the dataset's size.")
     p.set_defaults(handler=_evaluate)
 
 
@@ -136,16 +139,24 @@ def _warm_starts(args: argparse.Namespace) -> int:
 def _add_scale_listeners(subparsers) -> None:
     p = subparsers.add_parser("scale-listeners", help="Resize the listener pool of a running training job.",
                               description="Resize the live listener pool (a named Ray actor) of a running job; "
-                              "on KubeRay the autoscaler then adds or removes listener pods.")
+                              "on KubeRay the autoscaler then adds or removes listener pods. With "
+                              "listener.autoscale.enabled the size asked for is kept for "
+                              "listener.autoscale.override_hold_s, then autoscaling resumes; more than "
+                              "listener.autoscale.max_workers is refused.")
     p.add_argument("--address", default="auto",
                    help="Ray cluster: GCS address HOST:6379, ray://HOST:10001, or 'auto' from a cluster node.")
     p.add_argument("--replicas", type=int, required=True, help="Listener workers wanted (>= 1).")
+    p.add_argument("--timeout", type=float, default=900.0, help="Seconds to wait for new listener engines (on "
+                   "KubeRay: for their pods); the ones not up by then are given up and the command says which "
+                   "resources the cluster lacked (default 900).")
     p.set_defaults(handler=_scale_listeners)
 
 
 def _scale_listeners(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
     import ray
 
     from pipeline.placement import LISTENER_POOL_NAME, RAY_NAMESPACE
@@ -155,12 +166,20 @@ def _scale_listeners(args: argparse.Namespace) -> int:
         pool = ray.get_actor(LISTENER_POOL_NAME, namespace=RAY_NAMESPACE)
     except ValueError:
         raise ConfigError(f"no running training job with a listener pool on {args.address}") from None
-    before = ray.get(pool.stats.remote()).num_workers
-    after = ray.get(pool.resize.remote(args.replicas))
-    print(f"listener pool: {before} -> {after} workers")
-    if after != args.replicas:
-        print(f"error: asked for {args.replicas} listener workers, {after} serving (a new engine failed to start, "
-              "or the job ended; see the job's log)", file=sys.stderr)
+    try:  # the pool gives up by --timeout; the margin covers the calls themselves
+        result = ray.get(pool.scale_to.remote(args.replicas, args.timeout), timeout=args.timeout + 60)
+    except ray.exceptions.GetTimeoutError:
+        print(f"error: the listener pool did not answer within {args.timeout + 60:g} s", file=sys.stderr)
+        return 1
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ValueError):  # refused: fewer than 1, or above autoscale.max_workers
+            raise ConfigError(str(exc.cause)) from None
+        raise
+    print(f"listener pool: {result.before} -> {result.serving} workers"
+          + (f" (autoscaling resumes in {result.hold_s:g} s)" if result.hold_s else ""))
+    if result.error or result.serving != args.replicas:
+        print(f"error: asked for {args.replicas} listener workers, {result.serving} serving: "
+              f"{result.error or 'a new engine failed to start, or the job ended; see the job log'}", file=sys.stderr)
         return 1
     return 0
 

@@ -70,21 +70,22 @@ def expected_pairs(groups: dict[str, list]) -> dict[str, list[tuple[float, float
 
 def write_imagereward_db(root: Path, groups: dict[str, dict[str, list]], per_folder: int = 2,
                          seed: int = 0, size: tuple[int, int] = (32, 32),
-                         rank_type: pa.DataType = pa.float64()) -> Path:
+                         rank_type: pa.DataType = pa.float64(), prompts: dict[str, str] | None = None) -> Path:
     """`groups[split][prompt_id]` = the ranks of that prompt's images (None: an undecodable image).
-    Prompts fill folders `{split}_1`, `{split}_2`, ... `per_folder` prompts each."""
+    Prompts fill folders `{split}_1`, `{split}_2`, ... `per_folder` prompts each; a prompt's text is
+    `prompts[prompt_id]`, else "prompt <id>"."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "README.md").write_text(CARD)
     (root / "ImageRewardDB.py").write_text(SCRIPT)
     rng = random.Random(seed)
-    for split, prompts in groups.items():
+    for split, split_groups in groups.items():
         records, by_folder = [], {}
-        for p, (prompt_id, ranks) in enumerate(prompts.items()):
+        for p, (prompt_id, ranks) in enumerate(split_groups.items()):
             folder = f"images/{split}/{split}_{p // per_folder + 1}"
             for k, rank in enumerate(ranks):
                 name = f"{uuid.UUID(int=rng.getrandbits(128))}.webp"
                 record = {"image_path": f"{folder}/{name}", "prompt_id": prompt_id,
-                          "prompt": f"prompt {prompt_id}", "classification": "Arts" if p % 2 else "People",
+                          "prompt": (prompts or {}).get(prompt_id, f"prompt {prompt_id}"), "classification": "Arts" if p % 2 else "People",
                           "image_amount_in_total": float(len(ranks)), "rank": float(3 if rank is None else rank),
                           "overall_rating": 4.0, "image_text_alignment_rating": 4.0, "fidelity_rating": 4.0}
                 records.append(record)
@@ -136,3 +137,13 @@ def hpdv2_train_items(preferences: list[list[int]]) -> list[dict]:
     """Pair rows as in HPDv2's train.json (`human_preference`: 1 marks the preferred image)."""
     return [{"prompt": f"hpd train {k}", "file_path": [f"{k:05d}_a.jpg", f"{k:05d}_b.jpg"],
              "human_preference": p} for k, p in enumerate(preferences)]
+
+
+def corrupt_members(root: Path) -> set[str]:
+    """The `image_path`s of an ImageRewardDB copy whose zip members are not images (what `CORRUPT` planted)."""
+    found = set()
+    for archive in root.glob("images/*/*.zip"):
+        with zipfile.ZipFile(archive) as handle:
+            folder = archive.relative_to(root).with_suffix("").as_posix()
+            found |= {f"{folder}/{name}" for name in handle.namelist() if handle.read(name) == CORRUPT}
+    return found

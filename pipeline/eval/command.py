@@ -40,25 +40,27 @@ Tests: `.venv/bin/python -m pytest tests/unit/test_eval_protocol.py` (the protoc
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.config import EngineConfig
 from pipeline.data import skip_metrics
+from pipeline.data.formats import ImageBounds, imagereward_pairs
 from pipeline.eval.groups import RankedGroup, ranked_groups
+from pipeline.eval.judging import (TOO_LONG, Comparison, anchor_comparisons, anchor_rows, answers_of,
+                                   comparison_counts, comparison_stats, pairwise_comparisons, pairwise_rows,
+                                   with_swapped_orders)
 from pipeline.eval.presets import EvalSettings, resolve_dataset, resolve_settings
-from pipeline.eval.stats import (SWAPPED_SUFFIX, answer_prefix, mean_or_none, order_stats,
-                                 prompt_weighted_accuracy, vote_weighted_accuracy)
-from pipeline.data.formats import ImageBounds, swapped
-from pipeline.eval.protocol import (PairRow, anchor_scores, imagereward_pairs, row_from_answers, rows_from_scores,
-                              summarize)
-from pipeline.prompts import parse_completion
-from pipeline.rewards import agreement_metrics, is_contradiction
-from pipeline.types import ListenerScore, PreferencePair, RolloutGroup
+from pipeline.eval.protocol import PairRow, summarize
+from pipeline.eval.stats import answer_prefix, mean_or_none, order_stats, prompt_weighted_accuracy, vote_weighted_accuracy
+from pipeline.rewards import agreement_metrics
+from pipeline.types import PreferencePair, RolloutGroup
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "listener-grpo-eval"
@@ -87,164 +89,58 @@ class EvalOptions:
     max_pixels: int | None = None
     max_image_pixels: int = 4096 * 4096
     dtype: str | None = None
-    max_model_len: int = 4096
+    max_model_len: int | None = None  # None: from the checkpoint's run, else 4096 (eval_presets)
     experiment: str = EXPERIMENT
     threads: int = 1  # intra-op threads of the engines
-
-
-# ---------------------------------------------------------------- what to ask
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One question to the reasoner: a pair as shown, plus where it came from."""
-
-    pair: PreferencePair
-    group_index: int
-    first: int = -1  # anchor mode: index in the group of the image shown as image 1
-    second: int = -1  # anchor mode: index of the image shown as image 2
-
-
-def pairwise_comparisons(groups: list[RankedGroup], seed: int) -> list[Comparison]:
-    """Every ImageReward pair of every group, in its seeded image order."""
-    return [Comparison(pair=pair, group_index=g) for g, group in enumerate(groups) for pair in group.pairs(seed)]
-
-
-def with_swapped_orders(comparisons: list[Comparison]) -> list[Comparison]:
-    """Each comparison, then the same with its images swapped (id + `SWAPPED_SUFFIX`, gold swapped too)."""
-    out = []
-    for c in comparisons:
-        pair = c.pair
-        flipped = replace(pair, pair_id=pair.pair_id + SWAPPED_SUFFIX, image_1=pair.image_2, image_2=pair.image_1,
-                          preferred=3 - pair.preferred)
-        out += [c, Comparison(pair=flipped, group_index=c.group_index, first=c.second, second=c.first)]
-    return out
-
-
-def anchor_comparisons(groups: list[RankedGroup], seed: int, anchor: int = 0) -> list[Comparison]:
-    """Image k of each group against the group's image `anchor` (n-1 per group), seeded order."""
-    out = []
-    for g, group in enumerate(groups):
-        for k in range(len(group.images)):
-            if k == anchor:
-                continue
-            pair_id = f"{group.group_id}:anchor{anchor}-{k}"
-            first, second = (anchor, k) if swapped(seed, pair_id) else (k, anchor)
-            ranks = group.ranks
-            preferred = 1 if ranks[first] <= ranks[second] else 2  # gold of the comparison; unused on ties
-            out.append(Comparison(pair=PreferencePair(
-                pair_id=pair_id, prompt=group.prompt, image_1=group.images[first], image_2=group.images[second],
-                preferred=preferred, prompt_id=group.prompt_id, category=group.category),
-                group_index=g, first=first, second=second))
-    return out
-
-
-# ---------------------------------------------------------------- judging (pure)
-
-
-def answers_of(group: RolloutGroup) -> list[int | None]:
-    return [parse_completion(c.text).answer for c in group.completions]
-
-
-def listener_counts(group: RolloutGroup, scores: dict[tuple[str, int], ListenerScore] | None) -> tuple[int, int]:
-    """(contradictions, judged) over a group's completions: parsed answers with a usable listener score."""
-    if scores is None:
-        return 0, 0
-    contradictions = judged = 0
-    for completion, answer in zip(group.completions, answers_of(group), strict=True):
-        score = scores.get((completion.pair_id, completion.completion_index))
-        if answer is None or score is None or not score.usable:
-            continue
-        judged += 1
-        contradictions += is_contradiction(answer, score, group.pair.preferred)
-    return contradictions, judged
-
-
-def pairwise_rows(comparisons: list[Comparison], rollouts: dict[str, RolloutGroup],
-                  scores: dict | None) -> list[PairRow]:
-    """One row per comparison: majority vote of its completions against the gold image."""
-    rows = []
-    for comparison in comparisons:
-        pair = comparison.pair
-        group = rollouts[pair.pair_id]
-        row = row_from_answers(pair.pair_id, pair.prompt_id, pair.preferred, answers_of(group), pair.category)
-        contradictions, judged = listener_counts(group, scores)
-        rows.append(replace(row, contradictions=contradictions, listened=judged))
-    return rows
-
-
-def anchor_rows(groups: list[RankedGroup], comparisons: list[Comparison], p_image_1: dict[str, float | None],
-                anchor: int = 0) -> list[PairRow]:
-    """ImageReward pairs judged by continuous scores: image k's score is p(image k over the anchor), the
-    reasoner's probability of naming k at the answer position (`p_image_1[pair_id]`: p of the image shown
-    first, None when no answer parsed), averaged over the orders it was asked in. Equal scores tie."""
-    asked: dict[tuple[int, int], list[float | None]] = defaultdict(list)
-    for comparison in comparisons:
-        k = comparison.first if comparison.first != anchor else comparison.second
-        p = p_image_1.get(comparison.pair.pair_id)
-        asked[comparison.group_index, k].append(None if p is None else p if comparison.first == k else 1.0 - p)
-    p_over = {g: [mean_or_none(asked.get((g, k), [])) for k in range(len(group.images))]
-              for g, group in enumerate(groups)}
-    rows = []
-    for g, group in enumerate(groups):
-        scores = anchor_scores(p_over[g], anchor)
-        pair_ids = [group.pair_id(i, j) for i, j, _ in imagereward_pairs(group.ranks)]
-        rows += rows_from_scores(group.prompt_id, group.ranks, scores, pair_ids, group.category)
-    return rows
-
-
-def comparison_stats(comparisons: list[Comparison], rollouts: dict[str, RolloutGroup],
-                     scores: dict | None) -> dict[str, float | None]:
-    """Unparsable and contradiction rates over every completion asked for (both modes)."""
-    samples = unparsable = contradictions = judged = 0
-    for comparison in comparisons:
-        group = rollouts[comparison.pair.pair_id]
-        answers = answers_of(group)
-        samples += len(answers)
-        unparsable += sum(a is None for a in answers)
-        c, j = listener_counts(group, scores)
-        contradictions, judged = contradictions + c, judged + j
-    return {"comparisons": len(comparisons), "completions": samples,
-            "unparsable_rate": unparsable / samples if samples else 0.0,
-            "contradiction_rate": contradictions / judged if judged else None}
+    chunk_pairs: int = 256  # comparisons decoded and asked at once (memory is bounded by it, not the dataset)
 
 
 # ---------------------------------------------------------------- engines (the colleagues' worker classes)
 
 
-def run_reasoner(opts: EvalOptions, settings: EvalSettings, model_path: str, pairs: list[PreferencePair]
-                 ) -> tuple[dict[str, RolloutGroup], dict[str, float | None]]:
-    """The rollout worker, in-process: greedy for one sample, else `samples` at `temperature`. With
-    `--anchor`, also p(image 1) per pair: the mean over its parsed completions of the probability read at
-    their answer position (None when none parsed)."""
-    from actors.rollout import RolloutWorker
+def generate_fitting(worker, pairs: list[PreferencePair], *args) -> dict[str, RolloutGroup]:
+    """`worker.generate` over `pairs`; a prompt longer than the engine's `max_model_len` gets no rollout
+    (vLLM refuses the whole batch with a `VLLMValidationError` and aborts what it added, so the batch is
+    retried one pair at a time)."""
+    try:
+        return {group.pair_id: group for group in worker.generate(pairs, *args)}
+    except Exception as exc:  # vLLM's validation error is no ValueError; anything else is re-raised
+        if not _too_long(exc):
+            raise
+    rollouts = {}
+    for pair in pairs:
+        try:
+            rollouts.update((g.pair_id, g) for g in worker.generate([pair], *args))
+        except Exception as exc:
+            if not _too_long(exc):
+                raise
+            log.warning("evaluate: pair %s skipped, its prompt is longer than max_model_len", pair.pair_id)
+    return rollouts
 
-    worker = RolloutWorker(model_path, engine_config(opts, settings), seed=opts.seed, num_threads=opts.threads)
+
+def _too_long(exc: Exception) -> bool:
+    return "longer than the maximum model length" in str(exc)
+
+
+def ask_reasoner(worker, opts: EvalOptions, settings: EvalSettings, pairs: list[PreferencePair]
+                 ) -> tuple[dict[str, RolloutGroup], dict[str, float | None]]:
+    """One chunk through the rollout worker: greedy for one sample, else `samples` at `temperature`. With
+    `--anchor`, also p(image 1) per pair: the mean over its parsed completions of the probability read at
+    their answer position (None when none parsed or the prompt did not fit)."""
     temperature = 0.0 if opts.samples == 1 else opts.temperature
-    groups = worker.generate(pairs, opts.samples, settings.max_new_tokens, temperature, 1.0)
-    rollouts = {group.pair_id: group for group in groups}
+    rollouts = generate_fitting(worker, pairs, opts.samples, settings.max_new_tokens, temperature, 1.0)
     if not opts.anchor:
         return rollouts, {}
-    asked = [(g.pair, prefix) for g in groups for c in g.completions if (prefix := answer_prefix(c.text))]
+    asked = [(g.pair, prefix) for g in rollouts.values() for c in g.completions if (prefix := answer_prefix(c.text))]
     probabilities = worker.answer_p_image_1([pair for pair, _ in asked], [prefix for _, prefix in asked])
     per_pair: dict[str, list[float | None]] = defaultdict(list)
     for (pair, _), p in zip(asked, probabilities, strict=True):
         per_pair[pair.pair_id].append(p)
-    return rollouts, {pair_id: mean_or_none(per_pair.get(pair_id, [])) for pair_id in rollouts}
+    return rollouts, {pair.pair_id: mean_or_none(per_pair.get(pair.pair_id, [])) for pair in pairs}
 
 
-def run_listener(opts: EvalOptions, settings: EvalSettings, listener_path: str,
-                 rollouts: dict[str, RolloutGroup]) -> dict[tuple[str, int], ListenerScore]:
-    """The listener worker, in-process: one score per completion."""
-    from actors.listener import ListenerWorker, requests_of
-
-    worker = ListenerWorker(listener_path, engine_config(opts, settings), seed=opts.seed, num_threads=opts.threads)
-    scores = worker.score(requests_of(list(rollouts.values())))
-    return {(s.pair_id, s.completion_index): s for s in scores}
-
-
-def engine_config(opts: EvalOptions, settings: EvalSettings) -> EngineConfig:
-    return EngineConfig(dtype=settings.dtype, max_model_len=opts.max_model_len)
+def engine_config(settings: EvalSettings) -> EngineConfig:
+    return EngineConfig(dtype=settings.dtype, max_model_len=settings.max_model_len)
 
 
 def _release_engine_memory() -> None:
@@ -257,11 +153,79 @@ def _release_engine_memory() -> None:
     cleanup_dist_env_and_memory()
 
 
+# ---------------------------------------------------------------- chunks
+
+
+def comparison_chunks(groups: Iterator[RankedGroup], opts: EvalOptions
+                      ) -> Iterator[tuple[list[RankedGroup], list[Comparison]]]:
+    """Whole groups, gathered until about `opts.chunk_pairs` comparisons, with their comparisons: only one
+    chunk's images are decoded at a time, so memory does not grow with the dataset."""
+    chunk: list[RankedGroup] = []
+    size = 0
+    for group in groups:
+        chunk.append(group)
+        n = len(group.images) - 1 if opts.anchor else len(imagereward_pairs(group.ranks))
+        size += n * (2 if opts.both_orders else 1)
+        if size >= opts.chunk_pairs:
+            yield chunk, comparisons_of(chunk, opts)
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, comparisons_of(chunk, opts)
+
+
+def comparisons_of(groups: list[RankedGroup], opts: EvalOptions) -> list[Comparison]:
+    comparisons = anchor_comparisons(groups, opts.seed) if opts.anchor else pairwise_comparisons(groups, opts.seed)
+    return with_swapped_orders(comparisons) if opts.both_orders else comparisons
+
+
+def _without_images(group: RolloutGroup) -> RolloutGroup:
+    """A rollout kept for the listener's pass: its text and tokens, not its decoded images."""
+    return replace(group, pair=replace(group.pair, image_1=None, image_2=None))
+
+
+@dataclass
+class Tally:
+    """What the report keeps from every chunk: rows, per-comparison records, counts, votes."""
+
+    rows: list[PairRow] = field(default_factory=list)
+    comparisons: list[dict] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    votes: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def add(self, groups: list[RankedGroup], comparisons: list[Comparison], rollouts: dict[str, RolloutGroup],
+            p_image_1: dict[str, float | None], scores: dict | None, anchor: bool) -> None:
+        rows = anchor_rows(groups, comparisons, p_image_1) if anchor else pairwise_rows(comparisons, rollouts, scores)
+        votes = group_votes(groups)
+        self.rows += [replace(row, votes_gold=votes[row.pair_id][0], votes_other=votes[row.pair_id][1])
+                      if row.pair_id in votes else row for row in rows]
+        self.votes.update(votes)
+        self.counts.update(comparison_counts(comparisons, rollouts, scores))
+        for c in comparisons:  # what a recount of anchor scores needs; answers for every mode
+            group = rollouts.get(c.pair.pair_id)
+            record = {"pair_id": c.pair.pair_id, "prompt_id": c.pair.prompt_id, "preferred": c.pair.preferred,
+                      "answers": answers_of(group) if group else [], "failed": "" if group else TOO_LONG}
+            if anchor:  # the two images by their ids in the pair ids (`RankedGroup.pair_id`), and p(first)
+                ids = groups[c.group_index].image_ids or range(len(groups[c.group_index].images))
+                record |= {"first": ids[c.first], "second": ids[c.second], "p_image_1": p_image_1.get(c.pair.pair_id)}
+            self.comparisons.append(record)
+
+
+def group_votes(groups: list[RankedGroup]) -> dict[str, tuple[float, float]]:
+    """(votes of the gold image, votes of the other) per pair of a two-image group with human votes."""
+    votes = {}
+    for group in groups:
+        if len(group.votes) == 2:
+            preferred = 0 if group.ranks[0] < group.ranks[1] else 1
+            votes[group.pair_id(0, 1)] = (group.votes[preferred], group.votes[1 - preferred])
+    return votes
+
+
 # ---------------------------------------------------------------- the command
 
 
 def evaluate(opts: EvalOptions) -> dict:
-    """Run the evaluation; returns the report (summary, analysis, per-pair rows)."""
+    """Run the evaluation chunk by chunk; returns the report (summary, analysis, per-pair rows)."""
+    from actors.rollout import RolloutWorker
     from pipeline.models import resolve_checkpoint
 
     started = time.perf_counter()
@@ -269,51 +233,85 @@ def evaluate(opts: EvalOptions) -> dict:
     model_path = resolve_checkpoint(opts.model, "--model", cache)  # fail fast, before reading data
     listener_path = resolve_checkpoint(opts.listener, "--listener", cache) if opts.listener else None
     settings = resolve_settings(model_path, {"min_pixels": opts.min_pixels, "max_pixels": opts.max_pixels,
-                                             "max_new_tokens": opts.max_new_tokens, "dtype": opts.dtype})
+                                             "max_new_tokens": opts.max_new_tokens, "dtype": opts.dtype,
+                                             "max_model_len": opts.max_model_len})
     print(f"evaluate: {settings.describe()}", flush=True)
     preset = resolve_dataset(opts.dataset)
     source, split, fmt, subset = ((preset.source, preset.split, preset.format, preset.subset) if preset
                                   else (opts.dataset, opts.split, opts.format, opts.subset))
-    skipped: Counter = Counter()
     bounds = ImageBounds(settings.min_pixels, settings.max_pixels, opts.max_image_pixels)
-    groups = list(ranked_groups(source, split, fmt=fmt, subset=subset, seed=opts.seed, ties=opts.ties,
-                                bounds=bounds, skip_counts=skipped, max_groups=opts.max_groups))
-    comparisons = (anchor_comparisons(groups, opts.seed) if opts.anchor else pairwise_comparisons(groups, opts.seed))
-    if opts.both_orders:
-        comparisons = with_swapped_orders(comparisons)
-    rollouts, p_image_1 = run_reasoner(opts, settings, model_path, [c.pair for c in comparisons])
+
+    def chunks(counts: Counter, skipped: list | None):  # the same groups, in the same order, on every pass
+        return comparison_chunks(ranked_groups(source, split, fmt=fmt, subset=subset, seed=opts.seed, ties=opts.ties,
+                                               bounds=bounds, skip_counts=counts, max_groups=opts.max_groups,
+                                               skipped=skipped), opts)
+
+    skip_counts, skipped, tally = Counter(), [], Tally()
+    kept: dict[str, RolloutGroup] = {}  # with --listener: every rollout, without images, for the second pass
+    kept_p: dict[str, float | None] = {}  # ... and every anchor probability
+    stream = chunks(skip_counts, skipped)
+    first = next(stream, None)  # a dataset with no usable row stops here (one line), before any engine starts
+    reasoner = RolloutWorker(model_path, engine_config(settings), seed=opts.seed, num_threads=opts.threads)
+    for groups, comparisons in itertools.chain([first] if first else [], stream):
+        rollouts, p_image_1 = ask_reasoner(reasoner, opts, settings, [c.pair for c in comparisons])
+        if listener_path:
+            kept.update((k, _without_images(g)) for k, g in rollouts.items())
+            kept_p.update(p_image_1)
+        else:
+            tally.add(groups, comparisons, rollouts, p_image_1, None, opts.anchor)
     scores = None
     if listener_path:
+        del reasoner
         _release_engine_memory()  # the reasoner's engine is gone; free it before the listener's starts
-        scores = run_listener(opts, settings, listener_path, rollouts)
-    rows = anchor_rows(groups, comparisons, p_image_1) if opts.anchor else pairwise_rows(comparisons, rollouts, scores)
+        scores = listen(opts, settings, listener_path, kept, kept_p, chunks(Counter(), None), tally)
+    return _report(opts, settings, tally, scores, kept, skip_counts, skipped, started,
+                   _options_dict(opts, settings, source, split, subset) | {
+                       "weighting": preset.weighting if preset else "pairs"})
+
+
+def listen(opts: EvalOptions, settings: EvalSettings, listener_path: str, kept: dict[str, RolloutGroup],
+           kept_p: dict[str, float | None], chunks: Iterator[tuple[list[RankedGroup], list[Comparison]]], tally: Tally) -> dict:
+    """The listener's pass: the groups decoded again chunk by chunk, each kept rollout scored with its
+    images, the chunk's rows tallied. Returns every score (small: one float per completion)."""
+    from actors.listener import ListenerWorker, requests_of
+
+    worker = ListenerWorker(listener_path, engine_config(settings), seed=opts.seed, num_threads=opts.threads)
+    scores: dict = {}
+    for groups, comparisons in chunks:
+        rollouts = {c.pair.pair_id: replace(kept[c.pair.pair_id], pair=c.pair)
+                    for c in comparisons if c.pair.pair_id in kept}
+        chunk_scores = {(s.pair_id, s.completion_index): s for s in worker.score(requests_of(list(rollouts.values())))}
+        scores.update(chunk_scores)
+        tally.add(groups, comparisons, rollouts, kept_p, chunk_scores, opts.anchor)
+    return scores
+
+
+def _report(opts: EvalOptions, settings: EvalSettings, tally: Tally, scores: dict | None,
+            kept: dict[str, RolloutGroup], skip_counts: Counter, skipped: list[dict], started: float,
+            options: dict) -> dict:
+    rows = tally.rows
     summary = summarize(rows)
-    summary.update(weighted_accuracies(rows, groups))
+    summary.update(weighted_accuracies(rows, tally.votes))
     summary.update(order_stats(rows))
-    summary.update(comparison_stats(comparisons, rollouts, scores))  # both modes: over every completion
-    summary.update(skipped_rows=dict(sorted(skipped.items())), seconds=time.perf_counter() - started,
-                   options=_options_dict(opts, settings, source, split, subset)
-                   | {"weighting": preset.weighting if preset else "pairs"})
+    summary.update(comparison_stats([], {}, None, counts=tally.counts))  # both modes: over every completion
+    summary.update(skipped_rows=dict(sorted(skip_counts.items())), skipped=skipped,
+                   seconds=time.perf_counter() - started, options=options)
     # `analysis`: further analyses of the same rows (e.g. accuracy where the reasoner agrees with the listener)
     analysis = {}
     if scores is not None and not opts.anchor:  # anchor comparisons of equal ranks have no gold to be right on
         # the paper's agreement analysis over every completion, the same function as the training metrics
         agreement = agreement_metrics((answer, scores.get((c.pair_id, c.completion_index)), g.pair.preferred)
-                                      for g in rollouts.values() for c, answer in zip(g.completions, answers_of(g)))
+                                      for g in kept.values() for c, answer in zip(g.completions, answers_of(g)))
         analysis["listener_agreement"] = {k: None if v != v else v for k, v in agreement.items()}  # NaN -> null
-    return {"summary": summary, "analysis": analysis, "pairs": [row.to_dict() for row in rows]}
+    return {"summary": summary, "analysis": analysis, "pairs": [row.to_dict() for row in rows],
+            "comparisons": tally.comparisons}
 
 
-def weighted_accuracies(rows: list[PairRow], groups: list[RankedGroup]) -> dict[str, float]:
-    """Pair-weighted (ImageReward's test.py), prompt-weighted (HPS v2) and, where the groups carry human
-    votes, vote-weighted accuracy."""
+def weighted_accuracies(rows: list[PairRow], votes: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Pair-weighted (ImageReward's test.py), prompt-weighted (HPS v2) and, where pairs carry human
+    votes (`group_votes`), vote-weighted accuracy."""
     out = {"accuracy_pair_weighted": summarize(rows)["accuracy"] if rows else 0.0,
            "accuracy_prompt_weighted": prompt_weighted_accuracy(rows)}
-    votes = {}
-    for group in groups:
-        if len(group.votes) == 2:
-            preferred = 0 if group.ranks[0] < group.ranks[1] else 1
-            votes[group.pair_id(0, 1)] = (group.votes[preferred], group.votes[1 - preferred])
     by_vote = vote_weighted_accuracy(rows, votes) if votes else None
     if by_vote is not None:
         out["accuracy_vote_weighted"] = by_vote
@@ -326,7 +324,7 @@ def _options_dict(opts: EvalOptions, settings: EvalSettings, source: str, split:
             "temperature": opts.temperature if opts.samples > 1 else 0.0, "max_new_tokens": settings.max_new_tokens,
             "anchor": opts.anchor, "both_orders": opts.both_orders, "max_groups": opts.max_groups, "seed": opts.seed,
             "format": opts.format, "subset": subset, "ties": opts.ties, "min_pixels": settings.min_pixels,
-            "max_pixels": settings.max_pixels, "dtype": settings.dtype, "max_model_len": opts.max_model_len,
+            "max_pixels": settings.max_pixels, "dtype": settings.dtype, "max_model_len": settings.max_model_len,
             "settings_from": dict(settings.sources)}
 
 
@@ -371,7 +369,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         anchor=args.anchor, both_orders=args.both_orders, max_groups=args.max_groups, seed=args.seed,
         format=args.format, subset=args.subset, ties=args.ties, min_pixels=args.min_pixels,
         max_pixels=args.max_pixels, max_image_pixels=args.max_image_pixels, dtype=args.dtype,
-        max_model_len=args.max_model_len, threads=args.threads,
+        max_model_len=args.max_model_len, threads=args.threads, chunk_pairs=args.chunk_pairs,
     )
 
 

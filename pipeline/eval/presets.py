@@ -8,8 +8,8 @@ sizes); they resolve through the ordinary loading code (`pipeline.eval.groups.ra
 `pipeline.data.source.load_rows`), so a local copy in the same layout can be passed as `--dataset PATH` instead.
 
 Settings: a training checkpoint's policy directory holds `run_config.yaml` (written by
-`actors.checkpoint.save_checkpoint`); `min_pixels`, `max_pixels` (model), `max_new_tokens` and the engine
-dtype (rollout) come from it unless given on the command line, else from `EVAL_DEFAULTS`. Each setting
+`actors.checkpoint.save_checkpoint`); `min_pixels`, `max_pixels` (model), `max_new_tokens`, the engine
+dtype and `max_model_len` (rollout) come from it unless given on the command line, else from `EVAL_DEFAULTS`. Each setting
 records where it came from ("cli", "checkpoint" or "default").
 """
 
@@ -50,7 +50,8 @@ def resolve_dataset(name: str) -> DatasetPreset | None:
     return PRESETS.get(name)
 
 
-EVAL_DEFAULTS = {"min_pixels": 3136, "max_pixels": 12544, "max_new_tokens": 256, "dtype": "float32"}
+EVAL_DEFAULTS = {"min_pixels": 3136, "max_pixels": 12544, "max_new_tokens": 256, "dtype": "float32",
+                 "max_model_len": 4096}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class EvalSettings:
     max_pixels: int
     max_new_tokens: int
     dtype: str
+    max_model_len: int
     sources: dict[str, str]  # setting -> "cli" | "checkpoint" | "default"
 
     def describe(self) -> str:
@@ -72,8 +74,10 @@ def checkpoint_settings(model_dir: str | Path) -> dict:
         return {}
     run = yaml.safe_load(path.read_text()) or {}
     model, rollout = run.get("model", {}), run.get("rollout", {})
+    engine = rollout.get("engine", {})
     found = {"min_pixels": model.get("min_pixels"), "max_pixels": model.get("max_pixels"),
-             "max_new_tokens": rollout.get("max_new_tokens"), "dtype": rollout.get("engine", {}).get("dtype")}
+             "max_new_tokens": rollout.get("max_new_tokens"), "dtype": engine.get("dtype"),
+             "max_model_len": engine.get("max_model_len")}
     return {k: v for k, v in found.items() if v is not None}
 
 

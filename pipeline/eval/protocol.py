@@ -64,6 +64,9 @@ class PairRow:
     samples: int = 1
     contradictions: int = 0  # answers the listener disagreed with (`pipeline.rewards.is_contradiction`)
     listened: int = 0  # answers the listener judged (parsed, with a usable score)
+    failed: str = ""  # why no prediction could be made ("unparsable", "prompt_too_long"); "" when one was
+    votes_gold: float | None = None  # human votes for the gold image, where the dataset counts them
+    votes_other: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +81,7 @@ def row_from_answers(pair_id: str, prompt_id: str, gold: int, answers: Sequence[
         pair_id=pair_id, prompt_id=prompt_id, gold=gold, predicted=vote.predicted,
         p_preferred=votes_gold / vote.n if vote.n else 0.0,
         correct=vote.predicted == gold, category=category, unparsable=vote.unparsable, samples=vote.n,
+        failed="unparsable" if vote.n and vote.unparsable == vote.n else "",
     )
 
 
@@ -104,25 +108,32 @@ def summarize(rows: Sequence[PairRow]) -> dict:
     }
 
 
-def anchor_scores(p_over_anchor: Sequence[float | None], anchor: int) -> list[float]:
+def anchor_scores(p_over_anchor: Sequence[float | None], anchor: int) -> list[float | None]:
     """Scores of a prompt's n images from n-1 comparisons with image `anchor`.
 
-    `p_over_anchor[k]` is p(image k preferred over the anchor) (ignored at `anchor`; None when no answer
-    parsed, scored as 0.5, i.e. no evidence either way). The anchor scores 0.5 against itself.
+    `p_over_anchor[k]` is p(image k preferred over the anchor) (ignored at `anchor`, which scores 0.5
+    against itself). None, a failed comparison (no answer parsed, or the prompt did not fit the engine),
+    stays None: that image has no score, and every pair it is in gets no prediction, hence is wrong, as a
+    pair with no parsed answer is in pairwise mode (one rule for a failed answer in both modes).
     """
-    return [0.5 if k == anchor or p is None else float(p) for k, p in enumerate(p_over_anchor)]
+    return [0.5 if k == anchor else None if p is None else float(p) for k, p in enumerate(p_over_anchor)]
 
 
-def rows_from_scores(prompt_id: str, ranks: Sequence[int], scores: Sequence[float], pair_ids: Sequence[str],
+def rows_from_scores(prompt_id: str, ranks: Sequence[int], scores: Sequence[float | None], pair_ids: Sequence[str],
                      category: str = "") -> list[PairRow]:
-    """ImageReward pairs of one prompt judged by per-image scores; equal scores are a tie (wrong).
+    """ImageReward pairs of one prompt judged by per-image scores; equal scores are a tie (wrong), and so is
+    a pair with an unscored image (`failed` "unparsable": its comparison gave no answer).
 
     `pair_ids` follow `imagereward_pairs(ranks)`; gold is in that order (1: image i). p_preferred =
-    s_gold / (s_i + s_j) (0.5 when both are 0).
+    s_gold / (s_i + s_j) (0.5 when both are 0; 0.0 without both scores, as a pair with no parsed answer).
     """
     rows = []
     for (i, j, gold), pair_id in zip(imagereward_pairs(ranks), pair_ids, strict=True):
         s_i, s_j = scores[i], scores[j]
+        if s_i is None or s_j is None:
+            rows.append(PairRow(pair_id=pair_id, prompt_id=prompt_id, gold=gold, predicted=None, p_preferred=0.0,
+                                correct=False, category=category, samples=0, failed="unparsable"))
+            continue
         predicted = 1 if s_i > s_j else 2 if s_j > s_i else None
         total = s_i + s_j
         s_gold = s_i if gold == 1 else s_j

@@ -14,8 +14,9 @@ from PIL import Image
 
 from pipeline.eval.groups import RankedGroup
 from pipeline.eval.stats import answer_prefix, order_stats, prompt_weighted_accuracy, vote_weighted_accuracy
-from pipeline.eval.command import (anchor_comparisons, anchor_rows, comparison_stats, pairwise_comparisons,
-                               pairwise_rows, report_metrics, weighted_accuracies, with_swapped_orders)
+from pipeline.eval.command import group_votes, report_metrics, weighted_accuracies
+from pipeline.eval.judging import (anchor_comparisons, anchor_rows, comparison_stats, pairwise_comparisons,
+                                   pairwise_rows, with_swapped_orders)
 from pipeline.eval.protocol import (PairRow, anchor_scores, imagereward_pairs, majority_vote, row_from_answers,
                               rows_from_scores, summarize)
 from pipeline.prompts import format_target
@@ -65,16 +66,23 @@ def test_accuracy_counts_ties_and_unparsable_as_wrong():
 
 def test_anchor_scores_rank_every_pair_and_equal_scores_tie():
     # Ranks 1, 3, 2; anchor 0. p(image 1 over anchor) = 0.2, p(image 2 over anchor) = 0.4.
-    scores = anchor_scores([None, 0.2, 0.4], anchor=0)
+    scores = anchor_scores([None, 0.2, 0.4], anchor=0)  # the anchor's own entry is ignored
     assert scores == [0.5, 0.2, 0.4]
     rows = rows_from_scores("p", [1, 3, 2], scores, ["p:0-1", "p:0-2", "p:1-2"])
     # (0,1) gold 1: 0.5 > 0.2 right, p = 0.5/0.7; (0,2) gold 1: 0.5 > 0.4 right, p = 0.5/0.9;
     # (1,2) gold 2 (rank 2 beats rank 3): 0.4 > 0.2 right, p = 0.4/0.6
     assert [(r.gold, r.predicted, r.correct) for r in rows] == [(1, 1, True), (1, 1, True), (2, 2, True)]
     assert [r.p_preferred for r in rows] == pytest.approx([5 / 7, 5 / 9, 2 / 3])
-    tied = rows_from_scores("p", [1, 3, 2], anchor_scores([None, 0.5, None], 0), ["x", "y", "z"])
-    # scores 0.5, 0.5, 0.5 (None is no evidence): every pair ties, every pair is wrong
+    tied = rows_from_scores("p", [1, 3, 2], anchor_scores([None, 0.5, 0.5], 0), ["x", "y", "z"])
+    # scores 0.5, 0.5, 0.5: every pair ties, every pair is wrong
     assert [r.predicted for r in tied] == [None, None, None] and summarize(tied)["accuracy"] == 0.0
+    # A failed comparison (image 1's p is None): image 1 has no score; its pairs are wrong with no prediction
+    # (the pairwise rule for a pair with no parsed answer); (0, 2) is still judged, 0.5 > 0.4.
+    failed = rows_from_scores("p", [1, 3, 2], anchor_scores([None, None, 0.4], 0), ["x", "y", "z"])
+    assert [(r.predicted, r.correct, r.failed) for r in failed] == [
+        (None, False, "unparsable"), (1, True, ""), (None, False, "unparsable")]
+    assert failed[0].p_preferred == 0.0 == row_from_answers("q", "q", 1, [None, None]).p_preferred
+    assert row_from_answers("q", "q", 1, [None, None]).failed == "unparsable"
 
 
 # ---------------------------------------------------------------- judging rollouts
@@ -112,7 +120,7 @@ def test_pairwise_rows_vote_and_count_listener_contradictions():
     assert (row.contradictions, row.listened) == (1, 2)
     stats = comparison_stats([comparison], rollouts, scores)
     assert stats == {"comparisons": 1, "completions": 3, "unparsable_rate": pytest.approx(1 / 3),
-                     "contradiction_rate": 0.5}
+                     "contradiction_rate": 0.5, "skipped_comparisons": {"prompt_too_long": 0}}
 
 
 def _anchor_p_image_1(comparisons, p_over_anchor):
@@ -197,7 +205,7 @@ def test_pair_prompt_and_vote_weighted_accuracy():
     assert vote_weighted_accuracy(tie, {"b:0-1": (6, 4)}) == 0.0
     group = RankedGroup(group_id="r", prompt_id="r", prompt="p", category="", images=(None, None), ranks=(2, 1),
                         votes=(3.0, 9.0))
-    summary = weighted_accuracies([PairRow("r:0-1", "r", 2, 2, 1.0, True)], [group])
+    summary = weighted_accuracies([PairRow("r:0-1", "r", 2, 2, 1.0, True)], group_votes([group]))
     assert summary == {"accuracy_pair_weighted": 1.0, "accuracy_prompt_weighted": 1.0,
                        "accuracy_vote_weighted": 0.75}
 
@@ -228,14 +236,15 @@ def test_settings_come_from_the_cli_then_the_checkpoints_run_then_defaults(tmp_p
     from pipeline.config import config_to_yaml, load_config
     from pipeline.eval.presets import EVAL_DEFAULTS, RUN_CONFIG_FILE, resolve_settings
 
-    run = load_config(None, ["model.max_pixels=401408", "rollout.max_new_tokens=512", "rollout.engine.dtype=bfloat16"])
+    run = load_config(None, ["model.max_pixels=401408", "rollout.max_new_tokens=512", "rollout.engine.dtype=bfloat16",
+                             "rollout.engine.max_model_len=8192"])
     (tmp_path / RUN_CONFIG_FILE).write_text(config_to_yaml(run))
     settings = resolve_settings(tmp_path, {"min_pixels": None, "max_pixels": None, "max_new_tokens": 64,
-                                           "dtype": None})
-    assert (settings.min_pixels, settings.max_pixels, settings.max_new_tokens, settings.dtype) == (
-        3136, 401408, 64, "bfloat16")
+                                           "dtype": None, "max_model_len": None})
+    assert (settings.min_pixels, settings.max_pixels, settings.max_new_tokens, settings.dtype,
+            settings.max_model_len) == (3136, 401408, 64, "bfloat16", 8192)
     assert settings.sources == {"min_pixels": "checkpoint", "max_pixels": "checkpoint", "max_new_tokens": "cli",
-                                "dtype": "checkpoint"}
+                                "dtype": "checkpoint", "max_model_len": "checkpoint"}
     bare = resolve_settings(tmp_path / "not-ours", {})  # a hub model or a plain HF dir: the defaults
     assert (bare.max_pixels, bare.max_new_tokens) == (EVAL_DEFAULTS["max_pixels"], EVAL_DEFAULTS["max_new_tokens"])
     assert set(bare.sources.values()) == {"default"}
