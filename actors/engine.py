@@ -48,9 +48,8 @@ _LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
 def intra_op_threads(num_cpus: float) -> int:
-    """An actor's torch/OpenMP threads: its CPU share (whole CPUs), at least one. With max_staleness 0 the
-    stages run one after the other, so each may be given every core; with 1 the rollout side and the learner
-    run at once and their shares should add up to the node's cores (Ray counts shares, it does not pin)."""
+    """An actor's torch/OpenMP threads: its CPU share (whole CPUs), at least one. The share an actor gets
+    on a local cluster is planned from the machine's cores (`pipeline.placement.thread_plan`)."""
     return max(1, int(num_cpus + 1e-9))
 
 
