@@ -21,7 +21,7 @@ test-fast: setup
 demo: setup
 	@$(PY) -m pipeline train --config configs/demo_cpu.yaml
 
-bench: setup
+bench: bench-setup
 	@$(PY) -m bench
 
 # TRL for bench.e2e's single-process reference (the `bench` extra): pinned, --no-deps, so no runtime package

@@ -1,30 +1,37 @@
-"""End to end: whole GRPO runs through `python -m pipeline train`, against the single-process TRL reference.
+"""End to end, side by side: `python -m pipeline train` against TRL's single-process `GRPOTrainer`, in one run.
 
-    python -m bench.e2e                                   # mid and tiny, trainer.max_staleness 0 and 1
-    python -m bench.e2e --workloads tiny --staleness 1    # one of them
+    make bench-setup                                     # once: TRL into .venv (the `bench` extra, pinned)
+    python -m bench.e2e                                  # mid and tiny: the pipeline, then TRL's configurations
+    python -m bench.e2e --workloads tiny                 # one workload (about 4 min on 2 cores; mid about 25)
+    python -m bench.e2e --workloads mid --trl-configs no_gc bf16 --staleness 1
+    python -m bench.e2e --scaling                        # the scaling sweep at mid (pipeline only), its own JSON
 
-Each run is `python -m pipeline train --config configs/tiny_cpu.yaml <workload> trainer.max_staleness=S` in
-a subprocess of its own (the driver's `train()`, its local Ray cluster, every actor), on checkpoints built
-once with `python -m pipeline make-tiny` under runs/bench-models. The workloads are those of issue 14:
+For each workload the pipeline runs first (`python -m pipeline train --config configs/tiny_cpu.yaml
+<workload> trainer.max_staleness=1`, the defaults otherwise), then TRL's `GRPOTrainer` in each configuration
+of `bench.trl_reference` (its defaults in fp32, without gradient checkpointing, and bf16 autocast where the CPU
+has bf16 units), every run a fresh subprocess, one after the other, on the same `make-tiny` checkpoints
+(built once under runs/bench-models), pairs, G, token budget, lr and reward (TRL's without the listener). The
+ratio is TRL's FASTEST configuration's s/step over the pipeline's (median steps; the same work per step), so
+> 1 means the pipeline is faster. Workloads (issue 14):
 
 - mid: 16 pairs x G=8 x <= 128 new tokens, images 64 px, the `mid` checkpoint as reasoner and listener,
   lr 1e-5, every group kept (so every step trains and syncs, as TRL does), engines at `engine.dtype: auto`;
 - tiny: 8 pairs x G=4 x <= 64 new tokens, the `tiny` checkpoints, engines fp32, otherwise the same.
 
-Four steps; the first (start-up, first calls) is not counted. Per step, from the run's own metrics
-(RUN/metrics.jsonl): seconds (wall time between two steps' metric rows), completions/s and generated
-tokens/s (completions and tokens of the step / those seconds), the per-stage seconds (`time/*`, `sync/*`
-as the run logged them). While the run goes, its whole process tree (driver, Ray's GCS and raylet, every
-actor and Ray worker) is sampled every 0.25 s: CPU utilisation of a step = the busy core-seconds (user +
-system) all those processes spent in it / (cores x its seconds); and the peak RSS per actor kind (Ray
-titles an actor's process `ray::Class`).
+Four steps per run; the first (start-up, first calls) is not counted. Per step: seconds (pipeline: wall time
+between two steps' metric rows in RUN/metrics.jsonl; TRL: between two `on_step_end` callbacks), completions/s
+and generated tokens/s, the pipeline's per-stage seconds (`time/*`, `sync/*`), and CPU utilisation: every
+process of the run's tree is sampled every 0.25 s; busy core-seconds (user + system) in the step / (cores x
+its seconds). Peak RSS per actor kind (Ray titles an actor's process `ray::Class`).
 
-The reference (issue 14, not measured here; TRL is not a dependency): TRL 1.16 `GRPOTrainer`, HF
-`generate` in fp32, gradient checkpointing, 2 threads, no listener, on the same checkpoints and work, on
-one 2-core CPU machine of the kind the pipeline is benchmarked on (AVX-512 without bf16 units), Nov 29.
+`--scaling` sweeps the pipeline alone at one workload (mid by default): pairs per step (8, 16, 32; staleness
+1, one listener) and listener workers (1, 2) with `trainer.max_staleness` 0 and 1 (16 pairs): s/step and CPU
+use, into bench/results/e2e_scaling.json (plot: `python -m bench.report`, e2e_scaling.png).
 
-Writes bench/results/e2e.json (runs measured by this call replace those of the same name) and prints a
-table; `python -m bench.report` renders it into BENCHMARKS.md with bench/results/e2e.png.
+Each workload's entry of bench/results/e2e.json comes from one invocation and holds both sides, the date,
+the git commit and the machine (CPU model, flags, cores); a later invocation replaces the entries of the
+workloads it measured and keeps the others. Prints the table; `python -m bench.report` renders it into
+BENCHMARKS.md with bench/results/e2e.png.
 """
 
 from __future__ import annotations
@@ -42,31 +49,30 @@ from pathlib import Path
 from typing import Any
 
 from bench import write_result
+from bench.trl_reference import CONFIGS as TRL_CONFIGS
+from bench.trl_reference import DEFAULT_CONFIGS as TRL_DEFAULT_CONFIGS
+from bench.trl_reference import needs_bf16_units
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "e2e.json"
+SCALING_RESULTS = ROOT / "bench" / "results" / "e2e_scaling.json"
 MODELS = ROOT / "runs" / "bench-models"
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
-COMMON = ["data.image_size=64", "trainer.steps=4", "trainer.checkpoint_every=1000", "learner.lr=1e-5",
+STEPS = 4
+COMMON = ["data.image_size=64", f"trainer.steps={STEPS}", "trainer.checkpoint_every=1000", "learner.lr=1e-5",
           "reward.drop_zero_variance=false"]
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "mid": {"size": "mid", "overrides": ["data.pairs_per_step=16", "rollout.group_size=8",
-                                         "rollout.max_new_tokens=128", *COMMON]},
-    "tiny": {"size": "tiny", "overrides": ["data.pairs_per_step=8", "rollout.group_size=4",
-                                           "rollout.max_new_tokens=64", "rollout.engine.dtype=float32",
-                                           "listener.engine.dtype=float32", *COMMON]},
+    "mid": {"size": "mid", "pairs": 16, "group_size": 8, "max_new_tokens": 128,
+            "overrides": ["data.pairs_per_step=16", "rollout.group_size=8", "rollout.max_new_tokens=128", *COMMON]},
+    "tiny": {"size": "tiny", "pairs": 8, "group_size": 4, "max_new_tokens": 64,
+             "overrides": ["data.pairs_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=64",
+                           "rollout.engine.dtype=float32", "listener.engine.dtype=float32", *COMMON]},
 }
-# Issue 14's reference, measured side by side with the pipeline of then (s/step: median and range).
-REFERENCE = {
-    "source": "issue 14: TRL 1.16 GRPOTrainer, HF generate fp32, gradient checkpointing, 2 threads, no listener; "
-              "one 2-core CPU machine (AVX-512, no bf16 units), Nov 29; same checkpoints and work",
-    "mid": {"trl_s_per_step": 104.0, "trl_range": [96.0, 112.0], "trl_completions_per_s": 1.23,
-            "pipeline_then_s_per_step": 137.0},
-    "tiny": {"trl_s_per_step": 0.70, "trl_range": [0.67, 0.83], "trl_completions_per_s": 45.8,
-             "pipeline_then_s_per_step": 2.97},
-}
+SCALING_PAIRS = (8, 16, 32)
+SCALING_LISTENERS = (1, 2)
 WARMUP_STEPS = 1
 SAMPLE_S = 0.25
+ENV = {"RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def checkpoints(size: str, models: Path) -> tuple[Path, Path]:
@@ -89,7 +95,47 @@ def train_command(workload: str, staleness: int, run_dir: Path, models: Path, ex
             *extra, f"trainer.output_dir={run_dir}", f"tracking.tracking_uri=sqlite:///{run_dir}/mlflow.db"]
 
 
-# ---- sampling the run's process tree -----------------------------------------------------------------
+def trl_command(workload: str, config: str, out: Path, models: Path) -> list[str]:
+    w = WORKLOADS[workload]
+    reasoner, _ = checkpoints(w["size"], models)
+    return [sys.executable, "-m", "bench.trl_reference", "--model", str(reasoner), "--config", config,
+            "--pairs", str(w["pairs"]), "--group-size", str(w["group_size"]), "--max-new-tokens",
+            str(w["max_new_tokens"]), "--image-size", "64", "--steps", str(STEPS), "--lr", "1e-5", "--out", str(out)]
+
+
+# ---- the machine ---------------------------------------------------------------------------------------
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, from /proc/cpuinfo (empty where there is none)."""
+    from actors.engine import host_dtype_support
+
+    return host_dtype_support()[0]
+
+
+def machine() -> dict[str, Any]:
+    """What a figure was measured on and with: CPU, flags, cores, memory, date, the repository's commit."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    from actors.engine import BF16_CPU_FLAGS
+
+    flags = cpu_flags()
+    return {"cpu_model": model, "cores": os.cpu_count(), "platform": platform.platform(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "bf16_units": bool(BF16_CPU_FLAGS & flags),
+            "cpu_flags": sorted(flags), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "git_commit": commit, "git_tree_dirty": bool(dirty), "load_average_at_start": os.getloadavg()}
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+# ---- sampling a run's process tree -----------------------------------------------------------------------
 
 class TreeSampler:
     """Busy CPU seconds and RSS per actor kind of a process and all its descendants, sampled over time."""
@@ -141,29 +187,67 @@ def _interpolate(samples: list[tuple[float, float]], at: float) -> float:
     return samples[-1][1]
 
 
-# ---- one run -----------------------------------------------------------------------------------------
-
-def run_once(workload: str, staleness: int, workdir: Path, models: Path, extra: list[str] = ()) -> dict[str, Any]:
-    run_dir = workdir / f"{workload}-s{staleness}"
-    command = train_command(workload, staleness, run_dir, models, extra)
-    env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+def sampled_run(command: list[str], log_path: Path) -> tuple[TreeSampler, float]:
+    """Run `command` to its end while sampling its process tree; (sampler, start time). Raises on failure."""
     start = time.time()
-    log_path = workdir / f"{workload}-s{staleness}.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **ENV})
         sampler = TreeSampler(process.pid)
         while process.poll() is None:
             sampler.sample()
             time.sleep(SAMPLE_S)
     if process.returncode != 0:
-        raise RuntimeError(f"{workload} staleness {staleness} failed (exit {process.returncode}): "
+        raise RuntimeError(f"{' '.join(command[1:4])} ... failed (exit {process.returncode}): "
                            f"{log_path.read_text()[-3000:]}")
+    return sampler, start
+
+
+# ---- one run of each side --------------------------------------------------------------------------------
+
+def run_pipeline(workload: str, staleness: int, workdir: Path, models: Path, extra: list[str] = (),
+                 name: str | None = None) -> dict[str, Any]:
+    name = name or f"{workload}-s{staleness}"
+    run_dir = workdir / name
+    command = train_command(workload, staleness, run_dir, models, extra)
+    sampler, start = sampled_run(command, workdir / f"{name}.log")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = step_rows([row for row in rows if "learn/skipped" in row], start, sampler)
-    return summarise(workload, staleness, command, steps, sampler, time.time() - start)
+    from actors.engine import resolve_dtype
+
+    run = summarise(workload, command, steps, sampler, time.time() - start)
+    precision = resolve_dtype("float32" if workload == "tiny" else "auto", cpu_flags())
+    return {**run, "side": "pipeline", "max_staleness": staleness, "engine_dtype": precision,
+            "configuration": f"max_staleness {staleness}, engines {precision}" + (f", {' '.join(extra)}" if extra else "")}
+
+
+def run_trl(workload: str, config: str, workdir: Path, models: Path) -> dict[str, Any]:
+    out = workdir / f"{workload}-trl-{config}.json"
+    command = trl_command(workload, config, out, models)
+    sampler, start = sampled_run(command, workdir / f"{workload}-trl-{config}.log")
+    trl = json.loads(out.read_text())
+    run = summarise(workload, command, trl_step_rows(trl, sampler), sampler, time.time() - start)
+    precision = "bf16 autocast" if trl["settings"]["bf16"] else "fp32"
+    checkpointing = "gradient checkpointing" if trl["settings"]["gradient_checkpointing"] else "no gradient checkpointing"
+    return {**run, "side": "trl", "trl_config": config, "versions": trl["versions"], "threads": trl["threads"],
+            "configuration": f"TRL {config}: {precision}, {checkpointing}, {trl['threads']} threads"}
+
+
+def trl_step_rows(trl: dict[str, Any], sampler: TreeSampler) -> list[dict[str, Any]]:
+    """TRL's per-step figures from bench.trl_reference's step-end times and the CPU samples."""
+    cores = os.cpu_count() or 1
+    out, previous = [], trl["train_start"]
+    for row in trl["steps"]:
+        wall, tokens = row["end"] - previous, row.get("tokens", 0)
+        out.append({"step": row["step"], "seconds": wall, "completions": row["completions"], "tokens": tokens,
+                    "completions_per_s": row["completions"] / wall, "tokens_per_s": tokens / wall,
+                    "cpu_utilisation": sampler.busy_between(previous, row["end"]) / (cores * wall), "stages_s": {}})
+        previous = row["end"]
+    return out
 
 
 def step_rows(rows: list[dict[str, Any]], start: float, sampler: TreeSampler) -> list[dict[str, Any]]:
+    """The pipeline's per-step figures from its metric rows (one per step) and the CPU samples."""
     cores = os.cpu_count() or 1
     out, previous = [], start
     for row in rows:
@@ -180,17 +264,13 @@ def step_rows(rows: list[dict[str, Any]], start: float, sampler: TreeSampler) ->
     return out
 
 
-def summarise(workload: str, staleness: int, command: list[str], steps: list[dict[str, Any]],
-              sampler: TreeSampler, wall_s: float) -> dict[str, Any]:
+def summarise(workload: str, command: list[str], steps: list[dict[str, Any]], sampler: TreeSampler,
+              wall_s: float) -> dict[str, Any]:
     counted = steps[WARMUP_STEPS:]
     seconds = sum(s["seconds"] for s in counted)
     stage_keys = sorted({k for s in counted for k in s["stages_s"]})
-    from actors.engine import host_dtype_support, resolve_dtype
-
     return {
-        "workload": workload, "max_staleness": staleness,
-        "command": " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", ""),
-        "engine_dtype": resolve_dtype("float32" if workload == "tiny" else "auto", *host_dtype_support()),
+        "workload": workload, "command": " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", ""),
         "steps_counted": [s["step"] for s in counted],
         "s_per_step_median": statistics.median(s["seconds"] for s in counted),
         "s_per_step_range": [min(s["seconds"] for s in counted), max(s["seconds"] for s in counted)],
@@ -203,94 +283,164 @@ def summarise(workload: str, staleness: int, command: list[str], steps: list[dic
     }
 
 
-# ---- the table and the plot (also rendered by bench.report) ------------------------------------------
+def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Each pipeline run against the fastest TRL configuration of the same invocation (median s/step)."""
+    trl = {name: run for name, run in runs.items() if run["side"] == "trl"}
+    if not trl:
+        return None
+    fastest = min(trl, key=lambda name: trl[name]["s_per_step_median"])
+    best = trl[fastest]["s_per_step_median"]
+    return {"fastest_trl": fastest, "fastest_trl_s_per_step": best,
+            "ratios": {name: best / run["s_per_step_median"] for name, run in runs.items()
+                       if run["side"] == "pipeline"}}
+
+
+# ---- the table and the plot (also rendered by bench.report) --------------------------------------------
 
 def e2e_table(result: dict[str, Any]) -> list[str]:
-    ref = result.get("reference", REFERENCE)
-    out = ["", "End to end (bench/results/e2e.json, `python -m bench.e2e`): whole runs of `python -m pipeline "
-           f"train`, steps 2-4; reference: {ref['source']}", "",
-           "| workload | run | s/step (median, range) | completions/s | tokens/s | vs TRL (completions/s) | "
-           "CPU util | rollout s | listener s | learn s | sync s | rollout wait s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for workload in WORKLOADS:
-        r = ref[workload]
-        out.append(f"| {workload} | TRL (reference, issue 14) | {r['trl_s_per_step']:g} ({r['trl_range'][0]:g}-"
-                   f"{r['trl_range'][1]:g}) | {r['trl_completions_per_s']:g} | | 1.00x | | | | | | |")
-        for name, run in sorted(result.get("runs", {}).items()):
-            if run["workload"] != workload:
-                continue
-            st = run["stages_s_mean"]
-            cells = [f"{st.get(f'time/{k}_s', float('nan')):.2f}" for k in ("rollout", "listener", "learn", "sync",
-                                                                                "rollout_wait")]
-            low, high = run["s_per_step_range"]
-            out.append(f"| {workload} | pipeline, max_staleness {run['max_staleness']} ({run['engine_dtype']}) | "
-                       f"{run['s_per_step_median']:.2f} ({low:.2f}-{high:.2f}) | {run['completions_per_s']:.2f} | "
-                       f"{run['tokens_per_s']:.0f} | {run['completions_per_s'] / r['trl_completions_per_s']:.2f}x | "
-                       f"{100 * run['cpu_utilisation']:.0f}% | {' | '.join(cells)} |")
-    kinds = sorted({k for run in result.get("runs", {}).values() for k in run["peak_rss_mib_by_kind"]})
-    if kinds:
-        out += ["", "Peak RSS per actor kind, MiB (whole run)", "",
-                "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-        out += [f"| {name} | " + " | ".join(str(run["peak_rss_mib_by_kind"].get(k, "")) for k in kinds) + " |"
-                for name, run in sorted(result["runs"].items())]
+    out = ["", "End to end, side by side (bench/results/e2e.json, `python -m bench.e2e`): whole runs of `python -m "
+           "pipeline train` and of TRL's `GRPOTrainer` (bench/trl_reference.py), one after the other, steps 2-4; "
+           "ratio = the fastest TRL configuration's s/step / the pipeline's", ""]
+    for workload, entry in result.get("workloads", {}).items():
+        m, cmp = entry["machine"], entry.get("comparison") or {}
+        out += [f"**{workload}**: measured {m['date_utc']} UTC, commit {m['git_commit'][:7]}"
+                f"{' (uncommitted changes)' if m.get('git_tree_dirty') else ''}, {m['cpu_model']}, {m['cores']} cores, "
+                f"bf16 units {'yes' if m['bf16_units'] else 'no'}", "",
+                "| side | configuration | s/step (median, range) | completions/s | tokens/s | CPU util | "
+                "vs fastest TRL | learn s | rollout wait s |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, run in sorted(entry["runs"].items(), key=lambda kv: (kv[1]["side"] != "pipeline", kv[0])):
+            st, (low, high) = run["stages_s_mean"], run["s_per_step_range"]
+            ratio = cmp.get("ratios", {}).get(name)
+            mark = "fastest TRL" if name == cmp.get("fastest_trl") else (f"**{ratio:.2f}x**" if ratio else "")
+            stages = [f"{st[k]:.2f}" if k in st else "" for k in ("time/learn_s", "time/rollout_wait_s")]
+            out.append(f"| {run['side']} | {run['configuration']} | {run['s_per_step_median']:.2f} ({low:.2f}-"
+                       f"{high:.2f}) | {run['completions_per_s']:.2f} | {run['tokens_per_s']:.0f} | "
+                       f"{100 * run['cpu_utilisation']:.0f}% | {mark} | {' | '.join(stages)} |")
+        out.append("")
     return out
 
 
 def e2e_plot(result: dict[str, Any], path: Path) -> Path | None:
-    """s/step per workload: the TRL reference beside each measured run."""
-    runs = result.get("runs", {})
-    if not runs:
+    """s/step per workload: every TRL configuration beside the pipeline, the ratio over each pipeline bar."""
+    workloads = result.get("workloads", {})
+    if not workloads:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref = result.get("reference", REFERENCE)
-    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in runs.values())]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.2), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
-        labels, values = ["TRL\n(reference)"], [ref[workload]["trl_s_per_step"]]
-        for name, run in sorted(runs.items()):
-            if run["workload"] == workload:
-                labels.append(f"staleness {run['max_staleness']}")
-                values.append(run["s_per_step_median"])
-        ax.bar(range(len(values)), values, color=["grey"] + ["tab:blue"] * (len(values) - 1))
-        ax.set(xticks=range(len(values)), ylabel="seconds per step (median)", title=f"{workload}: end to end")
-        ax.set_xticklabels(labels, fontsize=8)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.6 * len(workloads), 3.4), squeeze=False)
+    for ax, (workload, entry) in zip(axes[0], workloads.items()):
+        runs = sorted(entry["runs"].items(), key=lambda kv: (kv[1]["side"] != "trl", kv[0]))
+        ratios = (entry.get("comparison") or {}).get("ratios", {})
+        labels = [run.get("trl_config", f"pipeline\nstaleness {run.get('max_staleness')}") for _, run in runs]
+        values = [run["s_per_step_median"] for _, run in runs]
+        ax.bar(range(len(values)), values, color=["grey" if r["side"] == "trl" else "tab:blue" for _, r in runs])
+        for x, (name, _) in enumerate(runs):
+            if name in ratios:
+                ax.annotate(f"{ratios[name]:.2f}x", (x, values[x]), ha="center", va="bottom", fontsize=8)
+        ax.set(xticks=range(len(values)), ylabel="seconds per step (median)",
+               title=f"{workload}, {entry['machine']['date_utc'][:10]}: TRL (grey) vs pipeline")
+        ax.set_xticklabels(labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
-    parser.add_argument("--staleness", nargs="+", type=int, choices=[0, 1], default=[0, 1])
-    parser.add_argument("--models", type=Path, default=MODELS, help="where make-tiny checkpoints are built/reused")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra config overrides for every run (recorded in each run's command)")
-    args = parser.parse_args(argv)
+def scaling_table(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    out = ["", f"Scaling (bench/results/e2e_scaling.json, `python -m bench.e2e --scaling`): {result['workload']}, "
+           f"measured {m['date_utc']} UTC, commit {m['git_commit'][:7]}, {m['cpu_model']}, {m['cores']} cores", "",
+           "| pairs/step | listeners | max_staleness | s/step (median) | completions/s | CPU util | learn s |",
+           "|---|---|---|---|---|---|---|"]
+    for run in result["runs"].values():
+        out.append(f"| {run['pairs']} | {run['listeners']} | {run['max_staleness']} | {run['s_per_step_median']:.2f} | "
+                   f"{run['completions_per_s']:.2f} | {100 * run['cpu_utilisation']:.0f}% | "
+                   f"{run['stages_s_mean'].get('time/learn_s', float('nan')):.2f} |")
+    return out
+
+
+# ---- the invocations -------------------------------------------------------------------------------------
+
+def trl_configs_here(requested: list[str], bf16_units: bool) -> tuple[list[str], list[str]]:
+    """(configurations to run, those skipped: bf16 ones on a CPU without bf16 units)."""
+    skipped = [c for c in requested if needs_bf16_units(c) and not bf16_units]
+    return [c for c in requested if c not in skipped], skipped
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.util
+
+    if args.trl_configs and importlib.util.find_spec("trl") is None:
+        sys.exit("bench.e2e: TRL is not installed (the `bench` extra): run `make bench-setup` first, or pass "
+                 "--trl-configs with no value to measure the pipeline alone (no ratio)")
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result.update({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
-                   "date": time.strftime("%Y-%m-%d"), "reference": REFERENCE})
-    runs = result.setdefault("runs", {})
+    result = {"workloads": result.get("workloads", {})}  # an older layout (a fixed reference) is dropped
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         for workload in args.workloads:
+            here = machine()
+            configs, skipped = trl_configs_here(args.trl_configs, here["bf16_units"])
+            runs: dict[str, dict[str, Any]] = {}
             for staleness in args.staleness:
-                print(f"== {workload}, trainer.max_staleness={staleness}", flush=True)
-                run = run_once(workload, staleness, Path(tmp), args.models, args.set)
-                runs[f"{workload}-s{staleness}"] = run
-                print(f"   {run['s_per_step_median']:.2f} s/step, {run['completions_per_s']:.2f} completions/s, "
-                      f"CPU {100 * run['cpu_utilisation']:.0f}%", flush=True)
-    write_result(result, args.out)
+                print(f"== {workload}: python -m pipeline train, trainer.max_staleness={staleness}", flush=True)
+                runs[f"{workload}-s{staleness}"] = _report(run_pipeline(workload, staleness, Path(tmp), args.models,
+                                                                        args.set))
+            for config in configs:
+                print(f"== {workload}: TRL GRPOTrainer, {config}", flush=True)
+                runs[f"{workload}-trl-{config}"] = _report(run_trl(workload, config, Path(tmp), args.models))
+            result["workloads"][workload] = {"machine": here, "runs": runs, "comparison": comparison(runs),
+                                             "trl_skipped": {c: "no bf16 units (AVX512_BF16/AMX)" for c in skipped}}
+            write_result(result, args.out)
     print("\n".join(e2e_table(result)))
     e2e_plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
     return result
+
+
+def scaling(args: argparse.Namespace) -> dict[str, Any]:
+    workload = args.scaling_workload
+    points = [(p, 1, 1) for p in args.scaling_pairs]
+    points += [(16, L, s) for L in args.scaling_listeners for s in (0, 1) if (16, L, s) not in points]
+    result: dict[str, Any] = {"workload": workload, "machine": machine(), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-scaling-") as tmp:
+        for pairs, listeners, staleness in points:
+            name = f"{workload}-p{pairs}-l{listeners}-s{staleness}"
+            print(f"== {name}", flush=True)
+            extra = [f"data.pairs_per_step={pairs}", f"listener.num_workers={listeners}", *args.set]
+            run = run_pipeline(workload, staleness, Path(tmp), args.models, extra, name=name)
+            result["runs"][name] = _report({**run, "pairs": pairs, "listeners": listeners})
+            write_result(result, args.scaling_out)
+    print("\n".join(scaling_table(result)))
+    print(f"wrote {args.scaling_out}")
+    return result
+
+
+def _report(run: dict[str, Any]) -> dict[str, Any]:
+    print(f"   {run['s_per_step_median']:.2f} s/step, {run['completions_per_s']:.2f} completions/s, "
+          f"CPU {100 * run['cpu_utilisation']:.0f}%", flush=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--staleness", nargs="+", type=int, choices=[0, 1], default=[1],
+                        help="the pipeline's trainer.max_staleness runs (default 1)")
+    parser.add_argument("--trl-configs", nargs="*", choices=list(TRL_CONFIGS), default=list(TRL_DEFAULT_CONFIGS),
+                        help="TRL configurations (bf16 ones run only where the CPU has bf16 units); none: pipeline only")
+    parser.add_argument("--models", type=Path, default=MODELS, help="where make-tiny checkpoints are built/reused")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for every pipeline run (recorded in each run's command)")
+    parser.add_argument("--scaling", action="store_true", help="the scaling sweep instead (pipeline only)")
+    parser.add_argument("--scaling-workload", choices=list(WORKLOADS), default="mid")
+    parser.add_argument("--scaling-pairs", nargs="+", type=int, default=list(SCALING_PAIRS))
+    parser.add_argument("--scaling-listeners", nargs="+", type=int, default=list(SCALING_LISTENERS))
+    parser.add_argument("--scaling-out", type=Path, default=SCALING_RESULTS)
+    args = parser.parse_args(argv)
+    return scaling(args) if args.scaling else compare(args)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,41 @@ def plots(r: dict[str, Any]) -> list[Path]:
     return written
 
 
+def scaling_plot(result: dict[str, Any], path: Path) -> Path:
+    """One figure for `python -m bench.e2e --scaling`: s/step and CPU use as pairs per step grow (left), and
+    per listener count and max_staleness (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(result["runs"].values())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    by_pairs = sorted((r for r in runs if r["listeners"] == 1 and r["max_staleness"] == 1), key=lambda r: r["pairs"])
+    left.plot([r["pairs"] for r in by_pairs], [r["s_per_step_median"] for r in by_pairs], marker="o", label="s/step")
+    left.set(xlabel="pairs per step (1 listener, max_staleness 1)", ylabel="seconds per step (median)",
+             xticks=[r["pairs"] for r in by_pairs], title=f"{result['workload']}: pairs per step")
+    cpu = left.twinx()
+    cpu.plot([r["pairs"] for r in by_pairs], [100 * r["cpu_utilisation"] for r in by_pairs], marker="s",
+             color="tab:red", label="CPU %")
+    cpu.set(ylabel="CPU utilisation, %", ylim=(0, 105))
+    left.legend(loc="upper left", fontsize=7)
+    cpu.legend(loc="lower right", fontsize=7)
+    points = sorted((r for r in runs if r["pairs"] == 16), key=lambda r: (r["listeners"], r["max_staleness"]))
+    bars = right.bar(range(len(points)), [r["s_per_step_median"] for r in points],
+                     color=["tab:blue" if r["max_staleness"] else "tab:grey" for r in points])
+    for bar, r in zip(bars, points):
+        right.annotate(f"CPU {100 * r['cpu_utilisation']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                       ha="center", va="bottom", fontsize=7)
+    right.set(xticks=range(len(points)), ylabel="seconds per step (median)",
+              title=f"{result['workload']}, 16 pairs: listeners x max_staleness")
+    right.set_xticklabels([f"{r['listeners']} listener(s)\nstaleness {r['max_staleness']}" for r in points], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> str:
     results = {name: load(name) for name in ("rollout", "weight_sync", "step", "learning")}
     # Other rollout variants (`--compiled`, `--hf-dtype float32`), each written with its own --out.
@@ -197,11 +232,17 @@ def main() -> str:
     lines = targets_table(results) + detail_tables(results)
     plots(results)
     e2e = load("e2e")
-    if e2e:  # whole runs against the TRL reference (bench/e2e.py renders its own table and plot)
+    if e2e:  # whole runs, the pipeline and TRL side by side (bench/e2e.py renders its own table and plot)
         from bench.e2e import e2e_plot, e2e_table
 
         lines += e2e_table(e2e)
         e2e_plot(e2e, RESULTS / "e2e.png")
+    scaling = load("e2e_scaling")
+    if scaling:  # python -m bench.e2e --scaling
+        from bench.e2e import scaling_table
+
+        lines += scaling_table(scaling)
+        scaling_plot(scaling, RESULTS / "e2e_scaling.png")
     text = "\n".join(lines) + "\n"
     (RESULTS / "summary.md").write_text(text)
     if BENCHMARKS_MD.is_file():

@@ -1,10 +1,11 @@
-"""bench/e2e.py's arithmetic on a run's metric rows and CPU samples (no run here: the numbers are by hand)."""
+"""bench/e2e.py's arithmetic on a run's metric rows and CPU samples, the side-by-side ratio, and the TRL
+reference's reward and settings (no run here: the numbers are by hand)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.e2e import WORKLOADS, e2e_table, step_rows, summarise
+from bench.e2e import WORKLOADS, comparison, e2e_table, step_rows, summarise, trl_configs_here
 
 
 class Samples:
@@ -24,6 +25,11 @@ def _row(step: int, at: float, step_s: float, completions: int, rollout_s: float
             "time/learn_s": 1.0, "sync/bytes": 10.0, "loss": 0.5, "learn/skipped": 0.0, "policy/staleness": 1.0}
 
 
+def _machine() -> dict:
+    return {"date_utc": "2026-12-05 04:00", "git_commit": "abcdef0123", "git_tree_dirty": False,
+            "cpu_model": "AMD EPYC", "cores": 2, "bf16_units": False}
+
+
 def test_per_step_seconds_rates_and_cpu_utilisation(monkeypatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     # Busy core-seconds: 0 at t=100, 3 at t=110, 5 at t=112, 8 at t=114 (linear in between).
@@ -35,14 +41,46 @@ def test_per_step_seconds_rates_and_cpu_utilisation(monkeypatch) -> None:
     assert [s["tokens_per_s"] for s in steps] == pytest.approx([100.0, 320.0, 640.0])
     assert [s["cpu_utilisation"] for s in steps] == pytest.approx([3 / 20, 2 / 4, 3 / 4])
     assert steps[1]["stages_s"] == {"time/step_s": 1.9, "time/rollout_s": 1.0, "time/learn_s": 1.0, "sync/bytes": 10.0}
-    run = summarise("tiny", 1, ["python", "-m", "pipeline", "train"], steps, sampler, 15.0)
+    run = summarise("tiny", ["python", "-m", "pipeline", "train"], steps, sampler, 15.0)
     assert run["steps_counted"] == [1, 2]  # the first step is the warm-up
     assert run["s_per_step_median"] == 2.0 and run["s_per_step_range"] == [2.0, 2.0]
     assert run["completions_per_s"] == pytest.approx(64 / 4) and run["tokens_per_s"] == pytest.approx(1920 / 4)
     assert run["cpu_utilisation"] == pytest.approx((0.5 + 0.75) / 2)
     assert run["peak_rss_mib_by_kind"] == {"learner": 512, "rollout": 2048}
-    table = "\n".join(e2e_table({"runs": {"tiny-s1": run}}))
-    assert "| tiny | pipeline, max_staleness 1 (float32) | 2.00 (2.00-2.00) | 16.00 | 480 | 0.35x | 62% |" in table
+
+
+def _run(side: str, s_per_step: float, **extra) -> dict:
+    return {"side": side, "s_per_step_median": s_per_step, "s_per_step_range": [s_per_step, s_per_step],
+            "completions_per_s": 32 / s_per_step, "tokens_per_s": 1000.0, "cpu_utilisation": 0.5,
+            "stages_s_mean": {"time/learn_s": 0.25} if side == "pipeline" else {}, "configuration": side, **extra}
+
+
+def test_the_ratio_is_against_the_fastest_trl_configuration_of_the_same_invocation() -> None:
+    runs = {"tiny-s1": _run("pipeline", 0.5, max_staleness=1), "tiny-s0": _run("pipeline", 0.8, max_staleness=0),
+            "tiny-trl-defaults": _run("trl", 0.9, trl_config="defaults"),
+            "tiny-trl-no_gc": _run("trl", 0.6, trl_config="no_gc")}
+    cmp = comparison(runs)
+    assert cmp["fastest_trl"] == "tiny-trl-no_gc" and cmp["fastest_trl_s_per_step"] == 0.6
+    assert cmp["ratios"] == pytest.approx({"tiny-s1": 0.6 / 0.5, "tiny-s0": 0.6 / 0.8})
+    assert comparison({"tiny-s1": runs["tiny-s1"]}) is None  # no TRL run: no ratio at all
+    table = "\n".join(e2e_table({"workloads": {"tiny": {"machine": _machine(), "runs": runs, "comparison": cmp}}}))
+    assert "**tiny**: measured 2026-12-05 04:00 UTC, commit abcdef0, AMD EPYC, 2 cores, bf16 units no" in table
+    assert "| pipeline | pipeline | 0.50 (0.50-0.50) | 64.00 | 1000 | 50% | **1.20x** | 0.25 |  |" in table
+    assert "| trl | trl | 0.60 (0.60-0.60) | 53.33 | 1000 | 50% | fastest TRL |  |  |" in table
+
+
+def test_bf16_configurations_run_only_on_cpus_with_bf16_units() -> None:
+    assert trl_configs_here(["defaults", "no_gc", "bf16"], bf16_units=False) == (["defaults", "no_gc"], ["bf16"])
+    assert trl_configs_here(["defaults", "no_gc", "bf16"], bf16_units=True) == (["defaults", "no_gc", "bf16"], [])
+
+
+def test_the_trl_reward_is_the_pipelines_without_the_listener() -> None:
+    from bench.trl_reference import reward_without_listener
+
+    good = "<think>Image 1 shows a red circle.</think><answer>2</answer>"
+    completions = [[{"role": "assistant", "content": good}], [{"role": "assistant", "content": good}],
+                   [{"role": "assistant", "content": "no format"}]]
+    assert reward_without_listener(completions, preferred=[2, 1, 2]) == [1.5, 1.0, 0.0]
 
 
 def test_the_workloads_are_the_issues() -> None:
@@ -54,3 +92,37 @@ def test_the_workloads_are_the_issues() -> None:
     for key in ("data.pairs_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=64",
                 "rollout.engine.dtype=float32", "listener.engine.dtype=float32"):
         assert key in tiny
+    for name, w in WORKLOADS.items():  # TRL's side reads the same figures
+        assert f"data.pairs_per_step={w['pairs']}" in w["overrides"]
+        assert f"rollout.group_size={w['group_size']}" in w["overrides"]
+        assert f"rollout.max_new_tokens={w['max_new_tokens']}" in w["overrides"]
+
+
+def test_the_scaling_sweep_renders_one_table_and_one_plot(tmp_path) -> None:
+    from bench.e2e import scaling_table
+    from bench.report import scaling_plot
+
+    runs = {f"mid-p{p}-l{L}-s{s}": {**_run("pipeline", 10.0 * p / 16 + L - s), "pairs": p, "listeners": L,
+                                    "max_staleness": s}
+            for p, L, s in [(8, 1, 1), (16, 1, 1), (32, 1, 1), (16, 1, 0), (16, 2, 0), (16, 2, 1)]}
+    result = {"workload": "mid", "machine": _machine(), "runs": runs}
+    table = "\n".join(scaling_table(result))
+    assert "| 32 | 1 | 1 | 20.00 | 1.60 | 50% | 0.25 |" in table and "| 16 | 2 | 0 | 12.00 |" in table
+    path = scaling_plot(result, tmp_path / "scaling.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trl_steps_run_from_one_step_end_to_the_next(monkeypatch) -> None:
+    from bench.e2e import trl_step_rows
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    sampler = Samples([(100.0, 0.0), (104.0, 6.0), (106.0, 10.0), (108.0, 12.0)])
+    trl = {"train_start": 100.0, "steps": [{"step": 1, "end": 104.0, "completions": 32, "tokens": 2000},
+                                           {"step": 2, "end": 106.0, "completions": 32, "tokens": 1900},
+                                           {"step": 3, "end": 108.0, "completions": 32, "tokens": 1800}]}
+    steps = trl_step_rows(trl, sampler)
+    assert [s["seconds"] for s in steps] == [4.0, 2.0, 2.0]
+    assert [s["cpu_utilisation"] for s in steps] == pytest.approx([6 / 8, 4 / 4, 2 / 4])
+    assert [s["tokens_per_s"] for s in steps] == pytest.approx([500.0, 950.0, 900.0])
+    run = summarise("tiny", ["python", "-m", "bench.trl_reference"], steps, sampler, 10.0)
+    assert run["s_per_step_median"] == 2.0 and run["completions_per_s"] == pytest.approx(16.0)
