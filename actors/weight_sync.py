@@ -201,25 +201,44 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
-def describe_failure(transport: Any, exc: Exception, timeout_s: float = 30.0) -> str:
+def describe_failure(transport: Any, exc: Exception, timeout_s: float = 60.0) -> str:
     """The error of a failed send: prefixed with `SYNC_FAILED` when every worker still answers from the
     process the transport was built with (the sync itself failed: restarting workers would not help);
     plain otherwise (a worker died or restarted, or does not answer: the driver's recovery applies)."""
     baseline = getattr(transport, "pids", None)
-    if baseline is not None and worker_pids(getattr(transport, "workers", []), timeout_s) == baseline:
+    if baseline is not None and same_processes(getattr(transport, "workers", []), baseline, timeout_s):
         return f"{SYNC_FAILED} ({_describe(exc)})"
     return _describe(exc)
 
 
-def worker_pids(workers: Sequence[Any], timeout_s: float = 30.0) -> list[int] | None:
-    """Each worker's process id, or None if any is dead, restarting or busy past `timeout_s`."""
+def worker_pids(workers: Sequence[Any], timeout_s: float | None = None) -> list[int] | None:
+    """Each worker's process id (waiting behind its current call), or None if any is dead or does not answer."""
     import ray
 
-    refs = [worker.__ray_call__.remote(_pid) for worker in workers]
     try:
-        return [int(pid) for pid in ray.get(refs, timeout=timeout_s)]
+        return [int(pid) for pid in ray.get([w.__ray_call__.remote(_pid) for w in workers], timeout=timeout_s)]
     except Exception:  # RayActorError, GetTimeoutError, ...: not provably the same live processes
         return None
+
+
+def same_processes(workers: Sequence[Any], pids: Sequence[int], timeout_s: float) -> bool:
+    """Whether every worker answers within `timeout_s` from process `pids[i]`; False as soon as one does
+    not (a restarted worker answers with a new pid; a survivor stuck in a collective is not waited for)."""
+    import ray
+
+    refs = {worker.__ray_call__.remote(_pid): pid for worker, pid in zip(workers, pids, strict=True)}
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            return False
+        try:
+            if int(ray.get(done[0])) != refs[done[0]]:
+                return False
+        except Exception:
+            return False
+    return True
 
 
 def _pid(_actor: Any) -> int:
