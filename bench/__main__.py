@@ -1,6 +1,6 @@
 """Every benchmark, then the table and the plots: `python -m bench` (what `make bench` runs).
 
-    python -m bench                         # all: rollout, weight_sync, step, learning, e2e (about 1.6 h on 2 cores)
+    python -m bench                         # all: rollout, weight_sync, step, learning, e2e, evaluate (about 1.6 h on 2 cores, plus evaluate)
     python -m bench --only step learning    # some of them
     python -m bench --report-only           # re-render bench/results/summary.md, the PNGs and BENCHMARKS.md
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("rollout", "weight_sync", "step", "learning", "e2e")
+BENCHMARKS = ("rollout", "weight_sync", "step", "learning", "e2e", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,8 @@ def write_imagereward_db(root: Path, groups: dict[str, dict[str, list]], per_fol
             for k, rank in enumerate(ranks):
                 name = f"{uuid.UUID(int=rng.getrandbits(128))}.webp"
                 record = {"image_path": f"{folder}/{name}", "prompt_id": prompt_id,
-                          "prompt": (prompts or {}).get(prompt_id, f"prompt {prompt_id}"), "classification": "Arts" if p % 2 else "People",
+                          "prompt": (prompts or {}).get(prompt_id, f"prompt {prompt_id}"),
+                          "classification": "Arts" if p % 2 else "People",
                           "image_amount_in_total": float(len(ranks)), "rank": float(3 if rank is None else rank),
                           "overall_rating": 4.0, "image_text_alignment_rating": 4.0, "fidelity_rating": 4.0}
                 records.append(record)

@@ -7,9 +7,9 @@ counts the reason. `materialize` decodes, checks and resizes the images and appl
 swap of the two images (label swapped with them), so no position carries the answer.
 
 Schemas (docs/method.md "Hub identifiers"):
-- ImageRewardDB: one row per image: image, prompt_id, prompt, rank (1 = best), classification, ...;
-  pairs are formed per prompt (see `pipeline.data.formats.imagereward_pairs`).
-- HPDv2 (train.json): prompt, file_path [2 paths relative to the dataset dir], human_preference [2]
+- ImageRewardDB: one row per image: image (or image_path, read from the zips by `hub.ZipImages`), prompt_id,
+  prompt, rank (1 = best), classification, ...; pairs are formed per prompt (`imagereward_pairs`).
+- HPDv2 (train.json): prompt, file_path [2 paths under the unpacked train/], human_preference [2]
   (one-hot; in general the larger entry wins).
 - Pick-a-Pic v2: caption, jpg_0/jpg_1 (raw JPEG bytes), label_0/label_1 (1/0, or 0.5/0.5 for a tie).
 - Rapidata: prompt, image1/image2 (image structs), votes_image1/votes_image2 (majority wins).

@@ -26,8 +26,8 @@ in file order (a prompt's rows are contiguous there) and are not shuffled.
 same sequence. A bad candidate is skipped, logged and counted in `skip_counts` by reason
 (`formats.SKIP_REASONS`); the unit is the candidate pair (for ImageRewardDB, also an image row whose rank is
 unusable, counted when the prompt's pairs are enumerated: once for map-style data, on every pass when
-streamed). `pipeline.eval.groups.ranked_groups` (evaluation) counts image rows instead: a bad ImageRewardDB image drops that
-image once, not each of its pairs. Synthetic pairs are not swapped again:
+streamed). `pipeline.eval.groups.ranked_groups` (evaluation) counts image rows instead: a bad ImageRewardDB
+image drops that image once, not each of its pairs. Synthetic pairs are not swapped again:
 `pipeline/synthetic.py` already places the preferred image at random.
 
 No usable row: a source that reads a whole epoch without one usable pair, and never had one, raises

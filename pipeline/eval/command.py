@@ -4,7 +4,7 @@
         [--listener Qwen/Qwen2.5-VL-7B-Instruct] [--samples 5] [--anchor] [--max-groups 50] [--out report.json]
 
 The dataset is read by `pipeline.eval.groups.ranked_groups` (every format; bad rows skipped and counted). Every
-pair of a prompt's images with different human ranks is judged (`pipeline.metrics`), each shown in its
+pair of a prompt's images with different human ranks is judged (`pipeline.eval.protocol`), each shown in its
 seeded image order. The reasoner runs through the rollout worker's vLLM engine (`actors.rollout`):
 greedy with `--samples 1`, else n samples at `--temperature` and a majority vote. With `--listener`, the
 listener worker (`actors.listener`) scores every completion and the contradiction rate is reported
@@ -12,12 +12,13 @@ listener worker (`actors.listener`) scores every completion and the contradictio
 image (n-1 comparisons) and scored by the reasoner's probability of naming it at the answer position
 (`RolloutWorker.answer_p_image_1`, mean over the samples), so the pairs are judged by continuous scores
 and tie only when the probabilities are equal. With `--both-orders` every comparison is also asked with
-the images swapped (`pipeline.eval_stats`: accuracy per order, mean, position-bias rate; anchor scores
+the images swapped (`pipeline.eval.stats`: accuracy per order, mean, position-bias rate; anchor scores
 average both orders).
 
 `--dataset` takes a hub id, a local path or a preset of the paper's test sets (`imagereward-test`,
-`hpdv2-test`, `rapidata-style`; `pipeline.eval_presets`, docs/evaluation.md). `min_pixels`, `max_pixels`,
-`max_new_tokens` and the dtype come from the checkpoint's run (`policy/run_config.yaml`) unless given on
+`hpdv2-test`, `rapidata-style`; `pipeline.eval.presets`, docs/evaluation.md). `min_pixels`, `max_pixels`,
+`max_new_tokens`, the dtype and `max_model_len` come from the checkpoint's run (`policy/run_config.yaml`)
+unless given on
 the command line; what was used, and from where, is printed and recorded in `summary.options`.
 
 The JSON report holds `summary` (accuracy = `accuracy_pair_weighted`, `accuracy_prompt_weighted`,
@@ -30,11 +31,17 @@ preferred image as the pair was shown (after the seeded swap); in anchor mode it
 report go to MLflow (`MLFLOW_TRACKING_URI`, default sqlite:///./mlflow.db), experiment `listener-grpo-eval`;
 names are made valid by `pipeline.tracking.mlflow_safe_name` (the report keeps the original names).
 
+Full size: groups are decoded and judged in chunks of about `--chunk-pairs` comparisons, so memory does
+not grow with the dataset (`bench/evaluate.py`). A prompt longer than `max_model_len` is skipped, counted
+(`summary.skipped_comparisons`) and its pairs judged wrong, as any failed answer (`pipeline.eval.judging`).
+The report's `comparisons` keep each question's answers (and, with `--anchor`, p of the image shown first).
+
 Departures from the paper's protocol: the reasoner compares two images instead of scoring one, so "a tie"
 is a tied vote (or tied anchor scores), and unparsable answers count as wrong rather than being re-asked.
 
 Tests: `.venv/bin/python -m pytest tests/unit/test_eval_protocol.py` (the protocol) and
-`.venv/bin/python -m pytest -m integration tests/integration/test_evaluate.py` (the CLI on a tiny model).
+`.venv/bin/python -m pytest -m integration tests/integration/test_evaluate.py tests/integration/test_evaluate_hub_layouts.py`
+(the CLI on a tiny model; the second on copies of the hub trees).
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ from pipeline.eval.judging import (TOO_LONG, Comparison, anchor_comparisons, anc
                                    with_swapped_orders)
 from pipeline.eval.presets import EvalSettings, resolve_dataset, resolve_settings
 from pipeline.eval.protocol import PairRow, summarize
-from pipeline.eval.stats import answer_prefix, mean_or_none, order_stats, prompt_weighted_accuracy, vote_weighted_accuracy
+from pipeline.eval.stats import (answer_prefix, mean_or_none, order_stats, prompt_weighted_accuracy,
+                                 vote_weighted_accuracy)
 from pipeline.rewards import agreement_metrics
 from pipeline.types import PreferencePair, RolloutGroup
 
@@ -270,7 +278,8 @@ def evaluate(opts: EvalOptions) -> dict:
 
 
 def listen(opts: EvalOptions, settings: EvalSettings, listener_path: str, kept: dict[str, RolloutGroup],
-           kept_p: dict[str, float | None], chunks: Iterator[tuple[list[RankedGroup], list[Comparison]]], tally: Tally) -> dict:
+           kept_p: dict[str, float | None], chunks: Iterator[tuple[list[RankedGroup], list[Comparison]]],
+           tally: Tally) -> dict:
     """The listener's pass: the groups decoded again chunk by chunk, each kept rollout scored with its
     images, the chunk's rows tallied. Returns every score (small: one float per completion)."""
     from actors.listener import ListenerWorker, requests_of
