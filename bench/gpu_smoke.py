@@ -110,6 +110,7 @@ def _section_bucket_pack(ctx: dict) -> dict:
 def _section_nccl_group(ctx: dict) -> dict:
     import torch
 
+    from actors import weight_sync
     from actors.weight_sync import broadcast, free_port, new_group
 
     backend = "nccl" if ctx["device"].type == "cuda" else "gloo"
@@ -121,11 +122,11 @@ def _section_nccl_group(ctx: dict) -> dict:
     broadcast(group, buffer)
     _sync(group.device)
     seconds = time.perf_counter() - start
-    timeout = getattr(group.process_group, "options", None)
+    timeout = getattr(weight_sync, "NCCL_GROUP_TIMEOUT" if backend == "nccl" else "_GROUP_TIMEOUT", None)
     if hasattr(group.process_group, "shutdown"):
         group.process_group.shutdown()
     return {"backend": backend, "formed_s": formed_s, "broadcast_mib": buffer.numel() / 2**20,
-            "broadcast_s": seconds, "options": str(timeout) if timeout is not None else None}
+            "broadcast_s": seconds, "group_timeout_s": timeout.total_seconds() if timeout is not None else None}
 
 
 def _section_vllm_weight_transfer(ctx: dict) -> dict:
