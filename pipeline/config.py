@@ -44,7 +44,8 @@ SyntheticTask = Literal["match", "render", "render-ood", "render-saturated", "re
 
 
 class DataConfig(_Section):
-    source: str = Field("synthetic", description="'synthetic', a dataset hub id, or a local path.")
+    source: str = Field("synthetic", description="'synthetic', a dataset hub id, or a local path (a file, or a "
+                        "copy of a hub repository as snapshot_download lays it out: docs/evaluation.md 'Hub layouts').")
     pairs_per_step: int = Field(4, gt=0, description="Preference pairs per GRPO step.")
     eval_pairs: int = Field(32, ge=0, description="Held-out pairs scored every trainer.eval_every steps.")
     eval_split: str = Field("test", description="Split of the held-out pairs (synthetic: another seed).")
@@ -57,7 +58,8 @@ class DataConfig(_Section):
         "(colours no training task uses), next to eval/*; '' = off.")
     seed: int = Field(0, description="Seed of data order and of the per-pair image-order swap.")
     split: str = Field("train", description="Dataset split to train on.")
-    subset: str = Field("", description="Dataset config name on the hub (e.g. ImageRewardDB '8k'); '' = default.")
+    subset: str = Field("", description="Dataset config name on the hub; for ImageRewardDB's train split '1k', "
+                        "'2k', '4k' or '8k' chooses the train folders to read; '' = default (all).")
     format: Literal["auto", "imagereward", "hpdv2", "pickapic", "rapidata", "local"] = Field(
         "auto", description="Row schema; 'auto' infers it from the hub id or the column names.")
     streaming: bool = Field(False, description="Stream the dataset instead of downloading it (large sets).")
