@@ -14,7 +14,14 @@ rollout groups as they finish and `python -m pipeline scale-listeners` calls `re
   worker never holds more than `ListenerConfig.max_in_flight` requests; the rest wait in the pool's queue.
   Requests to one worker are sent as one batch (one engine call), split evenly over the free workers.
 - `resize(L)`: new workers take requests once their engine is up; removed workers stop taking requests,
-  finish what they hold, then are killed, so every request is answered exactly once.
+  finish what they hold, then are killed, so every request is answered exactly once. A growth waits at most
+  its `timeout_s` for the new engines (on a cluster without room for them they never start): then it gives
+  up the ones not up, releases the resize lock and says which resources the cluster lacked.
+- `listener.autoscale.enabled`: every `interval_s` the pool resizes itself from the peak backlog (queued
+  + in flight) it saw (`pipeline.autoscale.decide`); the engines it adds ask Ray for their resources, so on
+  KubeRay the autoscaler adds listener pods, and removes them once the engines are gone. A manual resize
+  (`scale_to`, `scale-listeners`) first makes a growth under way give way, then pins its size for
+  `override_hold_s`; above `max_workers` it is refused.
 - A worker that dies (`RayActorError`) is replaced, and the requests it held are queued again at the
   front (`retries` counts them); a request is given up (an error for its caller) after `max_attempts`.
 - Each worker asks for one unit of the pool's own Ray custom resource (`ListenerConfig.resource`), so a
@@ -28,13 +35,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from dataclasses import dataclass, field
+import math
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from actors.engine import build_engine, intra_op_threads
 from pipeline.config import EngineConfig, ListenerConfig
 from pipeline.prompts import LISTENER_ANSWER_TOKENS, listener_p_image_1, listener_prompt, mask_answer
-from pipeline.types import ListenerPoolStats, ListenerRequest, ListenerScore, RolloutGroup
+from pipeline.autoscale import AutoscaleClock, decide, missing_for, worker_bundle
+from pipeline.types import ListenerPoolStats, ListenerRequest, ListenerScore, ResizeResult, RolloutGroup
 
 logger = logging.getLogger(__name__)
 UNUSABLE_P = 0.5  # the placeholder p of an unusable score (nothing left after masking); never a reward
@@ -109,6 +119,7 @@ class _Item:
     request: ListenerRequest
     future: asyncio.Future
     attempts: int = 0
+    t_queued: float = field(default_factory=time.monotonic)  # scoring latency runs from here to the answer
 
 
 @dataclass(eq=False)
@@ -144,6 +155,12 @@ class ListenerPool:
         self._spawned = 0
         self._target = listener.num_workers
         self._resize_lock: asyncio.Lock | None = None
+        self._clock = AutoscaleClock()
+        self._autoscaling = False  # the autoscale task runs (started with the event loop)
+        self._pinned_until = 0.0  # monotonic time before which autoscaling leaves the size alone
+        self._overrides_waiting = 0  # manual resizes waiting for the lock: a growth under way gives way
+        self._tick_peak = self._step_peak = 0  # peak backlog since the last autoscale check / metrics()
+        self._step_latencies: list[float] = []  # scoring latencies since the last metrics()
         self._slots = [self._new_slot() for _ in range(listener.num_workers)]  # engines start now
 
     # ---- public API (all async: the actor's event loop is the only thread touching the state) ----------
@@ -166,24 +183,47 @@ class ListenerPool:
         loop = asyncio.get_running_loop()
         items = [_Item(request=r, future=loop.create_future()) for r in requests]
         self._queue.extend(items)
+        backlog = len(self._queue) + sum(len(s.in_flight) for s in self._slots)
+        self._tick_peak, self._step_peak = max(self._tick_peak, backlog), max(self._step_peak, backlog)
         self._pump()
         return list(await asyncio.gather(*(item.future for item in items)))
 
-    async def resize(self, num_workers: int) -> int:
-        """Grow or shrink to `num_workers` while requests flow; returns the number serving once it does."""
+    async def resize(self, num_workers: int, timeout_s: float | None = None) -> int:
+        """Grow or shrink to `num_workers` while requests flow; returns the number serving once it does
+        (fewer if a new engine never started, or was not up in time: see `scale_to`)."""
+        return (await self.scale_to(num_workers, timeout_s)).serving
+
+    async def scale_to(self, num_workers: int, timeout_s: float | None = None) -> ResizeResult:
+        """A manual resize (`scale-listeners`), done within `timeout_s` (default `autoscale.resize_timeout_s`;
+        waiting for the lock included). A growth still waiting for its engines gives way to it. Above
+        `autoscale.max_workers` it is refused when autoscaling; else it pins the size for `override_hold_s`."""
+        rule = self._cfg.autoscale
         if num_workers < 1:
             raise ValueError(f"a listener pool needs at least one worker, got {num_workers}")
+        if rule.enabled and num_workers > rule.max_workers:
+            raise ValueError(f"asked for {num_workers} listener workers, above listener.autoscale.max_workers="
+                             f"{rule.max_workers} (keep it <= the KubeRay listener group's maxReplicas)")
         self._start()
-        async with self._resize_lock:
-            active = [s for s in self._slots if not s.retiring]
-            if num_workers > len(active):
-                await self._grow(num_workers - len(active))
-            elif num_workers < len(active):
-                await self._shrink(active, len(active) - num_workers)
-            self._target = num_workers
-            serving = sum(not s.retiring for s in self._slots)  # fewer if a new engine never started
-        logger.info("listener pool resized to %d workers (asked for %d)", serving, num_workers)
-        return serving
+        timeout_s = rule.resize_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        self._overrides_waiting += 1  # a growth waiting for its engines stops waiting
+        try:
+            acquired = await _acquire(self._resize_lock, deadline)
+        finally:
+            self._overrides_waiting -= 1
+        if not acquired:
+            serving = self._serving()
+            return ResizeResult(num_workers, serving, serving, f"another resize of the listener pool held it for "
+                                f"the whole {timeout_s:g} s timeout; nothing changed")
+        try:
+            result = await self._resize_locked(num_workers, deadline)
+        finally:
+            self._resize_lock.release()
+        if rule.enabled:
+            self._pinned_until = time.monotonic() + rule.override_hold_s
+            self._clock.last_change_s = time.monotonic()
+            result = replace(result, hold_s=rule.override_hold_s)
+        return result
 
     async def stats(self) -> ListenerPoolStats:
         serving = [s for s in self._slots if not s.retiring]
@@ -193,8 +233,15 @@ class ListenerPool:
             retries=self._counts["retries"], restarts=self._counts["restarts"], failed=self._counts["failed"])
 
     async def metrics(self) -> dict[str, float]:
-        """`stats()` flattened for MLflow (`listener/retries`, ...)."""
-        return (await self.stats()).as_metrics()
+        """`stats()` flattened for MLflow (`listener/retries`, ...), and the load since the previous call (the
+        driver calls it once per step): `listener/backlog_peak` (most requests queued or in flight at once),
+        `listener/latency_mean_s` and `listener/latency_max_s` (queued -> answered; NaN when none was)."""
+        latencies, self._step_latencies = self._step_latencies, []
+        peak, self._step_peak = self._step_peak, len(self._queue) + sum(len(s.in_flight) for s in self._slots)
+        mean = sum(latencies) / len(latencies) if latencies else math.nan
+        return (await self.stats()).as_metrics() | {
+            "listener/backlog_peak": float(peak), "listener/latency_mean_s": mean,
+            "listener/latency_max_s": max(latencies, default=math.nan)}
 
     async def workers(self) -> list[Any]:
         """The current worker actor handles (operations and tests)."""
@@ -225,9 +272,12 @@ class ListenerPool:
         return slot
 
     def _start(self) -> None:
-        """Begin awaiting the readiness of new engines (needs the running event loop)."""
+        """Begin awaiting the readiness of new engines, and autoscaling (needs the running event loop)."""
         if self._resize_lock is None:
             self._resize_lock = asyncio.Lock()
+        if self._cfg.autoscale.enabled and not self._autoscaling:
+            self._autoscaling = True
+            self._run_task(self._autoscale())
         while self._unwatched:
             slot = self._unwatched.pop()
             self._run_task(self._await_ready(slot, slot.generation))
@@ -263,11 +313,73 @@ class ListenerPool:
         self._unwatched.append(slot)
         self._start()
 
-    async def _grow(self, count: int) -> None:
+    def _serving(self) -> int:
+        return sum(not s.retiring for s in self._slots)
+
+    async def _resize_locked(self, num_workers: int, deadline: float, autoscaling: bool = False) -> ResizeResult:
+        """Resize with the lock held; a growth gives up its engines not up by `deadline`, or as soon as a
+        manual resize waits for the lock."""
+        active = [s for s in self._slots if not s.retiring]
+        error, self._target = "", num_workers  # `stats().num_workers` says what the pool is moving to
+        if num_workers > len(active):
+            error = await self._grow(num_workers - len(active), deadline, autoscaling)
+        elif num_workers < len(active):
+            await self._shrink(active, len(active) - num_workers)
+        serving = self._serving()  # fewer if a new engine never started
+        self._target = serving if error else num_workers
+        logger.info("listener pool resized to %d workers (asked for %d%s)%s", serving, num_workers,
+                    ", autoscaling" if autoscaling else "", f": {error}" if error else "")
+        return ResizeResult(asked=num_workers, before=len(active), serving=serving, error=error)
+
+    async def _grow(self, count: int, deadline: float, autoscaling: bool) -> str:
+        """Start `count` engines and wait for them until `deadline` or until a manual resize asks for the
+        lock; the ones not up by then are given up. Returns "" or one line why."""
+        import ray
+
         new = [self._new_slot() for _ in range(count)]
         self._slots.extend(new)
         self._start()
-        await self._wait_for(lambda: all(s.ready or s not in self._slots for s in new))
+        t_start = time.monotonic()
+        up = lambda: all(s.ready or s not in self._slots for s in new)  # noqa: E731
+        if await self._wait_for(lambda: up() or self._overrides_waiting > 0, deadline) and up():
+            return ""
+        late = [s for s in new if s in self._slots and not s.ready]
+        missing = missing_for(worker_bundle(self._options), len(late), ray.available_resources())
+        for slot in late:  # killing an actor still waiting for resources withdraws its demand
+            self._slots.remove(slot)
+            ray.kill(slot.actor, no_restart=True)
+        gave_way = self._overrides_waiting > 0
+        if autoscaling and gave_way:
+            return ""  # a manual resize sets the size next
+        lacks = ", ".join(f"{name} (needs {need:g}, {free:g} free)" for name, (need, free) in missing.items())
+        why = (f"the cluster lacks {lacks}; on KubeRay check the listener group's maxReplicas and that its pods "
+               f"fit a node" if missing else "their engines were still loading")
+        when = "before a later resize came" if gave_way else f"within {time.monotonic() - t_start:.0f} s"
+        return f"{len(late)} of {count} new listener workers were not up {when} ({why}); gave them up"
+
+    async def _autoscale(self) -> None:
+        """Every `interval_s`: resize to `pipeline.autoscale.decide` of the peak backlog since the last check,
+        unless a manual resize pinned the size or holds the lock."""
+        rule = self._cfg.autoscale
+        while True:
+            await asyncio.sleep(rule.interval_s)
+            if not self._slots:  # shut down, or no worker could start
+                return
+            peak = self._tick_peak
+            self._tick_peak = len(self._queue) + sum(len(s.in_flight) for s in self._slots)
+            now = time.monotonic()
+            if now < self._pinned_until or self._resize_lock.locked():
+                continue
+            wanted = decide(now, self._serving(), peak, rule, self._clock)
+            if wanted == self._serving():
+                continue
+            try:
+                async with self._resize_lock:
+                    if time.monotonic() >= self._pinned_until:  # a manual resize may have come meanwhile
+                        await self._resize_locked(wanted, now + rule.resize_timeout_s, autoscaling=True)
+            except Exception as exc:  # noqa: BLE001 - the pool keeps serving at its size; the next tick retries
+                logger.warning("listener autoscaling to %d workers failed: %s", wanted, exc)
+            self._clock.last_change_s = time.monotonic()
 
     async def _shrink(self, active: list[_Slot], count: int) -> None:
         import ray
@@ -312,8 +424,12 @@ class ListenerPool:
             for item in batch:
                 _resolve(item, exc=exc)
         else:
+            now = time.monotonic()
             for item, score in zip(batch, scores, strict=True):
-                self._counts["completed"] += _resolve(item, result=score)
+                answered = _resolve(item, result=score)
+                self._counts["completed"] += answered
+                if answered:
+                    self._step_latencies.append(now - item.t_queued)
         finally:
             slot.in_flight.difference_update(batch)
             self._pump()
@@ -340,13 +456,28 @@ class ListenerPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _wait_for(self, predicate: Any, poll_s: float = 0.05) -> None:
+    async def _wait_for(self, predicate: Any, deadline: float = math.inf, poll_s: float = 0.05) -> bool:
+        """True once `predicate()` holds, False at `deadline` (time.monotonic)."""
         while True:  # no slot left is checked first: `all()` over no workers would read as "all ready"
             if not self._slots:
                 raise RuntimeError("the listener pool has no workers left (they failed to start)")
             if predicate():
-                return
+                return True
+            if time.monotonic() >= deadline:
+                return False
             await asyncio.sleep(poll_s)
+
+
+async def _acquire(lock: asyncio.Lock, deadline: float, poll_s: float = 0.05) -> bool:
+    """Take `lock` by `deadline` (time.monotonic); False if it stayed held. Polled, so nothing ever queues on
+    the lock: `acquire()` on a free lock with no waiter takes it without suspending (no timeout can cancel
+    an acquire that already took it)."""
+    while lock.locked():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)
+    await lock.acquire()
+    return True
 
 
 def _resolve(item: _Item, result: ListenerScore | None = None, exc: Exception | None = None) -> int:

@@ -84,7 +84,7 @@ class ListenerRequest:
 class ListenerPoolStats:
     """The listener pool's state and counters since it started."""
 
-    num_workers: int  # target size (after the last resize)
+    num_workers: int  # target size (of the last resize; while one is under way, the size it moves to)
     ready_workers: int  # workers taking requests now
     queued: int  # requests waiting for a free slot (backpressure)
     in_flight: int  # requests sent to a worker and not yet answered

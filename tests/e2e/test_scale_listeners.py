@@ -1,9 +1,12 @@
 """`python -m pipeline scale-listeners` resizes the live listener pool of a running training job.
 
-A real `ray start --head` cluster, a training job joined to it (as `ray job submit` would run it), and
-the CLI run twice from another process: the pool grows 1 -> 2 and back to 1 while training continues;
-every listener request is answered exactly once. The reasoner is the format warm start, so every step
-is a learning step (the pool is resized while the learner steps and syncs, as in a real run).
+A real `ray start --head` cluster with room for two listeners (as a KubeRay listener group at its
+maxReplicas), a training job joined to it (as `ray job submit` would run it), and the CLI run from another
+process: the pool grows 1 -> 2; asked for 3, which the cluster cannot place, the CLI gives up within its
+`--timeout` with one `error:` line naming the missing `listener` resource (it used to wait forever holding
+the pool's resize lock); the scale-down to 1 that follows then works. Training continues throughout and every
+listener request is answered exactly once. The reasoner is the format warm start, so every step is a
+learning step (the pool is resized while the learner steps and syncs, as in a real run).
 """
 
 from __future__ import annotations
@@ -35,17 +38,18 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 600) -> Non
         time.sleep(0.2)
 
 
-def _scale(ray_head, replicas: int) -> str:
+def _scale(ray_head, replicas: int, *options: str, code: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "pipeline", "scale-listeners", "--address",
-                             ray_head.gcs_address, "--replicas", str(replicas)],
+                             ray_head.gcs_address, "--replicas", str(replicas), *options],
                             capture_output=True, text=True, cwd=REPO, env=ray_head.env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    assert result.returncode == code, result.stderr[-3000:]
+    return result
 
 
-def test_pool_grows_and_shrinks_during_training_without_losing_requests(ray_head, tmp_path: Path,
+def test_pool_grows_and_shrinks_during_training_without_losing_requests(ray_head_factory, tmp_path: Path,
                                                                         tiny_reasoner_sft_dir: Path,
                                                                         tiny_listener_dir: Path) -> None:
+    ray_head = ray_head_factory(num_cpus=8, resources='{"rollout": 8, "listener": 2, "learner": 8}')
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "pipeline", "train", f"trainer.steps={STEPS}", f"trainer.output_dir={run_dir}",
                f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"data.pairs_per_step={PAIRS}",
@@ -56,16 +60,23 @@ def test_pool_grows_and_shrinks_during_training_without_losing_requests(ray_head
                                stderr=(tmp_path / "train.log").open("w"))
     try:
         _wait_for(lambda: len(_rows(run_dir)) >= 1, process)
-        assert "1 -> 2 workers" in _scale(ray_head, 2)
+        assert "1 -> 2 workers" in _scale(ray_head, 2).stdout
         _wait_for(lambda: any(r["listener/ready_workers"] == 2 for r in _rows(run_dir)), process)
-        assert "2 -> 1 workers" in _scale(ray_head, 1)
+        start = time.monotonic()
+        beyond = _scale(ray_head, 3, "--timeout", "10", code=1)  # no room for a third listener
+        assert time.monotonic() - start < 10 + 60  # the timeout, plus joining the cluster
+        errors = [line for line in beyond.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in beyond.stderr, beyond.stderr[-3000:]
+        assert errors[0].startswith("error: asked for 3 listener workers, 2 serving: 1 of 1 new listener workers "
+                                    "were not up within 10 s (the cluster lacks listener (needs 1, 0 free)")
+        assert "2 -> 1 workers" in _scale(ray_head, 1, "--timeout", "120").stdout  # the lock was released
         assert process.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-4000:]
     finally:
         if process.poll() is None:
             process.kill()
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == list(range(STEPS))
-    assert max(r["listener/num_workers"] for r in rows) == 2 and rows[-1]["listener/num_workers"] == 1
+    assert max(r["listener/ready_workers"] for r in rows) == 2 and rows[-1]["listener/num_workers"] == 1
     assert all(r["listener/failed"] == 0 for r in rows)
     assert_every_step_learned(rows)
     # Each completion is scored once: the pool's answered count is exactly the completions sampled.
