@@ -53,6 +53,7 @@ class RolloutWorker:
         self._version = 0
         self._updating = False
         self._vllm_session = False  # the open update is vLLM's own (nccl transport), not the extension's
+        self._transfer_joined = False  # in a vLLM weight-transfer group (nccl transport)
 
     def ready(self) -> bool:
         return True
@@ -132,8 +133,12 @@ class RolloutWorker:
     # transport calls `init_weight_transfer` + `receive_weight_transfer`: vLLM's own session and receiver.
 
     def init_weight_transfer(self, init_info: dict) -> None:
-        """Join vLLM's weight-transfer NCCL group (every vLLM worker of this engine; the nccl transport)."""
+        """Join vLLM's weight-transfer NCCL group (every vLLM worker of this engine; the nccl transport),
+        leaving the previous one first (a new group forms after a rollout worker restarted)."""
+        if self._transfer_joined:
+            self._llm.shutdown_weight_transfer_engine()
         self._llm.init_weight_transfer_engine({"init_info": init_info})
+        self._transfer_joined = True
 
     def receive_weight_transfer(self, update_info: dict) -> float:
         """Receive one bucket through vLLM's weight-transfer engine and load it; seconds from the call to
