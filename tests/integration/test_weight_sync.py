@@ -134,6 +134,31 @@ def test_checkpoint_export_loads_in_vllm_with_the_synced_weights(setup, ray_loca
     assert synced == exported
 
 
+@pytest.mark.parametrize("transport", ["object_store", "shared_memory"])
+def test_a_sync_failing_on_live_workers_says_so(setup, ray_local, transport) -> None:
+    """A bucket the engines refuse (a name the model does not have) fails the sync while both workers live
+    on in their processes: the report says the sync failed with every worker alive (the driver stops with
+    it), not that a worker died (which the driver would answer by restarting healthy workers)."""
+    import torch
+
+    from actors.weight_sync import SYNC_FAILED, make_transport, sync_weights
+
+    _, workers = setup
+    bogus = torch.nn.Module()
+    bogus.not_in_the_model = torch.nn.Linear(4, 4)
+    version = ray_local.get(workers[0].policy_version.remote())
+    transport_obj = make_transport(transport, workers)
+    try:
+        report = sync_weights(bogus, transport_obj, version + 1, 2**20, transport)
+    finally:
+        transport_obj.close()
+        ray_local.get([w.abort_weight_update.remote() for w in workers])
+    assert report.error.startswith(SYNC_FAILED), report.error
+    assert "ValueError" in report.error and "not_in_the_model" in report.error  # vLLM's own refusal
+    assert "ActorDiedError" not in report.error and "RayActorError" not in report.error
+    assert ray_local.get([w.policy_version.remote() for w in workers]) == [version, version]  # unchanged
+
+
 # ---- memory, at the pipeline's configuration ------------------------------------------------------------
 
 def _status_kb(key: str) -> int:
