@@ -305,7 +305,9 @@ def e2e_table(result: dict[str, Any]) -> list[str]:
         m, cmp = entry["machine"], entry.get("comparison") or {}
         out += [f"**{workload}**: measured {m['date_utc']} UTC, commit {m['git_commit'][:7]}"
                 f"{' (uncommitted changes)' if m.get('git_tree_dirty') else ''}, {m['cpu_model']}, {m['cores']} cores, "
-                f"bf16 units {'yes' if m['bf16_units'] else 'no'}", "",
+                f"bf16 units {'yes' if m['bf16_units'] else 'no'}"
+                + (f", load average {m['load_average_at_start'][0]:.1f} at the start (other jobs: noisier figures)"
+                   if m.get("load_average_at_start", [0])[0] > 1.5 * m["cores"] else ""), "",
                 "| side | configuration | s/step (median, range) | completions/s | tokens/s | CPU util | "
                 "vs fastest TRL | learn s | rollout wait s |", "|---|---|---|---|---|---|---|---|---|"]
         for name, run in sorted(entry["runs"].items(), key=lambda kv: (kv[1]["side"] != "pipeline", kv[0])):
