@@ -1,6 +1,7 @@
 """Every benchmark, then the table and the plots: `python -m bench` (what `make bench` runs).
 
-    python -m bench                         # all: rollout, weight_sync, step, learning, e2e, evaluate (about 1.6 h on 2 cores, plus evaluate)
+    python -m bench                         # all: rollout, weight_sync, step, learning, e2e, evaluate (e2e runs
+                                            # TRL too: `make bench-setup`; about 2 h on 2 cores, plus evaluate)
     python -m bench --only step learning    # some of them
     python -m bench --report-only           # re-render bench/results/summary.md, the PNGs and BENCHMARKS.md
 
