@@ -9,7 +9,7 @@ wrapper's only child) and its wall time. The images are 640 x 640 (409,600 pixel
 `--max-pixels` (default 401,408, the paper checkpoint's upper image bound): each decoded image holds
 about 1.2 MB, so 2,000 pairs decoded at once would hold about 4.8 GB. `--whole N` runs N pairs with one
 chunk as large as the set, the way `evaluate` decoded every image before judging, side by side with
-the chunked runs (`--chunk-pairs`, default 256). Greedy, `--max-new-tokens 4`: the answers do not matter
+the chunked runs (`--chunk-pairs`, default 64). Greedy, `--max-new-tokens 4`: the answers do not matter
 here, only what a pair costs to hold and judge. The tiny model is built offline (`tiny://reasoner`).
 """
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, nargs="+", default=[500, 2000], help="set sizes, chunked")
     parser.add_argument("--whole", type=int, nargs="*", default=[2000], help="set sizes judged as one chunk")
-    parser.add_argument("--chunk-pairs", type=int, default=256)
+    parser.add_argument("--chunk-pairs", type=int, default=64)
     parser.add_argument("--max-pixels", type=int, default=401408)
     parser.add_argument("--min-pixels", type=int, default=200704)
     parser.add_argument("--model", default="tiny://reasoner")
@@ -87,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         work = Path(tmp)
         runs = []
-        plan = [(n, args.chunk_pairs) for n in args.pairs] + [(n, max(n, 1) * 2) for n in args.whole]
+        plan = [(n, args.chunk_pairs) for n in args.pairs[:1]] + [(n, max(n, 1) * 2) for n in args.whole]
+        plan += [(n, args.chunk_pairs) for n in args.pairs[1:]]  # the smallest set first, then the whole chunk
         for pairs, chunk in plan:
             run = run_once(write_pairs(work / "data", pairs), pairs, chunk, args, work)
             print(json.dumps(run), flush=True)
             runs.append(run)
-    write_result({"benchmark": "evaluate", "max_pixels": args.max_pixels, "min_pixels": args.min_pixels,
-                  "model": args.model, "threads": args.threads, "runs": runs}, args.out)
+            write_result({"benchmark": "evaluate", "max_pixels": args.max_pixels, "min_pixels": args.min_pixels,
+                          "model": args.model, "threads": args.threads, "runs": runs}, args.out)  # after each run
     return 0
 
 

@@ -62,7 +62,7 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the "
                    "checkpoint's run, else 4096); a longer prompt is skipped, counted and judged wrong.")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per engine.")
-    p.add_argument("--chunk-pairs", type=int, default=256, help="Comparisons decoded and judged at once: "
+    p.add_argument("--chunk-pairs", type=int, default=64, help="Comparisons decoded and judged at once: "
                    "memory is bounded by this, not by the dataset's size.")
     p.set_defaults(handler=_evaluate)
 

@@ -100,7 +100,7 @@ class EvalOptions:
     max_model_len: int | None = None  # None: from the checkpoint's run, else 4096 (eval_presets)
     experiment: str = EXPERIMENT
     threads: int = 1  # intra-op threads of the engines
-    chunk_pairs: int = 256  # comparisons decoded and asked at once (memory is bounded by it, not the dataset)
+    chunk_pairs: int = 64  # comparisons decoded and asked at once (memory is bounded by it, not the dataset)
 
 
 # ---------------------------------------------------------------- engines (the colleagues' worker classes)
