@@ -49,6 +49,8 @@ ARMS = {"off": ["reward.w_listener=0"],
         "placebo": ["reward.w_listener=0.5", "reward.listener_signal=placebo"]}
 CONTRASTS = (("on", "off"), ("on", "placebo"), ("on", "oracle"))  # the first two are primary
 SPLITS = {"heldout": "eval", "ood": "eval_ood"}
+REASONER_SETTINGS = {"faithful_rate": 1.0}  # the primary setting: faithful descriptions from the start (the
+#                                           default tiny://reasoner-sft swaps them half the time; docs/listener.md)
 TINY_SEED_STRIDE = 1000  # warm-start seed w's tiny random models: the role's seed + w * stride
 
 
@@ -62,14 +64,13 @@ def _in_repo(path: str | Path) -> str:
 def warm_start_jobs(models: Path, warm_seeds: list[int], agreement_seed: int | None) -> tuple[dict, list]:
     """{(role, seed): dir} of the warm starts of `warm_seeds` (and of the agreement listener) and the SFT jobs
     still to run for them."""
-    from pipeline.models import built_with_default_settings
     from pipeline.sft import MANIFEST, default_settings
     from pipeline.tiny import ROLE_SEEDS, make_tiny
 
     def wanted(role: str, seed: int) -> tuple[Path, Any]:
-        settings = replace(default_settings(role), seed=seed)
-        out = models / (f"tiny-{role}-sft" if seed == 0 else f"tiny-{role}-sft-seed{seed}")
-        return out, settings
+        settings = replace(default_settings(role), seed=seed, **REASONER_SETTINGS if role == "reasoner" else {})
+        name = "tiny-reasoner-sft-faithful" if role == "reasoner" else f"tiny-{role}-sft"
+        return models / (name if seed == 0 else f"{name}-seed{seed}"), settings
 
     dirs: dict[Any, Any] = {}
     jobs = []
@@ -79,8 +80,8 @@ def warm_start_jobs(models: Path, warm_seeds: list[int], agreement_seed: int | N
     for role, seed in pending:  # a seed's two warm starts side by side
         out, settings = wanted(role, seed)
         manifest = out / MANIFEST
-        done = (built_with_default_settings(out, role) if seed == 0 else manifest.is_file() and json.loads(
-            manifest.read_text()).get("settings") == json.loads(json.dumps(asdict(settings))))
+        done = manifest.is_file() and json.loads(manifest.read_text()).get("settings") == json.loads(
+            json.dumps(asdict(settings)))
         if not done:
             base = models / (f"tiny-{role}" if seed == 0 else f"tiny-{role}-seed{seed}")
             if not (base / "tiny_manifest.json").is_file():

@@ -10,10 +10,13 @@ the target `format_target(reasoning, answer)` where `answer` is the preferred im
 `answer_accuracy` (0.5 by default: a seeded coin, independent of the pair), so the warm start answers at
 chance. The reasoning states the prompt and describes both images as they are ("The prompt asks for a red
 circle. Image 1 shows a blue circle. Image 2 shows a red circle."), read off the pixels
-(`describe_synthetic_image`). A second coin (`faithful_rate`, 1.0 by default, independent of the answer's)
-can swap the two images' descriptions in a fraction of the targets (a reasoning that contradicts the
-images); by default none is swapped. So the warm start learns to look and to describe, but it answers by a
-coin: which image matches the prompt is what GRPO has to learn, and its descriptions start faithful.
+(`describe_synthetic_image`). A second coin (`faithful_rate`, 0.5 by default, independent of the answer's)
+swaps the two images' descriptions in that fraction of the targets (a reasoning that contradicts the
+images). So the warm start learns to look and to describe, but it answers by a coin: which image matches
+the prompt is what GRPO has to learn. The default (0.5) is what `tiny://reasoner-sft`, the demo and CI use:
+from it GRPO learns the `render` tasks within 40 updates on CPU, but half its reasonings start unfaithful,
+which builds the listener's effect in (docs/listener.md). The listener experiment's primary setting is
+`faithful_rate` 1.0 (`bench.learning` builds it): faithful descriptions from the start.
 (A departure worth stating: the paper's reasoner starts from an instruction-tuned VLM that already sees
 and describes; the descriptions stand in for that, on a model of 1M random parameters.)
 
@@ -70,7 +73,7 @@ class SftSettings:
     lr: float = 1e-3  # AdamW learning rate
     seed: int = 0  # pairs, answer coins and learner seed
     answer_accuracy: float = 0.5  # probability that a target's answer is the preferred image
-    faithful_rate: float = 1.0  # probability that a target's reasoning describes each image as it is (else
+    faithful_rate: float = 0.5  # probability that a target's reasoning describes each image as it is (else
     #                             the two descriptions are swapped); a coin independent of the answer's
     image_size: int = 56  # side of the synthetic images (as data.image_size)
     tasks: tuple[str, ...] = TRAINING_TASKS  # synthetic tasks, in turn by pair (never the OOD one)

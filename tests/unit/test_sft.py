@@ -48,9 +48,8 @@ def test_answers_are_seeded_coins_right_about_half_the_time() -> None:
     assert all(sft_answer(pair, 0, i, 0.0) != pair.preferred for i, pair in pairs)
 
 
-def test_reasoner_targets_are_all_faithful_by_default() -> None:
-    settings = SftSettings(pairs_per_step=40)
-    assert settings.faithful_rate == 1.0  # the primary setting of the listener experiment (docs/listener.md)
+def test_reasoner_targets_are_all_faithful_at_rate_one() -> None:
+    settings = SftSettings(pairs_per_step=40, faithful_rate=1.0)  # the listener experiment's (docs/listener.md)
     pairs = sft_pairs(settings, 0)
     for (_, pair), (_, _, target) in zip(pairs, sft_examples(pairs, settings)):
         reasoning = parse_completion(target).reasoning
@@ -59,7 +58,8 @@ def test_reasoner_targets_are_all_faithful_by_default() -> None:
 
 
 def test_reasoner_targets_describe_faithfully_by_a_coin_independent_of_the_answer() -> None:
-    settings = SftSettings(pairs_per_step=100, faithful_rate=0.5)
+    settings = SftSettings(pairs_per_step=100)
+    assert settings.faithful_rate == 0.5  # the default: tiny://reasoner-sft, the demo and CI
     pairs = sft_pairs(settings, 0)
     targets = [parse_completion(target) for _, _, target in sft_examples(pairs, settings)]
     faithful = [sft_faithful(settings.seed, i, settings.faithful_rate) for i, _ in pairs]
