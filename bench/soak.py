@@ -214,11 +214,14 @@ def mlflow_steps(uri: str, run_id: str, key: str = "data/position") -> set[int]:
     return {m.step for m in MlflowClient(uri).get_metric_history(run_id, key)}
 
 
-def build_warm_starts(directory: Path, log: Path) -> dict[str, str]:
-    """The tiny warm starts, built once into `directory` (kept while built with today's settings)."""
-    subprocess.run([sys.executable, "-m", "pipeline", "warm-starts", "--out", str(directory)], cwd=ROOT, check=True,
-                   env={**os.environ, **ENV}, stdout=log.open("a"), stderr=subprocess.STDOUT)
-    return {"reasoner": str(directory / "tiny-reasoner-sft"), "listener": str(directory / "tiny-listener-sft")}
+def build_models(specs: dict[str, str], directory: Path, log: Path) -> dict[str, str]:
+    """The checkpoints of `specs` (e.g. tiny://reasoner-sft), built once into `directory` for both runs
+    (`pipeline.models.resolve_checkpoints`: kept while built with today's settings)."""
+    code = ("import json, sys; from pathlib import Path; from pipeline.models import resolve_checkpoints; "
+            "print(json.dumps(resolve_checkpoints(json.loads(sys.argv[1]), Path(sys.argv[2]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(specs), str(directory)], cwd=ROOT, check=True,
+                         env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=log.open("a"), text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def restarts_seen(rows: list[dict]) -> dict[str, int]:
@@ -243,8 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=int, default=4, help="Pairs per step (G = 4).")
     parser.add_argument("--outage-s", type=float, default=10.0, help="How long the MLflow server stays down.")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "soak", help="Runs and logs go here.")
-    parser.add_argument("--warm-starts", type=Path, default=None, help="Directory of the tiny warm starts "
-                        "(built there if missing; default WORKDIR/warm-starts).")
+    parser.add_argument("--reasoner", default="tiny://reasoner-sft", help="Reasoner checkpoint (default the "
+                        "format warm start, so every step learns).")
+    parser.add_argument("--listener", default="tiny://listener", help="Listener checkpoint.")
+    parser.add_argument("--models", type=Path, default=None, help="Where tiny:// checkpoints are built once "
+                        "(default WORKDIR/models; kept between soaks).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args(argv)
     work = args.workdir.resolve()
@@ -252,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run(["rm", "-rf", str(work / stale)], check=True)
     (work / "mlflow").mkdir(parents=True)
     log = work / "soak.log"
-    warm = build_warm_starts((args.warm_starts or work / "warm-starts").resolve(), log)
+    warm = build_models({"reasoner": args.reasoner, "listener": args.listener},
+                        (args.models or work / "models").resolve(), log)
     t0 = time.monotonic()
     reference_dir, disturbed_dir = work / "reference", work / "disturbed"
     reference = run_train(soak_overrides(args, reference_dir, warm, f"sqlite:///{work}/reference.db"), log)
