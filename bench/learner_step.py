@@ -59,8 +59,9 @@ def fp32_reference_logprobs(model, processor, sequence) -> Any:
     return logp.gather(-1, torch.as_tensor(sequence.completion_token_ids)[:, None])[:, 0].numpy()
 
 
-def build_batch(model_dir: Path, pairs: int, group: int, max_new: int, seed: int = 0):
-    """A TrainBatch of `pairs` x `group` sequences, random completions, fp32 reference rollout logprobs."""
+def build_batch(model_dir: Path, pairs: int, group: int, max_new: int, seed: int = 0, reference: bool = True):
+    """A TrainBatch of `pairs` x `group` sequences, random completions, fp32 reference rollout logprobs
+    (`reference=False`: zeros, for timing only)."""
     import dataclasses
 
     import numpy as np
@@ -84,17 +85,19 @@ def build_batch(model_dir: Path, pairs: int, group: int, max_new: int, seed: int
             seq = TrainSequence(pair_id=pair.pair_id, completion_index=g, prompt_token_ids=prompt,
                                 completion_token_ids=completion, rollout_logprobs=np.zeros(len(completion), np.float32),
                                 advantage=float(rng.choice([-1.0, 1.0])), images=(pair.image_1, pair.image_2))
-            sequences.append(dataclasses.replace(seq, rollout_logprobs=fp32_reference_logprobs(model, processor, seq)))
+            sequences.append(dataclasses.replace(seq, rollout_logprobs=fp32_reference_logprobs(model, processor, seq))
+                             if reference else seq)
     return TrainBatch(step=0, policy_version=0, sequences=tuple(sequences))
 
 
-def measure(size: str, dtype: str, threads: int, steps: int, pairs: int, group: int, max_new: int) -> dict:
+def measure(size: str, dtype: str, threads: int, steps: int, pairs: int, group: int, max_new: int,
+            reference: bool = True) -> dict:
     from actors.learner import LearnerRank
     from actors.weight_sync import free_port
     from pipeline.config import AlgoConfig, LearnerConfig
 
     model_dir = checkpoint(size)
-    batch = build_batch(model_dir, pairs, group, max_new)
+    batch = build_batch(model_dir, pairs, group, max_new, reference=reference)
     learner = LearnerConfig(num_ranks=1, zero_stage=0, dtype=dtype, num_cpus=threads, lr=1e-6)
     rank = LearnerRank(str(model_dir), learner, AlgoConfig(), rank=0, world_size=1, max_new_tokens=max_new)
     rank.setup("127.0.0.1", free_port())
@@ -106,7 +109,7 @@ def measure(size: str, dtype: str, threads: int, steps: int, pairs: int, group: 
         "tokens": values["tokens"], "padded_tokens": values.get("padded_tokens"),
         "micro_batches": values["micro_batches"], "first_step_s": values["step_seconds"],
         "step_s_median": statistics.median(seconds) if seconds else None, "step_s_all": seconds,
-        "logp_gap_to_fp32_token_mean": values["learner_rollout_logp_diff"],
+        "logp_gap_to_fp32_token_mean": values["learner_rollout_logp_diff"] if reference else None,
     }
 
 
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new", type=int, default=128)
+    parser.add_argument("--no-reference", action="store_true", help="timing only: skip the fp32 reference "
+                        "forward (rollout logprobs 0, no gap)")
     parser.add_argument("--label", default="", help="stored with the result (e.g. 'before', 'after')")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -130,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes.split(","):
         for dtype in args.dtypes.split(","):
             start = time.perf_counter()
-            row = measure(size, dtype, args.threads, args.steps, args.pairs, args.group, args.max_new)
+            row = measure(size, dtype, args.threads, args.steps, args.pairs, args.group, args.max_new,
+                          reference=not args.no_reference)
             row["wall_s"] = time.perf_counter() - start
             rows.append(row)
             print(f"{size:5s} {dtype:9s} step {row['step_s_median'] or row['first_step_s']:.2f} s  "
                   f"tokens {row['tokens']:.0f} "
-                  f"(padded {row['padded_tokens']})  gap {row['logp_gap_to_fp32_token_mean']:.2e}", flush=True)
+                  f"(positions {row['padded_tokens']})  gap {row['logp_gap_to_fp32_token_mean']}", flush=True)
     write_result({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "label": args.label,
                   "cpu": platform.processor() or platform.machine(), "cpu_bf16_flags": sorted(
                       flags & {"avx512_bf16", "amx_bf16", "amx_tile"}), "gpu_bf16": gpu,
