@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.seeds:  # seed-major: a stopped experiment has whole seeds
         w = seed if seed in args.warm_seeds else 0
         t_build = time.perf_counter()
-        dirs |= build_warm_starts(args.models, [w]) if not args.report_only else {}  # built once, on first need
+        # built once, on first need; --report-only only names them
+        dirs |= warm_start_jobs(args.models, [w], None)[0] if args.report_only else build_warm_starts(args.models, [w])
         build_s += time.perf_counter() - t_build
         warm = (dirs.get(("reasoner", w), ""), dirs.get(("listener", w), ""))
         for arm in args.arms:
@@ -444,8 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "endpoint": f"OOD accuracy (eval_ood/accuracy) averaged over the last {ENDPOINT_EVALS} evaluations",
         "contrasts": contrasts, "arms_summary": summary, "listener_checks": checks,
         "warm_starts": {f"{role}/seed{seed}": _in_repo(d) for (role, seed), d in dirs.items()},
-        "warm_start_manifests": {f"{role}/seed{seed}": json.loads((Path(d) / "sft_manifest.json").read_text())
-                                 for (role, seed), d in dirs.items()},
+        "warm_starts_used": _warm_starts_used(runs),
         "commit": _commit(),
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
         "wall_s": round(time.perf_counter() - start, 1), "runs": runs,
@@ -457,6 +457,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.plot}; run time {report['wall_s'] / 60:.1f} min "
           f"(warm starts {build_s / 60:.1f} min)")
     return report
+
+
+def _warm_starts_used(runs: dict[str, dict]) -> dict[str, Any]:
+    """Each warm start the runs read (their model.* overrides) and its SFT manifest."""
+    used = sorted({o.partition("=")[2] for r in runs.values() for o in r.get("overrides", [])
+                   if o.startswith(("model.reasoner=", "model.listener="))})
+    return {_in_repo(d): json.loads((Path(d) / "sft_manifest.json").read_text())
+            for d in used if (Path(d) / "sft_manifest.json").is_file()}
 
 
 def _commit() -> str:

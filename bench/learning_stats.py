@@ -17,6 +17,7 @@ import numpy as np
 ENDPOINT_EVALS = 4  # the primary endpoint averages the last 4 evaluations of a run
 BOOTSTRAP_RESAMPLES = 10_000
 CONFIDENCE = 0.95
+MIN_SEEDS = 2  # a verdict needs at least two paired seeds (one gives a zero-width interval)
 
 
 def endpoint(values_by_step: dict[int, float], last: int = ENDPOINT_EVALS) -> float:
@@ -40,13 +41,15 @@ def bootstrap_interval(values_S: Sequence[float], resamples: int = BOOTSTRAP_RES
 
 def paired_difference(a_by_seed: dict[int, float], b_by_seed: dict[int, float], **bootstrap) -> dict:
     """a - b on the seeds both have: per seed, the mean, the bootstrap interval and a verdict
-    ('positive' / 'negative' when the interval excludes 0 on that side, else 'null')."""
+    ('positive' / 'negative' when the interval excludes 0 on that side, else 'null'; none below MIN_SEEDS)."""
     seeds = sorted(set(a_by_seed) & set(b_by_seed))
     diffs = [a_by_seed[s] - b_by_seed[s] for s in seeds]
     low, high = bootstrap_interval(diffs, **bootstrap)
     verdict = "positive" if low > 0 else "negative" if high < 0 else "null"
+    if len(diffs) < MIN_SEEDS:
+        verdict = "none" if not diffs else f"too few seeds ({len(diffs)})"
     return {"seeds": seeds, "per_seed": diffs, "mean": float(np.mean(diffs)) if diffs else float("nan"),
-            "ci95": [low, high], "verdict": verdict if diffs else "none"}
+            "ci95": [low, high], "verdict": verdict}
 
 
 def agreement_split(rows: Iterable[tuple[int | None, float | None, int]]) -> dict[str, float]:

@@ -83,7 +83,8 @@ class SftSettings:
 
 
 # `tiny://listener-sft`: one describe-then-judge example per pair, from the random tiny listener.
-LISTENER_SFT = SftSettings(steps=300, pairs_per_step=32)
+LISTENER_SFT = SftSettings(steps=300, pairs_per_step=32, faithful_rate=1.0)  # its texts describe what they
+#                                                                            say (the reasoner's coin is unused)
 
 
 def default_settings(role: Role) -> SftSettings:

@@ -39,6 +39,8 @@ def test_paired_difference_is_per_seed_with_a_verdict() -> None:
     assert paired_difference(off, on)["verdict"] == "negative"
     assert paired_difference({0: 0.5, 1: 0.7}, {0: 0.6, 1: 0.6})["verdict"] == "null"  # -0.1, +0.1
     assert paired_difference({}, off)["verdict"] == "none"
+    one = paired_difference({0: 0.9}, {0: 0.5})  # one seed: a zero-width interval, no verdict
+    assert one["ci95"] == pytest.approx([0.4, 0.4]) and one["verdict"] == "too few seeds (1)"
 
 
 def test_agreement_split_by_hand() -> None:
