@@ -189,7 +189,7 @@ def _section_checkpoint(ctx: dict) -> dict:
     _free(ctx["device"])
     ctx["model_path"] = str(path)
     return {"parameters": params, "decoder_layers": config.text_config.num_hidden_layers,
-            "vision_layers": config.vision_config.depth, "path": str(path)}
+            "vision_layers": config.vision_config.depth}  # the path is a temporary folder: not recorded
 
 
 def _section_reference_step(ctx: dict) -> dict:
