@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -436,7 +437,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_result(record, args.workdir / f"{record['arm']}-seed{record['seed']}.json")
     checks = {f"listener/seed{seed}": listener_check(SecondListener(d)) for (role, seed), d in sorted(dirs.items())
               if role == "listener" and (Path(d) / "sft_manifest.json").is_file()}
-    runs = {key: with_summary_fields(record) for key, record in runs.items()}
+    used = _warm_starts_used(runs)
+    runs = {key: with_summary_fields(_portable(record)) for key, record in runs.items()}
     summary, contrasts = summarise(runs, args.arms)
     report = {
         "design": "docs/listener.md", "config": "configs/learn_cpu.yaml", "arms": {a: ARMS[a] for a in args.arms},
@@ -445,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "endpoint": f"OOD accuracy (eval_ood/accuracy) averaged over the last {ENDPOINT_EVALS} evaluations",
         "contrasts": contrasts, "arms_summary": summary, "listener_checks": checks,
         "warm_starts": {f"{role}/seed{seed}": _in_repo(d) for (role, seed), d in dirs.items()},
-        "warm_starts_used": _warm_starts_used(runs),
+        "warm_starts_used": used,
         "commit": _commit(),
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
         "wall_s": round(time.perf_counter() - start, 1), "runs": runs,
@@ -463,8 +465,18 @@ def _warm_starts_used(runs: dict[str, dict]) -> dict[str, Any]:
     """Each warm start the runs read (their model.* overrides) and its SFT manifest."""
     used = sorted({o.partition("=")[2] for r in runs.values() for o in r.get("overrides", [])
                    if o.startswith(("model.reasoner=", "model.listener="))})
-    return {_in_repo(d): json.loads((Path(d) / "sft_manifest.json").read_text())
+    return {re.sub(r"^/\S*?/(runs/)", r"\1", d): json.loads((Path(d) / "sft_manifest.json").read_text())
             for d in used if (Path(d) / "sft_manifest.json").is_file()}
+
+
+def _portable(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with machine paths in its overrides and command cut to what follows their `runs/`
+    (results are committed; the runs read their warm starts from the checkout's runs/)."""
+    def cut(text: str) -> str:
+        return re.sub(r"/\S*?/(runs/)", r"\1", text)
+
+    return {**record, "overrides": [cut(o) for o in record.get("overrides", [])],
+            "command": cut(record.get("command", ""))}
 
 
 def _commit() -> str:
