@@ -26,9 +26,10 @@ import pytest  # noqa: E402
 # the short files last, so no worker sits idle at the end while the other runs a long one. Durations under
 # `make test` on Dec 3. Without xdist the order stays unit -> integration -> e2e.
 SLOW_FIRST = ("integration/test_learner.py", "integration/test_listener_pool.py", "integration/test_weight_sync.py",
-              "e2e/test_learning.py", "integration/test_faults.py", "e2e/test_train.py",
+              "integration/test_listener_autoscale.py", "e2e/test_learning.py", "integration/test_faults.py", "e2e/test_train.py",
               "integration/test_staleness.py", "integration/test_faults_learner.py", "e2e/test_scale_listeners.py",
-              "e2e/test_ray_job.py", "integration/test_evaluate.py", "integration/test_listener.py",
+              "e2e/test_ray_job.py", "integration/test_evaluate.py", "integration/test_evaluate_hub_layouts.py",
+              "integration/test_listener.py",
               "integration/test_tiny_checkpoint.py")
 
 
