@@ -127,9 +127,12 @@ class LearnerRank:
 
     def __init__(self, model_path: str, learner: LearnerConfig, algo: AlgoConfig, rank: int, world_size: int,
                  seed: int = 0, max_new_tokens: int = 32, temperature: float = 1.0,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, processor_kwargs: dict[str, int] | None = None) -> None:
         self.model_path, self.cfg, self.algo = str(model_path), learner, algo
         self.trust_remote_code = trust_remote_code  # ModelConfig.trust_remote_code: off unless asked
+        # The run's pixel bounds, the same ones vLLM gets (mm_processor_kwargs): else an image near the bound
+        # could get another number of vision tokens here than in the engine that sampled it.
+        self.processor_kwargs = dict(processor_kwargs or {})
         self.rank, self.world_size, self.seed, self.max_new_tokens = rank, world_size, seed, max_new_tokens
         self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts: no rescaling
         self.engine: Any = None
@@ -174,7 +177,8 @@ class LearnerRank:
     def _load_processor(self) -> None:
         from transformers import AutoConfig, AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
+        self.processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code,
+                                                       **self.processor_kwargs)
         config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
         tokenizer = self.processor.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -460,7 +464,8 @@ class LearnerGroup:
 
     def __init__(self, model_path: str, learner: LearnerConfig, algo: AlgoConfig, *, seed: int = 0,
                  max_new_tokens: int = 32, temperature: float = 1.0, trust_remote_code: bool = False,
-                 actor_options: dict[str, Any] | None = None) -> None:
+                 actor_options: dict[str, Any] | None = None,
+                 processor_kwargs: dict[str, int] | None = None) -> None:
         import ray
 
         options = actor_options if actor_options is not None else {
@@ -468,7 +473,7 @@ class LearnerGroup:
         remote = ray.remote(LearnerRank).options(**options)
         W = learner.num_ranks
         self.ranks = [remote.remote(model_path, learner, algo, rank, W, seed, max_new_tokens, temperature,
-                                    trust_remote_code) for rank in range(W)]
+                                    trust_remote_code, processor_kwargs) for rank in range(W)]
         addresses = ray.get([rank.node_address.remote() for rank in self.ranks])
         node0, ip0, port = addresses[0]
         master = "127.0.0.1" if all(node == node0 for node, _, _ in addresses) else ip0

@@ -198,8 +198,13 @@ def wait_for_resources(cfg: RunConfig, poll_s: float = 1.0) -> None:
 
 
 def local_cluster_resources(cfg: RunConfig) -> dict[str, Any]:
-    """`ray.init` arguments for a local cluster that holds exactly this run."""
+    """`ray.init` arguments for a local cluster that holds exactly this run, with room for the listener pool
+    to grow to its autoscaling maximum."""
     need = required_resources(cfg)
+    autoscale = cfg.listener.autoscale
+    extra = max(autoscale.max_workers - cfg.listener.num_workers, 0) if autoscale.enabled else 0
+    need["CPU"] += cfg.listener.num_cpus * extra
+    need[cfg.listener.resource] += extra
     custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU")}
     return {"num_cpus": max(need["CPU"] + 2, 4), "resources": custom}
 
@@ -276,7 +281,7 @@ def create_actors(cfg: RunConfig, reasoner_path: str, listener_path: str) -> Act
         reasoner_path, _with_threads(cfg.learner, threads.learner), cfg.algo, seed=seed,
         max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature, trust_remote_code=cfg.model.trust_remote_code,
-        actor_options=learner_options)
+        actor_options=learner_options, processor_kwargs=mm_kwargs)
     actors = Actors(rollout=rollout, listener_pool=listener_pool, reward=reward, learner=learner,
                     learner_group=learner_group)
     ready = [worker.ready.remote() for worker in rollout] + [listener_pool.ready.remote()]

@@ -56,3 +56,13 @@ def test_the_local_cluster_the_driver_starts_holds_every_cpu_config(path: Path) 
         pytest.skip("a GPU config: the local cluster gets the machine's GPUs from Ray, not from this function")
     local = local_cluster_resources(cfg)
     check_cluster_fits(cfg, {"CPU": local["num_cpus"], "GPU": 0.0, **local["resources"]})
+
+
+def test_the_local_cluster_leaves_room_for_the_listener_pool_to_autoscale() -> None:
+    fixed = local_cluster_resources(load_config(None, ["listener.num_workers=1"]))
+    scaling = local_cluster_resources(load_config(None, [
+        "listener.num_workers=1", "listener.autoscale.enabled=true", "listener.autoscale.min_workers=1",
+        "listener.autoscale.max_workers=3", "listener.num_cpus=1"]))
+    # The pool may add 2 engines: 2 more listener units and 2 more CPUs than the same run without autoscaling.
+    assert fixed["resources"]["listener"] == 1 and scaling["resources"]["listener"] == 3
+    assert scaling["num_cpus"] == fixed["num_cpus"] + 2
