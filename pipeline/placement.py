@@ -222,9 +222,16 @@ class ThreadPlan:
 
 def local_cores(environ: Any = None) -> int | None:
     """The cores this process may run on when the run starts its own local cluster (no RAY_ADDRESS, as the
-    driver decides), else None: on an existing cluster an actor's share is its `num_cpus` on its node."""
+    driver decides), else None: on an existing cluster an actor's share is its `num_cpus` on its node.
+    `LISTENER_GRPO_CORES` caps it where several runs share the machine (the test tiers run two at once:
+    two runs each threading over every core oversubscribe it, and OpenMP's waiting threads then cost more
+    than they compute)."""
     environ = os.environ if environ is None else environ
-    return None if environ.get("RAY_ADDRESS") else len(os.sched_getaffinity(0))
+    if environ.get("RAY_ADDRESS"):
+        return None
+    cores = len(os.sched_getaffinity(0))
+    cap = environ.get("LISTENER_GRPO_CORES", "")
+    return max(1, min(cores, int(cap))) if cap.isdigit() else cores
 
 
 def thread_plan(cfg: RunConfig, cores: int | None) -> ThreadPlan:

@@ -15,6 +15,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${VENV:-.venv}/bin/python"
+# Each pytest worker's runs thread over their share of the cores, not all of them (pipeline/placement.py
+# local_cores): the workers' runs overlap.
+export LISTENER_GRPO_CORES="${LISTENER_GRPO_CORES:-$(( $(nproc) / ${TEST_WORKERS:-2} > 0 ? $(nproc) / ${TEST_WORKERS:-2} : 1 ))}"
 XDIST=(-n "${TEST_WORKERS:-2}" --dist loadfile)
 read -r -a EXTRA <<< "${PYTEST_ARGS:-}"
 

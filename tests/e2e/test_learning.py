@@ -53,7 +53,7 @@ def learning_run(tmp_path_factory, tiny_reasoner_sft_dir: Path, tiny_listener_sf
     cli("train", "--config", str(REPO / "configs" / "learn_cpu.yaml"), f"model.reasoner={warm['reasoner']}",
         f"model.listener={warm['listener']}", "reward.w_listener=0.5", f"trainer.steps={GRPO_STEPS}",
         f"trainer.eval_every={EVAL_EVERY}", f"data.eval_pairs={EVAL_PAIRS}", f"trainer.output_dir={run_dir}",
-        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", timeout=900)
+        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", timeout=1800)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"run_dir": run_dir, "manifests": {role: json.loads((warm[role] / "sft_manifest.json").read_text())
                           for role in ("reasoner", "listener")},

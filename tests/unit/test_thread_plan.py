@@ -37,3 +37,10 @@ def test_an_actor_reads_its_planned_threads_while_ray_reserves_the_configured_cp
     learner = _with_threads(cfg.learner, 2)
     assert intra_op_threads(learner.num_cpus) == 2 and cfg.learner.num_cpus == 1
     assert learner.model_dump(exclude={"num_cpus"}) == cfg.learner.model_dump(exclude={"num_cpus"})
+
+
+def test_local_cores_capped_by_the_environment_never_raised() -> None:
+    cores = local_cores({})
+    assert local_cores({"LISTENER_GRPO_CORES": "1"}) == 1
+    assert local_cores({"LISTENER_GRPO_CORES": str(cores + 8)}) == cores  # a cap, not more cores
+    assert local_cores({"LISTENER_GRPO_CORES": ""}) == cores
