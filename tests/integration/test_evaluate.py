@@ -104,7 +104,8 @@ def test_evaluate_cli_report_recounts(tmp_path, tiny_reasoner_dir, monkeypatch):
     assert summary["accuracy_prompt_weighted"] == pytest.approx(
         sum(sum(c) / len(c) for c in by_prompt_correct.values()) / 3)
     assert summary["options"]["max_new_tokens"] == 24 and summary["options"]["settings_from"] == {
-        "min_pixels": "default", "max_pixels": "default", "max_new_tokens": "cli", "dtype": "default"}
+        "min_pixels": "default", "max_pixels": "default", "max_new_tokens": "cli", "dtype": "default",
+        "max_model_len": "cli"}
 
     # The same numbers reached MLflow, with the report as an artifact.
     from mlflow.tracking import MlflowClient
@@ -170,7 +171,9 @@ def test_settings_come_from_a_checkpoint_of_a_one_step_run(tmp_path, monkeypatch
     options = json.loads(out.read_text())["summary"]["options"]
     assert (options["min_pixels"], options["max_pixels"], options["max_new_tokens"], options["dtype"]) == (
         3136, 6272, 20, "float32")
-    assert set(options["settings_from"].values()) == {"checkpoint"}
+    # every setting the run recorded comes from it; max_model_len was given on the command line above
+    assert options["settings_from"] == {"min_pixels": "checkpoint", "max_pixels": "checkpoint",
+                                        "max_new_tokens": "checkpoint", "dtype": "checkpoint", "max_model_len": "cli"}
     report = json.loads(out.read_text())
     assert [r["pair_id"] for r in report["pairs"]] == ["p0:0-1", "p0:0-2", "p0:1-2"]  # anchor: judged by scores
     assert report["summary"]["comparisons"] == 4  # 2 anchor comparisons, each in both orders
