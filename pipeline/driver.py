@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from pipeline.heldout import eval_table, heldout_metrics, heldout_pairs, ood_hel
 from pipeline.models import resolve_checkpoints
 from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
                                 local_cluster_resources, wait_for_resources)
+from pipeline.stopping import stop_on_signals
 from pipeline.progress import Progress, plot_curves, read_rows, summary_lines
 from pipeline.prompts import parse_completion
 from pipeline.tracking import Tracker
@@ -77,7 +77,7 @@ def train(cfg: RunConfig, resume: Path | None = None) -> int:
     reasoner, listener = models["model.reasoner"], models["model.listener"]
     check_source(cfg.data, cfg.model)  # a source with no usable row stops here, before Ray (exit 2)
     started_ray = _connect_ray(cfg)
-    _stop_on_sigterm()
+    stop_on_signals()
     tracker = Tracker(run_dir, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name,
                       params=flatten_config(cfg), tags=run_tags())
     # Opening the MLflow run (a new sqlite store creates its tables: ~3 s) overlaps the engines' start-up
@@ -432,17 +432,6 @@ def _connect_ray(cfg: RunConfig) -> bool:
         ray.shutdown()
         raise
     return True
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM (`ray job stop`, Kubernetes) stops the run like Ctrl-C: the tracker flushes, actors stop.
-
-    Installed after `ray.init`, which sets a handler of its own that aborts the process."""
-    def stop(signum, frame) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
 
 
 def run_tags() -> dict[str, str]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.stopping import held_stop
+
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///./mlflow.db"
 _BATCH_LIMIT = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
@@ -172,8 +174,8 @@ class Tracker:
     def flush(self) -> bool:
         """Send everything pending; False (and keep it pending) when the server cannot be reached."""
         try:
-            client = self._ensure_run()
-            self._send(client)
+            with held_stop():  # a stop signal waits for the write: one cut short left the sqlite store locked
+                self._send(self._ensure_run())
         except Exception as exc:  # any transport or server error: keep the data, retry later
             self.flush_failures += 1
             log.warning("MLflow at %s unreachable (%s); %d metrics kept for later", self.uri,
@@ -190,7 +192,8 @@ class Tracker:
         ok = self.flush()
         if ok and self.run_id is not None:
             try:
-                self._client.set_terminated(self.run_id, status=status)
+                with held_stop():
+                    self._client.set_terminated(self.run_id, status=status)
             except Exception:  # the metrics are in; a missing end time is not worth failing the run for
                 log.warning("could not mark MLflow run %s as %s", self.run_id, status)
         if not ok:

@@ -57,7 +57,14 @@ def _pool(ray, model: str, listener: ListenerConfig, options: dict):
 
 def test_a_growth_the_cluster_cannot_place_gives_up_in_time_and_frees_the_lock(ray_local, tiny_listener_dir):
     ray = ray_local
-    units = ray.available_resources()["listener"] / 2  # two workers fill the cluster: a third cannot be placed
+    # Two workers fill the cluster, so a third cannot be placed. Wait for an earlier test's workers to be
+    # released first (Ray frees a killed actor's resources asynchronously): the free count is then exact.
+    total = ray.cluster_resources()["listener"]
+    deadline = time.monotonic() + 120
+    while ray.available_resources().get("listener", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("listener", 0) == total, "an earlier test still holds listener units"
+    units = total / 2
     pool = _pool(ray, str(tiny_listener_dir), ListenerConfig(num_workers=2, max_in_flight=2, engine=ENGINE),
                  {"num_cpus": 1, "resources": {"listener": units}})
     try:
