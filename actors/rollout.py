@@ -154,7 +154,7 @@ class RolloutWorker:
 
     def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
         """Join the weight-sync process group of learner rank 0 (group rank 0) and the rollout workers."""
-        from actors.weight_sync import CollectiveReceiver
+        from actors.weight_group import CollectiveReceiver
 
         self._weight_receiver = CollectiveReceiver(host, port, rank, world_size, backend)
 
@@ -164,7 +164,7 @@ class RolloutWorker:
 
     def load_bucket_arrays(self, meta: Any, arrays: list[Any]) -> float:
         """Load one bucket sent as a byte array per tensor (the object store's, read in place); engine seconds."""
-        from actors.weight_sync import from_byte_arrays
+        from actors.weight_buckets import from_byte_arrays
 
         return self._timed_load(from_byte_arrays(meta, arrays))
 
@@ -173,7 +173,7 @@ class RolloutWorker:
         engine still holds views into the file afterwards: a fused layer waiting for its other parts)."""
         import torch
 
-        from actors.weight_sync import read_shared_bucket
+        from actors.weight_buckets import read_shared_bucket
 
         named = read_shared_bucket(path, meta)
         storage = named[0][1].untyped_storage() if named else None

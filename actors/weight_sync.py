@@ -12,7 +12,7 @@ Names are mapped from the transformers module names to the checkpoint names of `
 (`model.language_model.*` -> `model.*` for Qwen2.5-VL), which vLLM's loader maps to its own.
 
 Transports (`SyncConfig.transport`), one interface (`WeightTransport`); a bucket travels as raw bytes
-with a `WeightBucketMeta` (names, dtypes, shapes), never as pickled tensors (a ZeRO-3 parameter on one rank
+with a `WeightBucketMeta` (names, dtypes, shapes; actors/weight_buckets.py), never as pickled tensors (a ZeRO-3 parameter on one rank
 is a view of one flat buffer, and pickling a view pickles its whole storage: that made a 97 MB sync
 serialise ~9 GB and take 40+ s):
 - `shared_memory` (same node; what `auto` picks when every worker shares learner rank 0's node): rank 0
@@ -23,7 +23,8 @@ serialise ~9 GB and take 40+ s):
 - `collective`: a process group of learner rank 0 (rank 0) and the rollout workers' processes (ranks
   1..R), built from its own TCPStore, so it never touches the learners' default group; each packed bucket
   is broadcast (gloo on CPU, NCCL on GPU, with a watchdog of `NCCL_GROUP_TIMEOUT`, not NCCL's 10 minutes);
-  the workers get the meta through Ray (`CollectiveReceiver`, in the Ray actor's process).
+  the workers get the meta through Ray (`CollectiveReceiver`, in the Ray actor's process); the group is
+  actors/weight_group.py.
 - `nccl` (what `auto` picks when the learner and the engines are on GPUs, `plan_transport`): vLLM's own
   weight-transfer engine, the receiver in each vLLM worker; actors/weight_sync_nccl.py.
 - `cuda_ipc` (planned): a learner and an engine sharing a GPU would send CUDA IPC handles of the gathered
@@ -42,26 +43,19 @@ benchmark: `python -m bench.weight_sync`.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
 
-from pipeline.types import WeightBucketMeta, WeightVersion
+from actors.weight_buckets import NamedTensors, bucket_meta, byte_view, pack_bucket, write_bucket
+from actors.weight_group import broadcast, free_port, new_group
+from pipeline.types import WeightVersion
 
-NamedTensors = list[tuple[str, torch.Tensor]]
-_GROUP_TIMEOUT = timedelta(minutes=10)  # gloo and the TCPStore: a dead CPU peer is detected by its socket
-# NCCL: a broadcast may wait behind a long `generate` (max_staleness 1) or a slow gather; NCCL's default
-# 10-minute watchdog would kill the learner for it.
-NCCL_GROUP_TIMEOUT = timedelta(hours=2)
 SYNC_FAILED = "weight sync failed with every rollout worker alive"
 
 
@@ -287,31 +281,6 @@ class ObjectStoreTransport:
         self.workers = []
 
 
-def byte_view(tensor: torch.Tensor) -> Any:
-    """The tensor's own bytes as a numpy uint8 array: sharing its memory for a host tensor (copied only if
-    not contiguous); for a CUDA tensor, a copy in pinned host memory (`host_bytes`: numpy has no view of
-    device memory, and the object store holds host bytes)."""
-    flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-    return (host_bytes(flat) if flat.device.type != "cpu" else flat).numpy()
-
-
-def host_bytes(flat_u8: torch.Tensor, pin: bool | None = None) -> torch.Tensor:
-    """A host copy of a flat uint8 tensor, in pinned (page-locked) memory where CUDA is there to pin it, so
-    the device-to-host copy runs at full PCIe speed; synchronised before it is returned."""
-    pin = torch.cuda.is_available() if pin is None else pin
-    host = torch.empty(flat_u8.numel(), dtype=torch.uint8, pin_memory=pin)
-    host.copy_(flat_u8, non_blocking=pin)
-    if pin and flat_u8.device.type == "cuda":
-        torch.cuda.current_stream(flat_u8.device).synchronize()
-    return host
-
-
-def from_byte_arrays(meta: WeightBucketMeta, arrays: Sequence[Any]) -> NamedTensors:
-    """Worker side of `ObjectStoreTransport`: the bucket's tensors as views of the (read-only) arrays."""
-    return [(name, byte_tensor(array).view(getattr(torch, dtype)).view(shape))
-            for name, dtype, shape, array in zip(meta.names, meta.dtypes, meta.shapes, arrays, strict=True)]
-
-
 class SharedMemoryTransport:
     """Same node only: rank 0 writes each bucket into a staging file in /dev/shm (one copy, no
     serialisation); every worker maps it and the engine loads straight from views of the mapping.
@@ -369,20 +338,6 @@ class SharedMemoryTransport:
 
     def __del__(self) -> None:
         self._release()
-
-
-def read_shared_bucket(path: str, meta: WeightBucketMeta) -> NamedTensors:
-    """Worker side of `SharedMemoryTransport`: views of the bucket in a private mapping of `path`."""
-    return unpack_bucket(meta, torch.from_file(path, shared=False, size=meta.num_bytes, dtype=torch.uint8))
-
-
-def byte_tensor(buffer: Any) -> torch.Tensor:
-    """A uint8 tensor over `buffer` (e.g. a read-only numpy array from the object store), not copied."""
-    if isinstance(buffer, torch.Tensor):
-        return buffer
-    with warnings.catch_warnings():  # read-only: the engine only reads it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(buffer)
 
 
 class CollectiveTransport:
@@ -465,13 +420,6 @@ def make_transport(name: str, workers: Sequence[Any]) -> WeightTransport:
     return transport
 
 
-# ---- the collective group, both sides ----------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
 
 def same_node(workers: Sequence[Any]) -> bool:
     """Whether every worker runs on this process's node."""
@@ -487,100 +435,3 @@ def _node_id(_actor: Any) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-@dataclass
-class WeightGroup:
-    """A process group with the TCPStore it was built on (the store must outlive the group)."""
-
-    process_group: Any
-    store: Any
-    device: torch.device
-
-
-def new_group(host: str, port: int, rank: int, world_size: int, backend: str) -> WeightGroup:
-    """A process group over its own TCPStore (rank 0 hosts the store); independent of any default group."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=_GROUP_TIMEOUT,
-                          wait_for_workers=False)
-    prefixed = dist.PrefixStore("weight_sync", store)
-    if backend == "gloo":
-        process_group = dist.ProcessGroupGloo(prefixed, rank, world_size, _GROUP_TIMEOUT)
-        device = torch.device("cpu")
-    elif backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = NCCL_GROUP_TIMEOUT  # the watchdog's limit: see NCCL_GROUP_TIMEOUT
-        process_group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        raise ValueError(f"unknown backend {backend!r}; expected 'gloo' or 'nccl'")
-    group = WeightGroup(process_group=process_group, store=store, device=device)
-    broadcast(group, torch.zeros(1, dtype=torch.uint8, device=device))  # every member has joined
-    return group
-
-
-def broadcast(group: WeightGroup, buffer: torch.Tensor) -> None:
-    """Broadcast `buffer` in place from group rank 0."""
-    import torch.distributed as dist
-
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    group.process_group.broadcast([buffer], options).wait()
-
-
-_ALIGN = 16  # every tensor starts at a multiple of 16 bytes, so any dtype can be viewed in place
-
-
-def bucket_layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
-    """Byte offsets of tensors of `nbytes` packed back to back with alignment, and the total size."""
-    offsets, end = [], 0
-    for size in nbytes:
-        start = -(-end // _ALIGN) * _ALIGN
-        offsets.append(start)
-        end = start + size
-    return offsets, end
-
-
-def bucket_meta(named: NamedTensors) -> WeightBucketMeta:
-    """Names, dtypes, shapes and packed size of a bucket."""
-    _, total = bucket_layout([t.numel() * t.element_size() for _, t in named])
-    return WeightBucketMeta(names=tuple(name for name, _ in named),
-                            dtypes=tuple(str(t.dtype).removeprefix("torch.") for _, t in named),
-                            shapes=tuple(tuple(t.shape) for _, t in named), num_bytes=total)
-
-
-def write_bucket(named: NamedTensors, buffer: torch.Tensor) -> None:
-    """Copy every tensor of the bucket to its offset in the byte `buffer` (the layout of `bucket_layout`)."""
-    sizes = [t.numel() * t.element_size() for _, t in named]
-    offsets, _ = bucket_layout(sizes)
-    for (_, tensor), start, size in zip(named, offsets, sizes):
-        buffer[start:start + size].copy_(tensor.detach().contiguous().view(-1).view(torch.uint8))
-
-
-def pack_bucket(named: NamedTensors, device: torch.device) -> tuple[WeightBucketMeta, torch.Tensor]:
-    """One contiguous byte buffer holding every tensor of the bucket (one broadcast / put per bucket)."""
-    meta = bucket_meta(named)
-    buffer = torch.empty(meta.num_bytes, dtype=torch.uint8, device=device)
-    write_bucket(named, buffer)
-    return meta, buffer
-
-
-def unpack_bucket(meta: WeightBucketMeta, buffer: torch.Tensor) -> NamedTensors:
-    """Views into `buffer` with the bucket's names, dtypes and shapes."""
-    dtypes = [getattr(torch, name) for name in meta.dtypes]
-    sizes = [torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-             for shape, dtype in zip(meta.shapes, dtypes)]
-    offsets, _ = bucket_layout(sizes)
-    return [(name, buffer[start:start + size].view(dtype).view(shape))
-            for name, dtype, shape, start, size in zip(meta.names, dtypes, meta.shapes, offsets, sizes)]
-
-
-class CollectiveReceiver:
-    """Rollout-worker side of the collective transport: joins the group, receives buckets."""
-
-    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        self.group = new_group(host, port, rank, world_size, backend)
-
-    def receive(self, meta: WeightBucketMeta) -> NamedTensors:
-        buffer = torch.empty(meta.num_bytes, dtype=torch.uint8, device=self.group.device)
-        broadcast(self.group, buffer)
-        return unpack_bucket(meta, buffer)

@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from actors.weight_sync import (NCCL_GROUP_TIMEOUT, NamedTensors, _finish_all, bucket_meta, free_port,
-                                same_node)
+from actors.weight_buckets import NamedTensors, bucket_meta
+from actors.weight_group import NCCL_GROUP_TIMEOUT, free_port
+from actors.weight_sync import _finish_all, same_node
 from pipeline.types import WeightBucketMeta
 
 PACKED_CHUNK_BYTES = 256 * 2**20  # vLLM's packed producer/consumer chunk: two in flight per bucket

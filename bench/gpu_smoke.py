@@ -85,7 +85,7 @@ def _version(module: str) -> str | None:
 def _section_bucket_pack(ctx: dict) -> dict:
     import torch
 
-    from actors.weight_sync import host_bytes, pack_bucket, unpack_bucket
+    from actors.weight_buckets import host_bytes, pack_bucket, unpack_bucket
 
     device = ctx["device"]
     n = 4 if ctx["tiny"] else 64  # 64 tensors of 4 M bf16 elements: a 512 MiB bucket (the 7B config's)
@@ -111,7 +111,7 @@ def _section_nccl_group(ctx: dict) -> dict:
     import torch
 
     from actors import weight_sync
-    from actors.weight_sync import broadcast, free_port, new_group
+    from actors.weight_group import broadcast, free_port, new_group
 
     backend = "nccl" if ctx["device"].type == "cuda" else "gloo"
     start = time.perf_counter()
@@ -213,8 +213,9 @@ def _section_zero3(ctx: dict, defaults: bool = False) -> dict:
     """The learner's own step (`LearnerRank`, one rank) with the 7B config's learner settings."""
     from bench.gpu_smoke_work import learner_config, make_batch
 
-    from actors.learner import LearnerRank, deepspeed_config
-    from actors.weight_sync import free_port
+    from actors.learner import LearnerRank
+    from actors.learner_setup import deepspeed_config
+    from actors.weight_group import free_port
 
     batch = make_batch(ctx)
     cfg = learner_config(ctx, defaults)

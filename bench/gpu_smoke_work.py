@@ -64,7 +64,7 @@ class PlainStep:
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        from actors.learner import attention_kwargs
+        from actors.learner_setup import attention_kwargs
         from pipeline.logprobs import VisionSpec
 
         self.ctx, self.device, cfg = ctx, ctx["device"], ctx["cfg"]

@@ -93,7 +93,7 @@ def build_batch(model_dir: Path, pairs: int, group: int, max_new: int, seed: int
 def measure(size: str, dtype: str, threads: int, steps: int, pairs: int, group: int, max_new: int,
             reference: bool = True) -> dict:
     from actors.learner import LearnerRank
-    from actors.weight_sync import free_port
+    from actors.weight_group import free_port
     from pipeline.config import AlgoConfig, LearnerConfig
 
     model_dir = checkpoint(size)

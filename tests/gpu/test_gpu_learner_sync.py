@@ -41,7 +41,7 @@ def _batch(model_dir, pairs: int = 4, group: int = 4):
 
 def test_learner_step_over_nccl(tiny_reasoner_dir) -> None:
     from actors.learner import LearnerRank
-    from actors.weight_sync import free_port
+    from actors.weight_group import free_port
     from pipeline.config import AlgoConfig, LearnerConfig
 
     rank = LearnerRank(str(tiny_reasoner_dir), LearnerConfig(num_ranks=1, lr=1e-4, dtype="bfloat16",
@@ -65,7 +65,8 @@ def test_learner_step_over_nccl(tiny_reasoner_dir) -> None:
 
 
 def _broadcast_worker(rank: int, port: int, nbytes: int, queue) -> None:
-    from actors.weight_sync import CollectiveReceiver, broadcast, new_group, pack_bucket
+    from actors.weight_buckets import pack_bucket
+    from actors.weight_group import CollectiveReceiver, broadcast, new_group
 
     torch.cuda.set_device(rank % torch.cuda.device_count())
     generator = torch.Generator().manual_seed(0)
@@ -103,7 +104,7 @@ def _broadcast_worker(rank: int, port: int, nbytes: int, queue) -> None:
 def test_collective_transport_broadcast_over_nccl() -> None:
     import torch.multiprocessing as mp
 
-    from actors.weight_sync import free_port
+    from actors.weight_group import free_port
 
     context = mp.get_context("spawn")
     queue = context.Queue()

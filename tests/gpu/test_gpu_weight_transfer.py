@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_a_cuda_bucket_crosses_the_object_store_path_through_pinned_memory() -> None:
-    from actors.weight_sync import bucket_meta, byte_view, from_byte_arrays
+    from actors.weight_buckets import bucket_meta, byte_view, from_byte_arrays
 
     named = [("a.weight", torch.randn(1024, 1024, device="cuda")),
              ("b.weight", torch.randn(4096, device="cuda").to(torch.bfloat16)),

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from actors.engine import engine_kwargs, in_process_conflict
-from actors.weight_sync import (SYNC_FAILED, bucket_meta, byte_view, from_byte_arrays, host_bytes, plan_transport)
+from actors.weight_buckets import bucket_meta, byte_view, from_byte_arrays, host_bytes
+from actors.weight_sync import SYNC_FAILED, plan_transport
 from actors.weight_sync_nccl import PACKED_CHUNK_BYTES, nccl_worker_init_info, transfer_update_info
 from pipeline.config import ConfigError, EngineConfig, load_config
 from pipeline.placement import (check_plan, describe_plan, engine_processor_kwargs, head_node_id,

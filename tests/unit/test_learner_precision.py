@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from actors.engine import host_dtype_support, resolve_dtype
-from actors.learner import (attention_kwargs, deepspeed_config, make_optimizer, prebuilt_cpu_adam,
-                            resolve_learner_dtype)
+from actors.learner_setup import attention_kwargs, deepspeed_config, make_optimizer, prebuilt_cpu_adam, resolve_learner_dtype
 from pipeline.config import LearnerConfig, load_config
 
 

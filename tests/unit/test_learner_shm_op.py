@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = """
-from actors.learner import skip_shm_allreduce_build
+from actors.learner_setup import skip_shm_allreduce_build
 from deepspeed.comm.torch import build_shm_op
 skip_shm_allreduce_build()
 print("OP", build_shm_op())

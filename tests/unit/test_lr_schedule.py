@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from actors.learner import lr_multiplier
+from actors.learner_setup import lr_multiplier
 
 
 def test_warmup_then_constant_without_decay() -> None:

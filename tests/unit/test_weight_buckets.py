@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from actors.checkpoint import latest_checkpoint, list_checkpoints, prune, rng_state, set_rng_state
-from actors.weight_sync import (bucket_meta, byte_view, from_byte_arrays, full_bytes, layer_key, pack_bucket,
-                                 plan_buckets, read_shared_bucket, unpack_bucket, write_bucket)
+from actors.weight_buckets import (bucket_meta, byte_view, from_byte_arrays, pack_bucket, read_shared_bucket,
+                                    unpack_bucket, write_bucket)
+from actors.weight_sync import full_bytes, layer_key, plan_buckets
 
 
 def _model() -> torch.nn.Module:
