@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench import write_result
-from bench.learning_stats import ENDPOINT_EVALS, agreement_split, endpoint, paired_difference
+from bench.learning_stats import ENDPOINT_EVALS, agreement_split, endpoint, experiment_verdict, paired_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "learning.json"
@@ -334,6 +334,7 @@ def print_table(summary: dict, contrasts: dict) -> None:
               f"{fmt(e['heldout/faithful']):>13}")
     for name, c in contrasts.items():
         print(f"{name:18} {c['mean']:+.3f}  95% CI [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]  {c['verdict']}")
+    print(f"verdict (docs/listener.md, on - off and on - placebo): {experiment_verdict(contrasts)}")
 
 
 def markdown(report: dict) -> str:
@@ -349,12 +350,15 @@ def markdown(report: dict) -> str:
         e = s["endpoint"]
         lines.append(f"| {arm} | {len(s['seeds'])} | {f(e['ood/accuracy'])} | {f(e['ood/format_rate'])} | "
                      f"{f(e['ood/accuracy_well_formed'])} | {f(e['heldout/accuracy'])} | {f(e['heldout/faithful'])} |")
-    lines += ["", "| contrast (OOD endpoint, paired by seed) | per seed | mean | 95% bootstrap CI | verdict |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| contrast (OOD endpoint, paired by seed) | per seed | mean | 95% bootstrap CI | verdict "
+              "| 95% t interval (sensitivity) |", "|---|---|---|---|---|---|"]
     for name, c in report["contrasts"].items():
         per_seed = ", ".join(f"{d:+.3f}" for d in c["per_seed"])
+        t_low, t_high = c.get("t_ci95", [float("nan")] * 2)
         lines.append(f"| {name} | {per_seed} | {c['mean']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
-                     f"{c['verdict']} |")
+                     f"{c['verdict']} | [{t_low:+.3f}, {t_high:+.3f}] |")
+    lines += ["", f"Verdict by the design's rule (both primary contrasts, on - off and on - placebo): "
+              f"**{report.get('verdict', experiment_verdict(report['contrasts']))}**."]
     lines += ["", "| arm | listener | split | judged | agree rate | accuracy when agree | accuracy when contradict |",
               "|---|---|---|---|---|---|---|"]
     for arm, s in report["arms_summary"].items():
@@ -445,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds, "warm_seeds": args.warm_seeds, "agreement_listener_seed": args.agreement_seed,
         "steps": args.steps, "eval_every": args.eval_every, "eval_pairs": args.eval_pairs, "overrides": args.set,
         "endpoint": f"OOD accuracy (eval_ood/accuracy) averaged over the last {ENDPOINT_EVALS} evaluations",
-        "contrasts": contrasts, "arms_summary": summary, "listener_checks": checks,
+        "contrasts": contrasts, "verdict": experiment_verdict(contrasts), "arms_summary": summary,
+        "listener_checks": checks,
         "warm_starts": {f"{role}/seed{seed}": _in_repo(d) for (role, seed), d in dirs.items()},
         "warm_starts_used": used,
         "commit": _commit(),

@@ -3,6 +3,7 @@ and the agreement split pooled over completions. docs/listener.md has the design
 
     endpoint(curve)                 mean of the last `ENDPOINT_EVALS` evaluations of one run
     paired_difference(a, b)         per-seed a - b, their mean and a percentile bootstrap interval over seeds
+    experiment_verdict(contrasts)   the design's rule over the two primary contrasts: shown / negative / null
     agreement_split(rows)           accuracy when a listener agrees with the answer vs contradicts it
 
 Run the tests: `.venv/bin/python -m pytest tests/unit/test_learning_stats.py`.
@@ -39,6 +40,19 @@ def bootstrap_interval(values_S: Sequence[float], resamples: int = BOOTSTRAP_RES
     return float(np.quantile(means_R, tail)), float(np.quantile(means_R, 1.0 - tail))
 
 
+def t_interval(values_S: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student-t interval of the mean of `values_S` (S - 1 degrees of freedom). Not the design's interval: a
+    sensitivity check, since a percentile bootstrap over 5 seeds has only 126 distinct resamples and is
+    about 0.63x as wide as this one."""
+    from scipy.stats import t
+
+    v_S = np.asarray(values_S, dtype=np.float64)
+    if v_S.size < 2:
+        return float("nan"), float("nan")
+    half = t.ppf(0.5 + confidence / 2, v_S.size - 1) * v_S.std(ddof=1) / np.sqrt(v_S.size)
+    return float(v_S.mean() - half), float(v_S.mean() + half)
+
+
 def paired_difference(a_by_seed: dict[int, float], b_by_seed: dict[int, float], **bootstrap) -> dict:
     """a - b on the seeds both have: per seed, the mean, the bootstrap interval and a verdict
     ('positive' / 'negative' when the interval excludes 0 on that side, else 'null'; none below MIN_SEEDS)."""
@@ -49,7 +63,21 @@ def paired_difference(a_by_seed: dict[int, float], b_by_seed: dict[int, float], 
     if len(diffs) < MIN_SEEDS:
         verdict = "none" if not diffs else f"too few seeds ({len(diffs)})"
     return {"seeds": seeds, "per_seed": diffs, "mean": float(np.mean(diffs)) if diffs else float("nan"),
-            "ci95": [low, high], "verdict": verdict}
+            "ci95": [low, high], "verdict": verdict, "t_ci95": list(t_interval(diffs))}
+
+
+PRIMARY_CONTRASTS = ("on - off", "on - placebo")
+
+
+def experiment_verdict(contrasts: dict[str, dict]) -> str:
+    """docs/listener.md's rule: the effect is 'shown' when both primary contrasts' intervals exclude 0 with a
+    positive mean, 'negative' when either interval lies below 0, else 'null'; 'incomplete' without both."""
+    verdicts = [contrasts[name]["verdict"] if name in contrasts else "none" for name in PRIMARY_CONTRASTS]
+    if any(v not in ("positive", "negative", "null") for v in verdicts):
+        return "incomplete"
+    if "negative" in verdicts:
+        return "negative"
+    return "shown" if all(v == "positive" for v in verdicts) else "null"
 
 
 def agreement_split(rows: Iterable[tuple[int | None, float | None, int]]) -> dict[str, float]:

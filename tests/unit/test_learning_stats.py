@@ -70,3 +70,25 @@ def test_pooled_split_sums_the_counts_of_runs() -> None:
     assert pooled["accuracy_when_contradict"] == pytest.approx(0.5)
     assert pooled == pytest.approx(agreement_split([(2, 0.9, 2), (1, 0.7, 2), (2, 0.9, 2), (2, 0.8, 2),
                                                     (2, 0.3, 2)]))
+
+
+def test_t_interval_by_hand() -> None:
+    from bench.learning_stats import t_interval
+
+    # mean 0.2, sample std 0.1 over 3 values, t(2) 0.975 quantile 4.3027: half-width 4.3027 * 0.1 / sqrt(3)
+    low, high = t_interval([0.1, 0.2, 0.3])
+    assert (low, high) == pytest.approx((0.2 - 0.248417, 0.2 + 0.248417), abs=1e-5)
+    assert all(math.isnan(x) for x in t_interval([0.4]))
+
+
+def test_experiment_verdict_applies_the_design_rule_to_both_primary_contrasts() -> None:
+    from bench.learning_stats import experiment_verdict
+
+    def c(verdict: str) -> dict:
+        return {"verdict": verdict}
+
+    assert experiment_verdict({"on - off": c("positive"), "on - placebo": c("positive")}) == "shown"
+    assert experiment_verdict({"on - off": c("positive"), "on - placebo": c("null")}) == "null"
+    assert experiment_verdict({"on - off": c("null"), "on - placebo": c("negative")}) == "negative"
+    assert experiment_verdict({"on - off": c("positive"), "on - oracle": c("positive")}) == "incomplete"
+    assert experiment_verdict({"on - off": c("too few seeds (1)"), "on - placebo": c("positive")}) == "incomplete"
