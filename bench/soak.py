@@ -44,7 +44,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE"
        "RAY_ADDRESS": ""}  # each run starts its own local cluster
 # Metrics that depend on time, process counters or the MLflow server, not on the data and the policy.
 NOT_COMPARED = ("time/", "throughput/", "listener/", "rollout/restarts", "sync/gather_s", "sync/transfer_s",
-                "sync/load_s", "sync/total_s", "memory/", "timestamp_ms")
+                "sync/load_s", "sync/total_s", "memory/", "timestamp_ms", "step_seconds", "tokens_per_s")
 
 
 @dataclass

@@ -5,7 +5,8 @@ flush everything pending to MLflow. When the tracking server is down, metrics st
 at the next successful flush, with their original step and timestamp; if the server never returns, the
 run ends with a warning naming the local file. The MLflow run is created lazily (on the first flush that
 reaches the server) and its id is kept in `RUN_DIR/mlflow_run_id`, so a resumed run logs into the same
-MLflow run. HTTP retries are capped so an outage costs seconds per step, not minutes.
+MLflow run. `RUN_DIR/mlflow_sent_bytes` records how much of metrics.jsonl is on the server: a run killed
+during an outage loses its buffer with the process, and the resumed run sends those rows first. HTTP retries are capped so an outage costs seconds per step, not minutes.
 
 The URI: `tracking_uri` from config, else `MLFLOW_TRACKING_URI`, else `sqlite:///./mlflow.db`.
 Credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never from config. Should
@@ -101,6 +102,35 @@ def resolve_tracking_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def _end_cut_line(metrics_file: Path) -> None:
+    """A killed process may leave the last line without its newline: end it, so the next row starts a line."""
+    if metrics_file.exists() and metrics_file.stat().st_size:
+        with metrics_file.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def unsent_metrics(metrics_file: Path, sent_bytes: int) -> list[tuple[str, float, int, int]]:
+    """The metrics of `metrics_file` past its first `sent_bytes` bytes, as pending (key, value, ms, step)
+    rows with their original step and timestamp; a line cut short by a killed process is skipped."""
+    if not metrics_file.exists() or metrics_file.stat().st_size <= sent_bytes:
+        return []
+    with metrics_file.open("rb") as f:
+        f.seek(sent_bytes)
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    pending = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            step, stamp = int(row.pop("step")), int(row.pop("timestamp_ms"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        pending += [(k, float(v), stamp, step) for k, v in mlflow_safe_keys(row).items()
+                    if isinstance(v, (int, float))]
+    return pending
+
+
 def secret_key(key: str) -> bool:
     """Whether a (dotted) key names a secret: one of its words is token, password, secret, key, ..."""
     return any(word in _SECRET_WORDS for word in re.split(r"[._\-/\s]+", key.lower()))
@@ -149,6 +179,11 @@ class Tracker:
         self.run_id: str | None = self._run_id_file.read_text().strip() if self._run_id_file.exists() else None
         self._params = mlflow_safe_keys(redact_params(params))
         self._pending = _Pending(tags=mlflow_safe_keys(redact_params(tags)))
+        # How much of metrics.jsonl is known to be on the server: a run that died while the server was down
+        # (its buffer lost with the process) sends the rest when it is resumed.
+        self._sent_file = self.run_dir / "mlflow_sent_bytes"
+        _end_cut_line(self.metrics_file)
+        self._pending.metrics = unsent_metrics(self.metrics_file, self._sent_bytes())
         self.flush_failures = 0
         self._client = None
 
@@ -176,6 +211,7 @@ class Tracker:
         try:
             with held_stop():  # a stop signal waits for the write: one cut short left the sqlite store locked
                 self._send(self._ensure_run())
+                self._mark_sent()
         except Exception as exc:  # any transport or server error: keep the data, retry later
             self.flush_failures += 1
             log.warning("MLflow at %s unreachable (%s); %d metrics kept for later", self.uri,
@@ -215,6 +251,19 @@ class Tracker:
             self._run_id_file.write_text(self.run_id + "\n")
             self._send_params(self._client)
         return self._client
+
+    def _sent_bytes(self) -> int:
+        try:
+            return int(self._sent_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0  # nothing known to be sent: the store skips a metric it already has
+
+    def _mark_sent(self) -> None:
+        """Everything logged so far is on the server: record the local file's size (atomically)."""
+        if self.metrics_file.exists():
+            tmp = self._sent_file.with_suffix(".tmp")
+            tmp.write_text(str(self.metrics_file.stat().st_size))
+            os.replace(tmp, self._sent_file)
 
     def _send_params(self, client) -> None:
         from mlflow.entities import Param

@@ -43,6 +43,29 @@ def test_metrics_logged_during_an_outage_arrive_when_the_server_returns(tmp_path
     assert run.info.status == "FINISHED"
 
 
+def test_a_run_killed_during_an_outage_sends_its_unsent_metrics_when_resumed(tmp_path, mlflow_server) -> None:
+    """The chaos soak's case: a learner rank dies while the server is down, so the driver exits with metrics
+    still buffered. The resumed run's tracker sends them first (from metrics.jsonl), with their own steps."""
+    first = _tracker(tmp_path, mlflow_server.uri)
+    first.log_metrics(0, {"loss": 1.0})
+    mlflow_server.stop()
+    first.log_metrics(1, {"loss": 0.9})
+    first.log_metrics(2, {"loss": 0.8})
+    with first.metrics_file.open("a") as out:
+        out.write('{"step": 3, "timestamp_ms": 17')  # the killed process's last line, cut short
+    del first  # killed: no close(), the buffer is gone with the process
+    mlflow_server.start()
+    resumed = _tracker(tmp_path, mlflow_server.uri)
+    assert resumed.pending_metrics == 2  # steps 1 and 2; the cut line is skipped
+    resumed.log_metrics(3, {"loss": 0.7})
+    assert resumed.close()
+    assert _history(mlflow_server.uri, resumed.run_id, "loss") == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7)]
+    again = _tracker(tmp_path, mlflow_server.uri)  # everything is on the server now: nothing to resend
+    assert again.pending_metrics == 0
+    lines = again.metrics_file.read_text().splitlines()  # the cut line stays cut; the next row has its own
+    assert lines[-2] == '{"step": 3, "timestamp_ms": 17' and json.loads(lines[-1])["loss"] == 0.7
+
+
 def test_server_down_from_the_start_and_never_back_keeps_everything_locally(tmp_path, caplog) -> None:
     tracker = _tracker(tmp_path, "http://127.0.0.1:9")  # discard port: nothing listens
     for step in range(3):
