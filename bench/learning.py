@@ -343,7 +343,8 @@ def markdown(report: dict) -> str:
         return f"{s['mean']:.3f} +- {s['std']:.3f}" if s["n"] else "n/a"
 
     lines = [f"{report['endpoint']}; {len(report['runs'])} runs, {report['steps']} updates, "
-             f"{report['eval_pairs']} pairs per split; bench/results/learning.json", "",
+             f"{report['eval_pairs']} pairs per split; the runs took {report['runs_wall_s'] / 60:.1f} min "
+             f"together; bench/results/learning.json", "",
              "| arm | seeds | OOD accuracy (endpoint) | OOD format rate | OOD accuracy, well-formed | held-out accuracy "
              "| faithful (held-out eval) |", "|---|---|---|---|---|---|---|"]
     for arm, s in report["arms_summary"].items():
@@ -455,7 +456,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warm_starts_used": used,
         "commit": _commit(),
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-        "wall_s": round(time.perf_counter() - start, 1), "runs": runs,
+        "wall_s": round(time.perf_counter() - start, 1),  # this invocation (a --report-only one runs nothing)
+        "runs_wall_s": round(sum(r.get("wall_s", 0.0) for r in runs.values()), 1),  # the runs' own, summed
+        "runs": runs,
     }
     print_table(summary, contrasts)
     write_result(report, args.out)
