@@ -21,10 +21,10 @@ vision tower frozen, each pair's images go through the image processor and the t
 their features serve the pair's G completions in every micro-batch; the output head computes the
 completion tokens' logprobs in chunks, never a [tokens, vocabulary] float32 tensor.
 
-Precision (`learner.dtype`, `auto` resolved per machine; actors/learner_setup.py holds the engine's setup): float32, or bf16/fp16
-mixed precision with fp32 master weights and fp32 gradient accumulation (`deepspeed_config`). On a GPU
-AdamW is torch's fused kernel and the CUDA allocator uses expandable segments; `offload_optimizer` never
-JIT-builds DeepSpeed's CPU Adam (`make_optimizer`).
+Precision (`learner.dtype`, `auto` resolved per machine; actors/learner_setup.py holds the engine's setup):
+float32, or bf16/fp16 mixed precision with fp32 master weights and fp32 gradient accumulation
+(`deepspeed_config`). On a GPU AdamW is torch's fused kernel and the CUDA allocator uses expandable segments;
+`offload_optimizer` never JIT-builds DeepSpeed's CPU Adam (`make_optimizer`).
 
 Gradient scaling (why the loss is multiplied by `world_size`): we want the gradient of the full-batch
 loss, i.e. the SUM of the contributions' gradients over micro-batches and ranks. We call

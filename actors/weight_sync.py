@@ -11,10 +11,10 @@ persistent ones. Frozen parameters are skipped (the rollout engines loaded them 
 Names are mapped from the transformers module names to the checkpoint names of `model.safetensors`
 (`model.language_model.*` -> `model.*` for Qwen2.5-VL), which vLLM's loader maps to its own.
 
-Transports (`SyncConfig.transport`), one interface (`WeightTransport`); a bucket travels as raw bytes
-with a `WeightBucketMeta` (names, dtypes, shapes; actors/weight_buckets.py), never as pickled tensors (a ZeRO-3 parameter on one rank
-is a view of one flat buffer, and pickling a view pickles its whole storage: that made a 97 MB sync
-serialise ~9 GB and take 40+ s):
+Transports (`SyncConfig.transport`), one interface (`WeightTransport`); a bucket travels as raw bytes with a
+`WeightBucketMeta` (names, dtypes, shapes; actors/weight_buckets.py), never as pickled tensors (a ZeRO-3
+parameter on one rank is a view of one flat buffer, and pickling a view pickles its whole storage: that made a
+97 MB sync serialise ~9 GB and take 40+ s):
 - `shared_memory` (same node; what `auto` picks when every worker shares learner rank 0's node): rank 0
   copies the bucket into a staging file in /dev/shm; the workers map it and the engine loads from views.
   One copy into staging, one into the engine, nothing serialised.

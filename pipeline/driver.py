@@ -43,9 +43,9 @@ from pipeline.heldout import eval_table, heldout_metrics, heldout_pairs, ood_hel
 from pipeline.models import resolve_checkpoints
 from pipeline.placement import (RAY_NAMESPACE, Actors, check_cluster_fits, create_actors,
                                 local_cluster_resources, wait_for_resources)
-from pipeline.stopping import stop_on_signals
 from pipeline.progress import Progress, plot_curves, read_rows, summary_lines
 from pipeline.prompts import parse_completion
+from pipeline.stopping import stop_on_signals
 from pipeline.tracking import Tracker
 from pipeline.types import ListenerScore, PreferencePair, RolloutGroup, ScoredGroup
 

@@ -6,7 +6,8 @@ at the next successful flush, with their original step and timestamp; if the ser
 run ends with a warning naming the local file. The MLflow run is created lazily (on the first flush that
 reaches the server) and its id is kept in `RUN_DIR/mlflow_run_id`, so a resumed run logs into the same
 MLflow run. `RUN_DIR/mlflow_sent_bytes` records how much of metrics.jsonl is on the server: a run killed
-during an outage loses its buffer with the process, and the resumed run sends those rows first. HTTP retries are capped so an outage costs seconds per step, not minutes.
+during an outage loses its buffer with the process, and the resumed run sends those rows first. HTTP
+retries are capped so an outage costs seconds per step, not minutes.
 
 The URI: `tracking_uri` from config, else `MLFLOW_TRACKING_URI`, else `sqlite:///./mlflow.db`.
 Credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never from config. Should
