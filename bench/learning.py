@@ -4,6 +4,13 @@
     python -m bench.learning                                # the whole experiment (4 arms x 5 seeds)
     python -m bench.learning --seeds 0 --arms on --steps 4  # a quick look
     python -m bench.learning --resume                       # keep the runs already finished under --workdir
+    python -m bench.learning --parallel 1                   # one run at a time
+
+Runs go side by side, each on `--cores-per-run` cores (1: its rollout worker, listener and learner one thread
+each; `LISTENER_GRPO_CORES`), as many at once as the cores and memory allow (`default_parallel`). A run
+alone leaves a core idle a third of the time (its evaluations generate on one thread, its start is
+mostly serial: 70% busy on 2 cores); two one-core runs keep both busy (97%). A run's threads are fixed,
+so its numbers do not depend on what runs beside it or on the machine's core count.
 
 Arms (`reward.listener_signal`, `reward.w_listener`): off (0), on (the listener's p, 0.5), oracle (the
 oracle faithfulness of the reasoning's image descriptions, 0.5), placebo (the listener's p shuffled
@@ -31,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +61,7 @@ SPLITS = {"heldout": "eval", "ood": "eval_ood"}
 REASONER_SETTINGS = {"faithful_rate": 1.0}  # the primary setting: faithful descriptions from the start (the
 #                                           default tiny://reasoner-sft swaps them half the time; docs/listener.md)
 TINY_SEED_STRIDE = 1000  # warm-start seed w's tiny random models: the role's seed + w * stride
+RUN_MEMORY_GIB = 7.0  # one run's peak resident memory, with headroom (two runs side by side peaked at 12 GiB)
 
 
 def _in_repo(path: str | Path) -> str:
@@ -110,8 +119,21 @@ def run_overrides(arm: str, seed: int, args: argparse.Namespace, warm: tuple[str
             "trainer.max_staleness=0", f"model.reasoner={warm[0]}", f"model.listener={warm[1]}", *args.set]
 
 
-def train(arm: str, seed: int, overrides: list[str], workdir: Path) -> Path:
-    """One `python -m pipeline train` run from scratch; returns its run directory."""
+def default_parallel(cores: int, cores_per_run: int, available_gib: float) -> int:
+    """Runs at once: as many as the cores hold at `cores_per_run` each and the memory at RUN_MEMORY_GIB each,
+    at least one."""
+    return max(1, min(cores // max(1, cores_per_run), int(available_gib // RUN_MEMORY_GIB)))
+
+
+def _available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return RUN_MEMORY_GIB  # unknown: one run
+
+
+def train(arm: str, seed: int, overrides: list[str], workdir: Path, cores: int) -> Path:
+    """One `python -m pipeline train` run from scratch on `cores` cores; returns its run directory."""
     run_dir = workdir / f"{arm}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "pipeline", "train", "--config", str(CONFIG), f"trainer.output_dir={run_dir}",
@@ -121,7 +143,7 @@ def train(arm: str, seed: int, overrides: list[str], workdir: Path) -> Path:
     log = workdir / f"{arm}-seed{seed}.log"
     with log.open("w") as out:
         result = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "RAY_ADDRESS": ""})
+                                env={**os.environ, "RAY_ADDRESS": "", "LISTENER_GRPO_CORES": str(cores)})
     if result.returncode != 0:
         raise RuntimeError(f"{arm} seed {seed} failed (exit {result.returncode}); see {log}")
     return run_dir
@@ -337,14 +359,21 @@ def print_table(summary: dict, contrasts: dict) -> None:
     print(f"verdict (docs/listener.md, on - off and on - placebo): {experiment_verdict(contrasts)}")
 
 
+def _timing(report: dict) -> str:
+    runs = f"the runs' own times sum to {report['runs_wall_s'] / 60:.1f} min"
+    if not report.get("parallel"):  # --report-only, or a report from before runs went side by side
+        return runs
+    return (f"the invocation took {report['wall_s'] / 60:.1f} min ({report['parallel']} runs at a time on "
+            f"{report['cores_per_run']} core(s) each; warm starts {report['warm_start_build_s'] / 60:.1f} min; {runs})")
+
+
 def markdown(report: dict) -> str:
     """The endpoint, the contrasts and the agreement splits as markdown tables (for docs/listener.md)."""
     def f(s: dict) -> str:
         return f"{s['mean']:.3f} +- {s['std']:.3f}" if s["n"] else "n/a"
 
     lines = [f"{report['endpoint']}; {len(report['runs'])} runs, {report['steps']} updates, "
-             f"{report['eval_pairs']} pairs per split; the runs took {report['runs_wall_s'] / 60:.1f} min "
-             f"together; bench/results/learning.json", "",
+             f"{report['eval_pairs']} pairs per split; {_timing(report)}; bench/results/learning.json", "",
              "| arm | seeds | OOD accuracy (endpoint) | OOD format rate | OOD accuracy, well-formed | held-out accuracy "
              "| faithful (held-out eval) |", "|---|---|---|---|---|---|---|"]
     for arm, s in report["arms_summary"].items():
@@ -395,43 +424,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="run nothing: report the runs already recorded under --workdir (e.g. a partial experiment)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument("--cores-per-run", type=int, default=1,
+                        help="threads of each run's rollout worker, listener and learner (LISTENER_GRPO_CORES)")
+    parser.add_argument("--parallel", type=int, default=0,
+                        help="runs at once (0: as many as the cores and memory hold, default_parallel)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
     args = parser.parse_args(argv)
     for key, value in dict(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0").items():
         os.environ.setdefault(key, value)
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    build_s = 0.0
-    dirs: dict = {}
+    warm_seed = {seed: seed if seed in args.warm_seeds else 0 for seed in args.seeds}
+    # every warm start first, two at a time (--report-only only names them)
+    needed = sorted(set(warm_seed.values()))
+    if args.report_only:
+        dirs = {k: d for k, d in warm_start_jobs(args.models, needed, args.agreement_seed)[0].items()
+                if (Path(d) / "config.json").is_file()}
+    else:
+        dirs = build_warm_starts(args.models, needed, args.agreement_seed)
+    build_s = time.perf_counter() - start
     runs: dict[str, dict] = {}
+    todo = []
     for seed in args.seeds:  # seed-major: a stopped experiment has whole seeds
-        w = seed if seed in args.warm_seeds else 0
-        t_build = time.perf_counter()
-        # built once, on first need; --report-only only names them
-        dirs |= warm_start_jobs(args.models, [w], None)[0] if args.report_only else build_warm_starts(args.models, [w])
-        build_s += time.perf_counter() - t_build
-        warm = (dirs.get(("reasoner", w), ""), dirs.get(("listener", w), ""))
+        warm = (dirs.get(("reasoner", warm_seed[seed]), ""), dirs.get(("listener", warm_seed[seed]), ""))
         for arm in args.arms:
             saved = args.workdir / f"{arm}-seed{seed}.json"
             if (args.resume or args.report_only) and saved.is_file():
                 runs[f"{arm}/seed{seed}"] = json.loads(saved.read_text())
-                continue
-            if args.report_only:
-                continue
-            overrides = run_overrides(arm, seed, args, warm)
-            t_run = time.perf_counter()
-            run_dir = train(arm, seed, overrides, args.workdir)
-            record = run_record(run_dir)
-            record.update(seed=seed, arm=arm, warm_start_seed=w, wall_s=round(time.perf_counter() - t_run, 1),
-                          overrides=overrides, command="python -m pipeline train --config configs/learn_cpu.yaml "
-                          + " ".join(_in_repo_override(o) for o in overrides))
-            write_result(record, saved)
-            runs[f"{arm}/seed{seed}"] = record
-    t_build = time.perf_counter()
-    agreement_dirs, missing = warm_start_jobs(args.models, [], args.agreement_seed)
-    if not args.report_only or not missing:
-        dirs |= build_warm_starts(args.models, [], args.agreement_seed)
-    build_s += time.perf_counter() - t_build
+            elif not args.report_only:
+                todo.append((arm, seed, run_overrides(arm, seed, args, warm)))
+    parallel = args.parallel or default_parallel(len(os.sched_getaffinity(0)), args.cores_per_run, _available_gib())
+    if todo:
+        print(f"{len(todo)} runs, {parallel} at a time, {args.cores_per_run} core(s) each", flush=True)
+        _prepare_store(args.workdir)
+    for key, record in run_all(todo, args, warm_seed, parallel).items():
+        runs[key] = record
+    runs = {f"{arm}/seed{seed}": runs[f"{arm}/seed{seed}"] for seed in args.seeds for arm in args.arms
+            if f"{arm}/seed{seed}" in runs}  # seed-major, whatever order they finished in
     second = SecondListener(dirs[("listener", args.agreement_seed)]) if ("listener", args.agreement_seed) in dirs \
         else None
     for key, record in runs.items():  # the second listener reads each run's last evaluation
@@ -456,6 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warm_starts_used": used,
         "commit": _commit(),
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+        "parallel": parallel if todo else None, "cores_per_run": args.cores_per_run,  # None: nothing ran here
         "wall_s": round(time.perf_counter() - start, 1),  # this invocation (a --report-only one runs nothing)
         "runs_wall_s": round(sum(r.get("wall_s", 0.0) for r in runs.values()), 1),  # the runs' own, summed
         "runs": runs,
@@ -467,6 +497,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.plot}; run time {report['wall_s'] / 60:.1f} min "
           f"(warm starts {build_s / 60:.1f} min)")
     return report
+
+
+def run_all(todo: list[tuple[str, int, list[str]]], args: argparse.Namespace, warm_seed: dict[int, int],
+            parallel: int) -> dict[str, dict]:
+    """The runs in `todo`, `parallel` at a time; each one's record is saved as it finishes. The first failure
+    stops the runs not yet started and is raised once the running ones end (their records kept)."""
+    def one(arm: str, seed: int, overrides: list[str]) -> tuple[str, dict]:
+        t_run = time.perf_counter()
+        run_dir = train(arm, seed, overrides, args.workdir, args.cores_per_run)
+        record = run_record(run_dir)
+        record.update(seed=seed, arm=arm, warm_start_seed=warm_seed[seed], cores=args.cores_per_run,
+                      wall_s=round(time.perf_counter() - t_run, 1), overrides=overrides,
+                      command="python -m pipeline train --config configs/learn_cpu.yaml "
+                      + " ".join(_in_repo_override(o) for o in overrides))
+        write_result(record, args.workdir / f"{arm}-seed{seed}.json")
+        return f"{arm}/seed{seed}", record
+
+    done: dict[str, dict] = {}
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="run") as pool:
+        pending = {pool.submit(one, *job) for job in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            failed = [f for f in finished if f.exception() is not None]
+            for future in finished - set(failed):
+                key, record = future.result()
+                done[key] = record
+                print(f"{time.strftime('%H:%M:%S')} {key} done ({len(done)}/{len(todo)}, "
+                      f"{record['wall_s'] / 60:.1f} min)", flush=True)
+            if failed:
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+                raise failed[0].exception()
+    return done
+
+
+def _prepare_store(workdir: Path) -> None:
+    """The experiment's sqlite store and MLflow experiment, made before runs that start together would race
+    to create them."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    name = load_config(CONFIG, []).tracking.experiment
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name)
 
 
 def _warm_starts_used(runs: dict[str, dict]) -> dict[str, Any]:
