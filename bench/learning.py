@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -518,7 +518,7 @@ def run_all(todo: list[tuple[str, int, list[str]]], args: argparse.Namespace, wa
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="run") as pool:
         pending = {pool.submit(one, *job) for job in todo}
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             failed = [f for f in finished if f.exception() is not None]
             for future in finished - set(failed):
                 key, record = future.result()
