@@ -550,18 +550,26 @@ def _warm_starts_used(runs: dict[str, dict]) -> dict[str, Any]:
     """Each warm start the runs read (their model.* overrides) and its SFT manifest."""
     used = sorted({o.partition("=")[2] for r in runs.values() for o in r.get("overrides", [])
                    if o.startswith(("model.reasoner=", "model.listener="))})
-    return {re.sub(r"^/\S*?/(runs/)", r"\1", d): json.loads((Path(d) / "sft_manifest.json").read_text())
+    return {_cut_to_runs(d): _cut_to_runs(json.loads((Path(d) / "sft_manifest.json").read_text()))
             for d in used if (Path(d) / "sft_manifest.json").is_file()}
 
 
 def _portable(record: dict[str, Any]) -> dict[str, Any]:
     """The record with machine paths in its overrides and command cut to what follows their `runs/`
     (results are committed; the runs read their warm starts from the checkout's runs/)."""
-    def cut(text: str) -> str:
-        return re.sub(r"/\S*?/(runs/)", r"\1", text)
+    return {**record, "overrides": _cut_to_runs(record.get("overrides", [])),
+            "command": _cut_to_runs(record.get("command", ""))}
 
-    return {**record, "overrides": [cut(o) for o in record.get("overrides", [])],
-            "command": cut(record.get("command", ""))}
+
+def _cut_to_runs(value: Any) -> Any:
+    """Every string in `value` (nested lists and dicts too) with a machine path cut to what follows `runs/`."""
+    if isinstance(value, str):
+        return re.sub(r"/[^\s\"']*?/(runs/)", r"\1", value)
+    if isinstance(value, list):
+        return [_cut_to_runs(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cut_to_runs(v) for k, v in value.items()}
+    return value
 
 
 def _commit() -> str:

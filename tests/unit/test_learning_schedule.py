@@ -64,3 +64,13 @@ def test_run_all_stops_at_the_first_failure_keeping_finished_records(tmp_path: P
         learning.run_all(todo, _args(tmp_path), {0: 0, 1: 0, 2: 0}, parallel=2)
     assert ("off", 2) not in started  # not started after the failure
     assert (tmp_path / "off-seed0.json").is_file()  # the run beside the failure finished and was saved
+
+
+def test_machine_paths_in_reports_are_cut_to_the_checkouts_runs() -> None:
+    manifest = {"base_model": "/home/me/repo/runs/bench-models/tiny-listener", "settings": {"seed": 1},
+                "notes": ["/srv/x/runs/a", "relative/runs/b", "no path"]}
+    assert learning._cut_to_runs(manifest) == {"base_model": "runs/bench-models/tiny-listener",
+                                               "settings": {"seed": 1},
+                                               "notes": ["runs/a", "relative/runs/b", "no path"]}
+    assert learning._cut_to_runs("python -m pipeline train model.reasoner=/a/b/runs/m x=/c/runs/n") == \
+        "python -m pipeline train model.reasoner=runs/m x=runs/n"
