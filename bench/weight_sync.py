@@ -117,7 +117,8 @@ def bench_ranks(ray, model_dir: str, ranks: int, workers: dict, bucket_mb: float
     from actors.learner import LearnerGroup
     from pipeline.config import AlgoConfig, LearnerConfig
 
-    group = LearnerGroup(model_dir, LearnerConfig(num_ranks=ranks, num_cpus=1), AlgoConfig())
+    group = LearnerGroup(model_dir, LearnerConfig(num_ranks=ranks, num_cpus=1, dtype="float32"),  # fp32 weights sent,
+                         AlgoConfig())  # as in the figures recorded before `auto` became the default
     out: dict[str, dict] = {}
     try:
         for dtype, worker in workers.items():

@@ -204,7 +204,7 @@ def warm_start(model: str | Path, out: str | Path, settings: SftSettings = SftSe
     started = _init_ray_for_sft([settings])
     learner_cfg = LearnerConfig(num_ranks=1, zero_stage=settings.zero_stage, lr=settings.lr,
                                 freeze_vision=settings.freeze_vision, num_cpus=settings.num_cpus,
-                                micro_batch_tokens=8192)
+                                micro_batch_tokens=8192, dtype="float32")  # warm starts alike on every machine
     processor = AutoProcessor.from_pretrained(str(model))
     t_start = time.perf_counter()
     group = LearnerGroup(str(model), learner_cfg, AlgoConfig(), seed=settings.seed, max_new_tokens=256,

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.integration
 
 TRANSPORTS = ["object_store", "collective", "shared_memory"]
 # persistence threshold 0: every parameter is partitioned, so the gather is what materialises them.
-LEARNER = LearnerConfig(num_ranks=2, lr=2e-2, micro_batch_tokens=512, num_cpus=1, zero3_persistence_threshold=0)
+LEARNER = LearnerConfig(num_ranks=2, lr=2e-2, micro_batch_tokens=512, num_cpus=1, zero3_persistence_threshold=0,
+                        dtype="float32")  # the engines are fp32: synced weights compared exactly
 MAX_NEW_TOKENS = 12
 MID_BUCKET_MB = 16
 ALLOWANCE = 8 * 2**20  # Ray calls, Python objects, allocator slack
@@ -184,7 +185,7 @@ def mid_setup(ray_local, tmp_path_factory):
     model_dir = str(make_tiny(tmp_path_factory.mktemp("ckpt") / "mid", role="reasoner", size="mid"))
     worker = ray_local.remote(RolloutWorker).options(num_cpus=1, resources={"rollout": 1}).remote(
         model_dir, EngineConfig(dtype="float32"), seed=0)
-    group = LearnerGroup(model_dir, LearnerConfig(num_ranks=1, num_cpus=1), AlgoConfig(), seed=0)
+    group = LearnerGroup(model_dir, LearnerConfig(num_ranks=1, num_cpus=1, dtype="float32"), AlgoConfig(), seed=0)
     ray_local.get(worker.ready.remote())
     yield group, worker
     group.shutdown()
