@@ -75,7 +75,7 @@ def save_checkpoint(engine, processor, root: str, step: int, data_position: dict
     engine.save_checkpoint(str(staging / "deepspeed"), tag=DS_TAG, client_state=client_state, save_latest=False)
     (staging / "rng").mkdir(exist_ok=True)
     (staging / "rng" / f"rank-{rank}.json").write_text(json.dumps(rng_state()))
-    export_policy(engine.module, processor, staging / "policy", rank=rank)
+    export_policy(engine.module, processor, staging / "policy", rank=rank, base_path=model_path)
     dist.barrier()
     if rank == 0:
         if run_config:
@@ -127,21 +127,30 @@ def only_weights_only_loads() -> Iterator[None]:
         torch.load = original
 
 
-def export_policy(model, processor, out: Path, *, rank: int) -> None:
+def export_policy(model, processor, out: Path, *, rank: int, base_path: str | None = None) -> None:
     """All ranks (under ZeRO-3 the gather is collective; below 3 the parameters are whole on every rank and
-    `iter_gathered_buckets` reads them as they are); rank 0 writes sharded safetensors + config + processor."""
+    `iter_gathered_buckets` reads them as they are); rank 0 writes sharded safetensors + config + processor.
+
+    With `base_path` (the checkpoint training started from) the frozen tensors (the vision tower under
+    `freeze_vision`) are the base's own bytes: a bf16 learner started from an fp32 checkpoint holds them
+    rounded to bf16, and they never trained. The trained tensors are the policy the rollout engines run (the
+    learner's weights, bf16-valued under bf16 mixed precision), in the base's dtype or the learner's,
+    whichever is wider (never rounded down), and the config's dtype follows."""
     from safetensors.torch import save_file
 
-    from actors.weight_sync import iter_gathered_buckets, plan_buckets
+    from actors.weight_sync import checkpoint_names, iter_gathered_buckets, plan_buckets
 
     total = len(plan_buckets(model, EXPORT_SHARD_BYTES, include_frozen=True))
+    names = checkpoint_names(model)
+    frozen = {names[name] for name, param in model.named_parameters() if not param.requires_grad}
+    base = BaseTensors(base_path) if rank == 0 and base_path else None
     weight_map: dict[str, str] = {}
     total_bytes = 0
     for index, named in enumerate(iter_gathered_buckets(model, EXPORT_SHARD_BYTES, include_frozen=True), start=1):
         if rank != 0:
             continue
         shard = f"model-{index:05d}-of-{total:05d}.safetensors"
-        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in named}
+        tensors = {name: exported_tensor(name, t, name in frozen, base) for name, t in named}
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         weight_map.update({name: shard for name in tensors})
@@ -150,9 +159,78 @@ def export_policy(model, processor, out: Path, *, rank: int) -> None:
         index_json = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
         model.config.save_pretrained(out)
+        if base is not None and base.config_dtype:  # not the training dtype: the wider of it and the base's
+            learner_dtype = next(model.parameters()).dtype
+            _set_config_dtype(out / "config.json", widest(base.config_dtype, learner_dtype))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out)
         processor.save_pretrained(out)
+
+
+def exported_tensor(name: str, tensor, frozen: bool, base: "BaseTensors | None"):
+    """What the export writes for checkpoint tensor `name`: a frozen tensor the base holds is the base's;
+    any other is the learner's, in the wider of the base's dtype for it and the learner's."""
+    import torch
+
+    stored = base.get(name) if base is not None and frozen else None
+    if stored is not None and stored.shape == tensor.shape:
+        return stored.contiguous()
+    dtype = base.dtypes.get(name) if base is not None else None
+    return tensor.detach().to("cpu", dtype=getattr(torch, widest(dtype, tensor.dtype))).contiguous().clone()
+
+
+def widest(base_dtype: str | None, learner_dtype) -> str:
+    """The dtype name of the wider of a base checkpoint's dtype (a name, or None) and the learner's."""
+    import torch
+
+    learner = str(learner_dtype).removeprefix("torch.")
+    if base_dtype is None or not hasattr(torch, base_dtype):
+        return learner
+    return str(torch.promote_types(getattr(torch, base_dtype), getattr(torch, learner))).removeprefix("torch.")
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+class BaseTensors:
+    """A local safetensors checkpoint's tensors by name: their dtypes from the files' headers, each tensor read
+    on demand (none when `path` is not a local directory, e.g. a hub id)."""
+
+    def __init__(self, path: str) -> None:
+        root = Path(path)
+        self.files: dict[str, Path] = {}
+        self.dtypes: dict[str, str] = {}
+        for file in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
+            for name, info in safetensors_header(file).items():
+                if name != "__metadata__" and info.get("dtype") in SAFETENSORS_DTYPES:
+                    self.files[name], self.dtypes[name] = file, SAFETENSORS_DTYPES[info["dtype"]]
+        config = root / "config.json"
+        fields = json.loads(config.read_text()) if config.is_file() else {}
+        self.config_dtype: str | None = fields.get("dtype") or fields.get("torch_dtype")
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.files:
+            return None
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (8-byte little-endian length, then the JSON)."""
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(length))
+
+
+def _set_config_dtype(config_path: Path, dtype: str) -> None:
+    """Every `dtype`/`torch_dtype` field of a saved config (its sub-configs' too) set to `dtype`."""
+    def reset(fields: dict) -> dict:
+        return {k: dtype if k in ("dtype", "torch_dtype") else reset(v) if isinstance(v, dict) else v
+                for k, v in fields.items()}
+
+    config_path.write_text(json.dumps(reset(json.loads(config_path.read_text())), indent=2, sort_keys=True) + "\n")
 
 
 def write_manifest(directory: Path, step: int, data_position: dict, world_size: int, model_path: str) -> None:

@@ -322,7 +322,7 @@ class LearnerRank:
 
         from actors.checkpoint import export_policy
 
-        export_policy(self.engine.module, self.processor, Path(out), rank=self.rank)
+        export_policy(self.engine.module, self.processor, Path(out), rank=self.rank, base_path=self.model_path)
         return str(out)
 
 

@@ -173,20 +173,24 @@ def test_each_zero_stage_takes_the_same_learning_step(stage, ranks, run, ray_loc
 
 
 def test_bf16_mixed_precision_steps_near_the_fp32_step_with_bf16_weights(run, ray_local, tiny_reasoner_dir,
-                                                                         tiny_train_batch) -> None:
+                                                                         tiny_train_batch, tmp_path) -> None:
     """`learner.dtype: bfloat16`, what `auto` picks on a CPU with AVX512_BF16/AMX or a bf16 GPU (forced here, so
     every machine runs it): the module's weights are bf16 (fp32 masters live in the optimizer), the
     recomputed logprobs stay near the fp32 rollout's, the gradient is the fp32 step's within bf16 noise, and
-    a repeated batch still lowers the loss."""
+    a repeated batch still lowers the loss. The export is in the base checkpoint's dtype (fp32 here): the
+    trained tensors are the learner's bf16 values, the frozen vision tower the base's own bytes."""
     import torch
 
     from actors.learner import LearnerGroup
+
+    from safetensors.numpy import load_file
 
     cfg = LEARNER.model_copy(update={"dtype": "bfloat16", "num_ranks": 1, "zero_stage": 0})
     group = LearnerGroup(str(tiny_reasoner_dir), cfg, ALGO, seed=0, max_new_tokens=64)
     try:
         steps = [group.train_step(tiny_train_batch).values for _ in range(3)]
         after = group.gathered_state_dict(include_frozen=False)
+        policy = Path(group.export_policy(str(tmp_path / "policy")))
     finally:
         group.shutdown()
     first = steps[0]
@@ -197,5 +201,13 @@ def test_bf16_mixed_precision_steps_near_the_fp32_step_with_bf16_weights(run, ra
     trained = [name for name in after if name.startswith("model.layers.")]
     assert trained
     for name in trained:  # bf16 weights: each value survives a round trip through bfloat16 unchanged
-        weights = torch.from_numpy(after[name])
+        weights = torch.from_numpy(after[name].copy())
         assert torch.equal(weights.bfloat16().float(), weights), name
+    exported: dict[str, np.ndarray] = {}
+    for shard in policy.glob("model-*.safetensors"):
+        exported.update(load_file(str(shard)))
+    base = load_file(str(Path(tiny_reasoner_dir) / "model.safetensors"))
+    assert exported.keys() == base.keys() and all(t.dtype == np.float32 for t in exported.values())
+    assert all(np.array_equal(exported[n], base[n]) for n in base if n.startswith("visual."))  # frozen
+    assert all(np.array_equal(exported[n], after[n]) for n in trained)  # what the engines run
+    assert json.loads((policy / "config.json").read_text())["dtype"] == "float32"
