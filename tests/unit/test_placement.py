@@ -66,3 +66,10 @@ def test_the_local_cluster_leaves_room_for_the_listener_pool_to_autoscale() -> N
     # The pool may add 2 engines: 2 more listener units and 2 more CPUs than the same run without autoscaling.
     assert fixed["resources"]["listener"] == 1 and scaling["resources"]["listener"] == 3
     assert scaling["num_cpus"] == fixed["num_cpus"] + 2
+
+
+def test_a_local_clusters_openmp_threads_sleep_when_idle_unless_the_user_chose() -> None:
+    from pipeline.placement import local_cluster_env
+
+    assert local_cluster_env({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert local_cluster_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
