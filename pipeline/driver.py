@@ -131,11 +131,13 @@ def training_loop(cfg: RunConfig, actors: Actors, tracker: Tracker, run_dir: Pat
         if not flight.batch.pairs:
             log.warning("the data source is exhausted after %d steps", step)
             break
-        groups, scores, timings = collect_rollout(flight, actors, cfg, policy)
         if cfg.trainer.max_staleness and step + 1 < cfg.trainer.steps:
             # One step off-policy: step t+1's pairs are generated (on the weights the workers hold now) and
-            # scored while the learner trains on step t; the sync's loads queue behind that generate call.
+            # scored while step t's last scores arrive and the learner trains on step t; the sync's loads
+            # queue behind that generate call. Submitted before waiting on step t's scores, so the workers
+            # go from the last sync's loads straight to the next generation.
             prefetched = submit_rollout(read_batch(source, cfg), actors, cfg, policy)
+        groups, scores, timings = collect_rollout(flight, actors, cfg, policy)
         result = learn_step(step, groups, scores, timings, actors, cfg, policy, max(t_top, flight.t_submit))
         result.metrics.update(skip_metrics(flight.batch.data_state["skip_counts"]))
         # Candidates read up to this step's pairs: a resumed run's positions must be the undisturbed run's.
