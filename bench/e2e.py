@@ -18,7 +18,9 @@ ratio is TRL's FASTEST configuration's s/step over the pipeline's (median steps;
   lr 1e-5, every group kept (so every step trains and syncs, as TRL does), engines at `engine.dtype: auto`;
 - tiny: 8 pairs x G=4 x <= 64 new tokens, the `tiny` checkpoints, engines fp32, otherwise the same.
 
-Four steps per run; the first (start-up, first calls) is not counted. Per step: seconds (pipeline: wall time
+Steps per run: 6 at mid, 12 at tiny. Counted: the steady steps. The first (start-up, first calls) never
+counts, nor, with `max_staleness` 1, the pipeline's last: it has no next rollout beside it, so the learner
+runs alone and the step is shorter than any steady one (mid: 17.7 s against 27 s). Per step: seconds (pipeline: wall time
 between two steps' metric rows in RUN/metrics.jsonl; TRL: between two `on_step_end` callbacks), completions/s
 and generated tokens/s, the pipeline's per-stage seconds (`time/*`, `sync/*`), and CPU utilisation: every
 process of the run's tree is sampled every 0.25 s; busy core-seconds (user + system) in the step / (cores x
@@ -58,15 +60,17 @@ RESULTS = ROOT / "bench" / "results" / "e2e.json"
 SCALING_RESULTS = ROOT / "bench" / "results" / "e2e_scaling.json"
 MODELS = ROOT / "runs" / "bench-models"
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
-STEPS = 4
-COMMON = ["data.image_size=64", f"trainer.steps={STEPS}", "trainer.checkpoint_every=1000", "learner.lr=1e-5",
-          "reward.drop_zero_variance=false"]
+COMMON = ["data.image_size=64", "trainer.checkpoint_every=1000", "learner.lr=1e-5", "reward.drop_zero_variance=false"]
+# Steps per run, both sides: at least 4 steady steps counted at mid; tiny steps are half a second, so more of
+# them steady its median.
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "mid": {"size": "mid", "pairs": 16, "group_size": 8, "max_new_tokens": 128,
-            "overrides": ["data.pairs_per_step=16", "rollout.group_size=8", "rollout.max_new_tokens=128", *COMMON]},
-    "tiny": {"size": "tiny", "pairs": 8, "group_size": 4, "max_new_tokens": 64,
+    "mid": {"size": "mid", "pairs": 16, "group_size": 8, "max_new_tokens": 128, "steps": 6,
+            "overrides": ["data.pairs_per_step=16", "rollout.group_size=8", "rollout.max_new_tokens=128",
+                          "trainer.steps=6", *COMMON]},
+    "tiny": {"size": "tiny", "pairs": 8, "group_size": 4, "max_new_tokens": 64, "steps": 12,
              "overrides": ["data.pairs_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=64",
-                           "rollout.engine.dtype=float32", "listener.engine.dtype=float32", *COMMON]},
+                           "rollout.engine.dtype=float32", "listener.engine.dtype=float32", "trainer.steps=12",
+                           *COMMON]},
 }
 SCALING_PAIRS = (8, 16, 32)
 SCALING_LISTENERS = (1, 2)
@@ -100,7 +104,7 @@ def trl_command(workload: str, config: str, out: Path, models: Path) -> list[str
     reasoner, _ = checkpoints(w["size"], models)
     return [sys.executable, "-m", "bench.trl_reference", "--model", str(reasoner), "--config", config,
             "--pairs", str(w["pairs"]), "--group-size", str(w["group_size"]), "--max-new-tokens",
-            str(w["max_new_tokens"]), "--image-size", "64", "--steps", str(STEPS), "--lr", "1e-5", "--out", str(out)]
+            str(w["max_new_tokens"]), "--image-size", "64", "--steps", str(w["steps"]), "--lr", "1e-5", "--out", str(out)]
 
 
 # ---- the machine ---------------------------------------------------------------------------------------
@@ -215,7 +219,8 @@ def run_pipeline(workload: str, staleness: int, workdir: Path, models: Path, ext
     steps = step_rows([row for row in rows if "learn/skipped" in row], start, sampler)
     from actors.engine import resolve_dtype
 
-    run = summarise(workload, command, steps, sampler, time.time() - start)
+    # With staleness 1 the last step has no next rollout beside it (the learner runs alone): not a steady step.
+    run = summarise(workload, command, steps, sampler, time.time() - start, drain_steps=1 if staleness else 0)
     precision = resolve_dtype("float32" if workload == "tiny" else "auto", cpu_flags())
     return {**run, "side": "pipeline", "max_staleness": staleness, "engine_dtype": precision,
             "configuration": f"max_staleness {staleness}, engines {precision}" + (f", {' '.join(extra)}" if extra else "")}
@@ -265,8 +270,9 @@ def step_rows(rows: list[dict[str, Any]], start: float, sampler: TreeSampler) ->
 
 
 def summarise(workload: str, command: list[str], steps: list[dict[str, Any]], sampler: TreeSampler,
-              wall_s: float) -> dict[str, Any]:
-    counted = steps[WARMUP_STEPS:]
+              wall_s: float, drain_steps: int = 0) -> dict[str, Any]:
+    """A run's steady steps: without the warm-up step and the last `drain_steps`."""
+    counted = steps[WARMUP_STEPS:len(steps) - drain_steps]
     seconds = sum(s["seconds"] for s in counted)
     stage_keys = sorted({k for s in counted for k in s["stages_s"]})
     return {
@@ -299,7 +305,7 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
 
 def e2e_table(result: dict[str, Any]) -> list[str]:
     out = ["", "End to end, side by side (bench/results/e2e.json, `python -m bench.e2e`): whole runs of `python -m "
-           "pipeline train` and of TRL's `GRPOTrainer` (bench/trl_reference.py), one after the other, steps 2-4; "
+           "pipeline train` and of TRL's `GRPOTrainer` (bench/trl_reference.py), one after the other, steady steps (not the first; not the pipeline's last with staleness 1); "
            "ratio = the fastest TRL configuration's s/step / the pipeline's", ""]
     for workload, entry in result.get("workloads", {}).items():
         m, cmp = entry["machine"], entry.get("comparison") or {}

@@ -49,6 +49,21 @@ def test_per_step_seconds_rates_and_cpu_utilisation(monkeypatch) -> None:
     assert run["peak_rss_mib_by_kind"] == {"learner": 512, "rollout": 2048}
 
 
+def test_with_staleness_1_the_pipelines_last_step_is_not_steady_and_not_counted(monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    sampler = Samples([(100.0, 0.0), (130.0, 60.0)])
+    # Steady steps of 3 s, and a last one of 1.5 s: the learner alone, no next rollout beside it.
+    ends = [110.0, 113.0, 116.0, 119.0, 120.5]
+    rows = [_row(i, at, 2.5, 32, 2.0, 640) for i, at in enumerate(ends)]
+    steps = step_rows(rows, start=100.0, sampler=sampler)
+    run = summarise("mid", ["python", "-m", "pipeline", "train"], steps, sampler, 21.0, drain_steps=1)
+    assert run["steps_counted"] == [1, 2, 3]
+    assert run["s_per_step_median"] == 3.0 and run["s_per_step_range"] == [3.0, 3.0]
+    assert run["completions_per_s"] == pytest.approx(96 / 9.0)
+    counted_all = summarise("mid", ["python", "-m", "pipeline", "train"], steps, sampler, 21.0)
+    assert counted_all["steps_counted"] == [1, 2, 3, 4] and counted_all["s_per_step_range"] == [1.5, 3.0]
+
+
 def _run(side: str, s_per_step: float, **extra) -> dict:
     return {"side": side, "s_per_step_median": s_per_step, "s_per_step_range": [s_per_step, s_per_step],
             "completions_per_s": 32 / s_per_step, "tokens_per_s": 1000.0, "cpu_utilisation": 0.5,
@@ -86,7 +101,7 @@ def test_the_trl_reward_is_the_pipelines_without_the_listener() -> None:
 def test_the_workloads_are_the_issues() -> None:
     mid, tiny = WORKLOADS["mid"]["overrides"], WORKLOADS["tiny"]["overrides"]
     for key in ("data.pairs_per_step=16", "rollout.group_size=8", "rollout.max_new_tokens=128", "data.image_size=64",
-                "trainer.steps=4", "trainer.checkpoint_every=1000", "learner.lr=1e-5",
+                "trainer.steps=6", "trainer.checkpoint_every=1000", "learner.lr=1e-5",
                 "reward.drop_zero_variance=false"):
         assert key in mid
     for key in ("data.pairs_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=64",
@@ -96,6 +111,7 @@ def test_the_workloads_are_the_issues() -> None:
         assert f"data.pairs_per_step={w['pairs']}" in w["overrides"]
         assert f"rollout.group_size={w['group_size']}" in w["overrides"]
         assert f"rollout.max_new_tokens={w['max_new_tokens']}" in w["overrides"]
+        assert f"trainer.steps={w['steps']}" in w["overrides"]
 
 
 def test_the_scaling_sweep_renders_one_table_and_one_plot(tmp_path) -> None:
