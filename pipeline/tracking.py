@@ -1,9 +1,11 @@
 """MLflow tracking that survives an outage: metrics are always written locally and buffered for MLflow.
 
-Every `log_metrics` call appends to `RUN_DIR/metrics.jsonl` first (the local record), then tries to
-flush everything pending to MLflow. When the tracking server is down, metrics stay pending and are sent
-at the next successful flush, with their original step and timestamp; if the server never returns, the
-run ends with a warning naming the local file. The MLflow run is created lazily (on the first flush that
+Every `log_metrics` call appends to `RUN_DIR/metrics.jsonl` first (the local record), then hands the
+metrics to a sender thread that flushes everything pending to MLflow, so the training loop never waits on
+the store (a sqlite commit or an HTTP round trip took 30-50 ms per call: a tenth of a tiny CPU step, on
+the path between two generations). When the tracking server is down, metrics stay pending and are sent at
+the next successful flush, with their original step and timestamp; `close` flushes what is left and, if
+the server never returns, ends with a warning naming the local file. The MLflow run is created lazily (on the first flush that
 reaches the server) and its id is kept in `RUN_DIR/mlflow_run_id`, so a resumed run logs into the same
 MLflow run. `RUN_DIR/mlflow_sent_bytes` records how much of metrics.jsonl is on the server: a run killed
 during an outage loses its buffer with the process, and the resumed run sends those rows first. HTTP
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,47 +188,91 @@ class Tracker:
         self._sent_file = self.run_dir / "mlflow_sent_bytes"
         _end_cut_line(self.metrics_file)
         self._pending.metrics = unsent_metrics(self.metrics_file, self._sent_bytes())
+        self._in_flight = _Pending()  # taken by the flush under way, back into _pending if it fails
+        self._queued_bytes = self._file_size()  # metrics.jsonl up to here is sent or pending
         self.flush_failures = 0
         self._client = None
+        self._lock = threading.Lock()  # _pending, _in_flight, _queued_bytes
+        self._flushing = threading.Lock()  # one flush at a time: the sender's, start-up's or close's
+        self._wake = threading.Event()
+        self._closing = False
+        self._sender: threading.Thread | None = None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         stamp = int(time.time() * 1000)
         with self.metrics_file.open("a") as out:
             out.write(json.dumps({"step": step, "timestamp_ms": stamp, **metrics}) + "\n")
-        self._pending.metrics += [(k, float(v), stamp, step) for k, v in mlflow_safe_keys(metrics).items()]
-        self.flush()
+        with self._lock:
+            self._pending.metrics += [(k, float(v), stamp, step) for k, v in mlflow_safe_keys(metrics).items()]
+            self._queued_bytes = self._file_size()
+        self._send_soon()
 
     def log_table(self, artifact_file: str, columns: dict[str, list[Any]]) -> None:
         """A table (column name -> values) as an MLflow table artifact; also kept in the run dir."""
         local = self.run_dir / artifact_file
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(json.dumps(columns, default=str))
-        self._pending.tables.append((mlflow_safe_name(artifact_file), columns))
-        self.flush()
+        with self._lock:
+            self._pending.tables.append((mlflow_safe_name(artifact_file), columns))
+        self._send_soon()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._pending.tags.update(mlflow_safe_keys(redact_params(tags)))
-        self.flush()
+        with self._lock:
+            self._pending.tags.update(mlflow_safe_keys(redact_params(tags)))
+        self._send_soon()
 
     def flush(self) -> bool:
-        """Send everything pending; False (and keep it pending) when the server cannot be reached."""
-        try:
-            with held_stop():  # a stop signal waits for the write: one cut short left the sqlite store locked
-                self._send(self._ensure_run())
-                self._mark_sent()
-        except Exception as exc:  # any transport or server error: keep the data, retry later
-            self.flush_failures += 1
-            log.warning("MLflow at %s unreachable (%s); %d metrics kept for later", self.uri,
-                        type(exc).__name__, len(self._pending.metrics))
-            return False
-        return True
+        """Send everything pending now; False (and keep it pending) when the server cannot be reached."""
+        with self._flushing:
+            with self._lock:
+                batch, self._pending, self._in_flight = self._pending, _Pending(), self._pending
+                covered = self._queued_bytes
+            try:
+                with held_stop():  # a stop signal waits for the write: one cut short left the sqlite store locked
+                    self._send(self._ensure_run(), batch)
+                    self._mark_sent(covered)
+            except Exception as exc:  # any transport or server error: keep the data, retry later
+                self.flush_failures += 1
+                with self._lock:  # what was not sent goes back in front of what was logged meanwhile
+                    self._pending = _Pending(metrics=batch.metrics + self._pending.metrics,
+                                             tables=batch.tables + self._pending.tables,
+                                             tags={**batch.tags, **self._pending.tags})
+                    self._in_flight = _Pending()
+                log.warning("MLflow at %s unreachable (%s); %d metrics kept for later", self.uri,
+                            type(exc).__name__, len(self._pending.metrics))
+                return False
+            with self._lock:
+                self._in_flight = _Pending()
+            return True
 
     @property
     def pending_metrics(self) -> int:
-        return len(self._pending.metrics)
+        """Metrics not yet on the server (a flush under way counts until it succeeds)."""
+        with self._lock:
+            return len(self._pending.metrics) + len(self._in_flight.metrics)
+
+    def _send_soon(self) -> None:
+        """Wake the sender thread (started on first use); a failed send is retried at the next wake."""
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+            self._sender.start()
+        self._wake.set()
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            self.flush()
 
     def close(self, status: str = "FINISHED") -> bool:
         """Final flush and end the run. False: the server never came back; metrics are in metrics_file."""
+        if self._sender is not None:  # let a send under way finish; close's own flush sends the rest
+            self._closing = True
+            self._wake.set()
+            self._sender.join()
+            self._sender, self._closing = None, False
         ok = self.flush()
         if ok and self.run_id is not None:
             try:
@@ -259,11 +306,14 @@ class Tracker:
         except (FileNotFoundError, ValueError):
             return 0  # nothing known to be sent: the store skips a metric it already has
 
-    def _mark_sent(self) -> None:
-        """Everything logged so far is on the server: record the local file's size (atomically)."""
+    def _file_size(self) -> int:
+        return self.metrics_file.stat().st_size if self.metrics_file.exists() else 0
+
+    def _mark_sent(self, covered_bytes: int) -> None:
+        """metrics.jsonl up to `covered_bytes` is on the server: record it (atomically)."""
         if self.metrics_file.exists():
             tmp = self._sent_file.with_suffix(".tmp")
-            tmp.write_text(str(self.metrics_file.stat().st_size))
+            tmp.write_text(str(covered_bytes))
             os.replace(tmp, self._sent_file)
 
     def _send_params(self, client) -> None:
@@ -273,17 +323,18 @@ class Tracker:
         for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             client.log_batch(self.run_id, params=items[start:start + 100])
 
-    def _send(self, client) -> None:
+    def _send(self, client, batch: _Pending) -> None:
+        """Send `batch`, removing from it what was sent (what is left on an error is retried)."""
         from mlflow.entities import Metric, RunTag
 
-        if self._pending.tags:
-            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending.tags.items()])
-            self._pending.tags = {}
-        while self._pending.metrics:
-            chunk = self._pending.metrics[:_BATCH_LIMIT]
+        if batch.tags:
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in batch.tags.items()])
+            batch.tags = {}
+        while batch.metrics:
+            chunk = batch.metrics[:_BATCH_LIMIT]
             client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v, ms, step in chunk])
-            del self._pending.metrics[:len(chunk)]
-        while self._pending.tables:
-            artifact_file, columns = self._pending.tables[0]
+            del batch.metrics[:len(chunk)]
+        while batch.tables:
+            artifact_file, columns = batch.tables[0]
             client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
-            self._pending.tables.pop(0)
+            batch.tables.pop(0)

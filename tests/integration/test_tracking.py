@@ -26,11 +26,12 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 def test_metrics_logged_during_an_outage_arrive_when_the_server_returns(tmp_path, mlflow_server) -> None:
     tracker = _tracker(tmp_path, mlflow_server.uri)
     tracker.log_metrics(0, {"loss": 1.0, "reward/mean": 0.1})
-    assert tracker.pending_metrics == 0
+    assert tracker.flush() and tracker.pending_metrics == 0
     mlflow_server.stop()
     tracker.log_metrics(1, {"loss": 0.9, "reward/mean": 0.2})
     tracker.log_metrics(2, {"loss": 0.8, "reward/mean": 0.3})
-    assert tracker.pending_metrics == 4 and tracker.flush_failures >= 2
+    assert tracker.flush() is False
+    assert tracker.pending_metrics == 4 and tracker.flush_failures >= 1
     mlflow_server.start()
     tracker.log_metrics(3, {"loss": 0.7, "reward/mean": 0.4})
     assert tracker.close()
@@ -48,6 +49,7 @@ def test_a_run_killed_during_an_outage_sends_its_unsent_metrics_when_resumed(tmp
     still buffered. The resumed run's tracker sends them first (from metrics.jsonl), with their own steps."""
     first = _tracker(tmp_path, mlflow_server.uri)
     first.log_metrics(0, {"loss": 1.0})
+    assert first.flush()  # step 0 is on the server before the outage
     mlflow_server.stop()
     first.log_metrics(1, {"loss": 0.9})
     first.log_metrics(2, {"loss": 0.8})
@@ -64,6 +66,44 @@ def test_a_run_killed_during_an_outage_sends_its_unsent_metrics_when_resumed(tmp
     assert again.pending_metrics == 0
     lines = again.metrics_file.read_text().splitlines()  # the cut line stays cut; the next row has its own
     assert lines[-2] == '{"step": 3, "timestamp_ms": 17' and json.loads(lines[-1])["loss"] == 0.7
+
+
+def test_logged_metrics_reach_the_store_without_the_caller_flushing(tmp_path, mlflow_server) -> None:
+    """The sender thread delivers them: the training loop only appends to metrics.jsonl."""
+    import time
+
+    tracker = _tracker(tmp_path, mlflow_server.uri)
+    for step in range(3):
+        tracker.log_metrics(step, {"loss": 1.0 - step / 10})
+    deadline = time.monotonic() + 60
+    while tracker.pending_metrics and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tracker.pending_metrics == 0 and tracker.run_id is not None
+    assert _history(mlflow_server.uri, tracker.run_id, "loss") == [(0, 1.0), (1, 0.9), (2, 0.8)]
+    assert tracker.close()
+
+
+def test_a_store_that_never_answers_does_not_hold_up_logging(tmp_path) -> None:
+    """A server that accepts the connection and then says nothing: each send waits out the HTTP timeout
+    (MLFLOW_HTTP_REQUEST_TIMEOUT, 5 s), in the sender thread; log_metrics returns at once all the same."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        tracker = _tracker(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}")
+        start = time.monotonic()
+        for step in range(3):
+            tracker.log_metrics(step, {"loss": 1.0 - step / 10})
+        assert time.monotonic() - start < 1.0
+        assert tracker.pending_metrics == 3  # none reached a store
+        assert tracker.close() is False
+    finally:
+        silent.close()
+    rows = [json.loads(line) for line in tracker.metrics_file.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(0, 1.0), (1, 0.9), (2, 0.8)]
 
 
 def test_server_down_from_the_start_and_never_back_keeps_everything_locally(tmp_path, caplog) -> None:
@@ -96,7 +136,8 @@ def test_resumed_tracker_logs_into_the_same_run_and_tables_arrive(tmp_path, mlfl
 def test_a_stop_signal_during_writes_ends_the_sqlite_run_killed(tmp_path, round_) -> None:
     """SIGTERM while the driver logs (most of the time inside a sqlite commit): the run is marked KILLED and
     every metric logged before the stop is in the store. Before pipeline/stopping.py held the signal during
-    writes, about 1 try in 6 left the store locked, the final flush failed and the run stayed RUNNING."""
+    writes, about 1 try in 6 left the store locked, the final flush failed and the run stayed RUNNING. Since
+    the sender thread commits, the signal lands while it writes: close waits for it, then sends the rest."""
     import os
     import signal
     import threading
@@ -120,6 +161,7 @@ def test_a_stop_signal_during_writes_ends_the_sqlite_run_killed(tmp_path, round_
             while time.monotonic() < deadline:
                 tracker.log_metrics(step, {f"m{i}": float(step) for i in range(50)})
                 step += 1
+                time.sleep(0.005)  # a step's own work: the sender keeps up and commits as the rows come
         assert tracker.close("KILLED")
     finally:
         stopper.cancel()
