@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from bench import write_result
-from bench.learning_stats import ENDPOINT_EVALS, agreement_split, endpoint, experiment_verdict, paired_difference
+from bench.learning_report import SPLITS, as_float, markdown, plot, print_table, summarise
+from bench.learning_stats import ENDPOINT_EVALS, agreement_split, endpoint, experiment_verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "learning.json"
@@ -56,8 +57,6 @@ ARMS = {"off": ["reward.w_listener=0"],
         "on": ["reward.w_listener=0.5", "reward.listener_signal=listener"],
         "oracle": ["reward.w_listener=0.5", "reward.listener_signal=oracle"],
         "placebo": ["reward.w_listener=0.5", "reward.listener_signal=placebo"]}
-CONTRASTS = (("on", "off"), ("on", "placebo"), ("on", "oracle"))  # the first two are primary
-SPLITS = {"heldout": "eval", "ood": "eval_ood"}
 REASONER_SETTINGS = {"faithful_rate": 1.0}  # the primary setting: faithful descriptions from the start (the
 #                                           default tiny://reasoner-sft swaps them half the time; docs/listener.md)
 TINY_SEED_STRIDE = 1000  # warm-start seed w's tiny random models: the role's seed + w * stride
@@ -165,7 +164,7 @@ def run_record(run_dir: Path) -> dict[str, Any]:
                             for k in CURVE_KEYS}} for s in sorted(evals)]
     record = {"curve": curve,
               "train": [{"step": s, **{k: r.get(m) for k, m in TRAIN_KEYS.items()}} for s, r in train_rows],
-              "endpoint": {f"{split}/{k}": endpoint({p["step"]: _num(p[f"{split}/{k}"]) for p in curve})
+              "endpoint": {f"{split}/{k}": endpoint({p["step"]: as_float(p[f"{split}/{k}"]) for p in curve})
                            for split in SPLITS for k in ("accuracy", "format_rate", "accuracy_well_formed",
                                                          "faithful", "listener/contradiction_rate")},
               "start": {f"{split}/accuracy": curve[0][f"{split}/accuracy"] for split in SPLITS},
@@ -182,10 +181,6 @@ def with_summary_fields(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "curve": curve, "acc_start": curve[0]["accuracy"], "acc_end": curve[-1]["accuracy"],
             "steps": curve[-1]["step"], "ood_end": curve[-1]["ood_accuracy"],
             "reached_90_at": next((p["step"] for p in curve if p["accuracy"] >= 0.9), None)}
-
-
-def _num(value: Any) -> float:
-    return float("nan") if value is None else float(value)
 
 
 def _table_rows(run_dir: Path, prefix: str, steps: list[int], p_column: str = "listener_p_preferred"):
@@ -268,146 +263,7 @@ def second_listener_split(listener: SecondListener, run_dir: Path, overrides: li
     return out
 
 
-# ---- the report --------------------------------------------------------------------------------------
-
-def spread(values: list[float]) -> dict[str, float]:
-    v = np.asarray([x for x in values if x is not None and not np.isnan(x)], dtype=float)
-    if v.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
-            "n": int(v.size)}
-
-
-def pooled_split(splits: list[dict]) -> dict[str, float]:
-    """Agreement splits of several runs summed (their counts), rates recomputed."""
-    keys = ("judged", "agree", "contradict")
-    total = {k: sum(s[k] for s in splits) for k in keys}
-    right_agree = sum(s["accuracy_when_agree"] * s["agree"] for s in splits if s["agree"])
-    right_contra = sum(s["accuracy_when_contradict"] * s["contradict"] for s in splits if s["contradict"])
-    nan = float("nan")
-    return {**total, "agree_rate": total["agree"] / total["judged"] if total["judged"] else nan,
-            "contradiction_rate": total["contradict"] / total["judged"] if total["judged"] else nan,
-            "accuracy_when_agree": right_agree / total["agree"] if total["agree"] else nan,
-            "accuracy_when_contradict": right_contra / total["contradict"] if total["contradict"] else nan}
-
-
-def summarise(runs: dict[str, dict], arms: list[str]) -> tuple[dict, dict]:
-    """Per arm: spread over seeds of each endpoint figure and the pooled agreement splits; the contrasts."""
-    by_arm = {arm: {r["seed"]: r for k, r in runs.items() if k.startswith(f"{arm}/")} for arm in arms}
-    summary = {}
-    for arm, seeds in by_arm.items():
-        if not seeds:
-            continue
-        keys = next(iter(seeds.values()))["endpoint"]
-        summary[arm] = {"seeds": sorted(seeds), "endpoint": {k: spread([r["endpoint"][k] for r in seeds.values()])
-                                                             for k in keys},
-                        "agreement": {who: {split: pooled_split([r[who][split] for r in seeds.values() if who in r])
-                                            for split in SPLITS}
-                                      for who in ("agreement_listener1", "agreement_listener2")}}
-    primary = "ood/accuracy"
-    contrasts = {f"{a} - {b}": paired_difference({s: r["endpoint"][primary] for s, r in by_arm[a].items()},
-                                                 {s: r["endpoint"][primary] for s, r in by_arm[b].items()})
-                 for a, b in CONTRASTS if a in by_arm and b in by_arm}
-    return summary, contrasts
-
-
-def plot(runs: dict[str, dict], arms: list[str], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("curve", "ood/accuracy", "OOD accuracy (render-white): the endpoint"),
-              ("curve", "heldout/accuracy", "held-out accuracy (render-saturated)"),
-              ("train", "faithful", "faithful descriptions (training samples)"),
-              ("train", "contradiction_rate", "contradiction rate (training, listener 1)")]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for ax, (part, key, title) in zip(axes.flat, panels):
-        for arm in arms:
-            members = [r for k, r in runs.items() if k.startswith(f"{arm}/")]
-            if not members:
-                continue
-            steps = sorted({p["step"] for r in members for p in r[part]})
-            by_step = [[_num(p[key]) for r in members for p in r[part] if p["step"] == s] for s in steps]
-            mean = [np.nanmean(v) if not all(np.isnan(v)) else np.nan for v in by_step]
-            line, = ax.plot(steps, mean, label=f"{arm} ({len(members)} seeds)", marker="o" if part == "curve" else None,
-                            markersize=3)
-            ax.fill_between(steps, [np.nanmin(v) for v in by_step], [np.nanmax(v) for v in by_step],
-                            color=line.get_color(), alpha=0.12, linewidth=0)
-        ax.set(title=title, ylim=(0.0, 1.02))
-    for ax in axes[1]:
-        ax.set_xlabel("GRPO updates")
-    axes[0][0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("listener experiment (docs/listener.md): mean over seeds, band = min..max", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def print_table(summary: dict, contrasts: dict) -> None:
-    def fmt(s: dict) -> str:
-        return f"{s['mean']:.3f}+-{s['std']:.3f}"
-
-    print(f"\n{'arm':8} {'OOD acc':>13} {'OOD format':>13} {'OOD acc wf':>13} {'held-out':>13} {'faithful':>13}")
-    for arm, s in summary.items():
-        e = s["endpoint"]
-        print(f"{arm:8} {fmt(e['ood/accuracy']):>13} {fmt(e['ood/format_rate']):>13} "
-              f"{fmt(e['ood/accuracy_well_formed']):>13} {fmt(e['heldout/accuracy']):>13} "
-              f"{fmt(e['heldout/faithful']):>13}")
-    for name, c in contrasts.items():
-        print(f"{name:18} {c['mean']:+.3f}  95% CI [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]  {c['verdict']}")
-    print(f"verdict (docs/listener.md, on - off and on - placebo): {experiment_verdict(contrasts)}")
-
-
-def _timing(report: dict) -> str:
-    runs = f"the runs' own times sum to {report['runs_wall_s'] / 60:.1f} min"
-    if not report.get("parallel"):  # --report-only, or a report from before runs went side by side
-        return runs
-    return (f"the invocation took {report['wall_s'] / 60:.1f} min ({report['parallel']} runs at a time on "
-            f"{report['cores_per_run']} core(s) each; warm starts {report['warm_start_build_s'] / 60:.1f} min; {runs})")
-
-
-def markdown(report: dict) -> str:
-    """The endpoint, the contrasts and the agreement splits as markdown tables (for docs/listener.md)."""
-    def f(s: dict) -> str:
-        return f"{s['mean']:.3f} +- {s['std']:.3f}" if s["n"] else "n/a"
-
-    lines = [f"{report['endpoint']}; {len(report['runs'])} runs, {report['steps']} updates, "
-             f"{report['eval_pairs']} pairs per split; {_timing(report)}; bench/results/learning.json", "",
-             "| arm | seeds | OOD accuracy (endpoint) | OOD format rate | OOD accuracy, well-formed | held-out accuracy "
-             "| faithful (held-out eval) |", "|---|---|---|---|---|---|---|"]
-    for arm, s in report["arms_summary"].items():
-        e = s["endpoint"]
-        lines.append(f"| {arm} | {len(s['seeds'])} | {f(e['ood/accuracy'])} | {f(e['ood/format_rate'])} | "
-                     f"{f(e['ood/accuracy_well_formed'])} | {f(e['heldout/accuracy'])} | {f(e['heldout/faithful'])} |")
-    lines += ["", "| contrast (OOD endpoint, paired by seed) | per seed | mean | 95% bootstrap CI | verdict "
-              "| 95% t interval (sensitivity) |", "|---|---|---|---|---|---|"]
-    for name, c in report["contrasts"].items():
-        per_seed = ", ".join(f"{d:+.3f}" for d in c["per_seed"])
-        t_low, t_high = c.get("t_ci95", [float("nan")] * 2)
-        lines.append(f"| {name} | {per_seed} | {c['mean']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
-                     f"{c['verdict']} | [{t_low:+.3f}, {t_high:+.3f}] |")
-    lines += ["", f"Verdict by the design's rule (both primary contrasts, on - off and on - placebo): "
-              f"**{report.get('verdict', experiment_verdict(report['contrasts']))}**."]
-    lines += ["", "| arm | listener | split | judged | agree rate | accuracy when agree | accuracy when contradict |",
-              "|---|---|---|---|---|---|---|"]
-    for arm, s in report["arms_summary"].items():
-        for who, label in (("agreement_listener1", "training (last 4 evals)"), ("agreement_listener2",
-                                                                                 "second (last eval)")):
-            for split, a in s["agreement"].get(who, {}).items():
-                lines.append(f"| {arm} | {label} | {split} | {a['judged']} | {a['agree_rate']:.3f} | "
-                             f"{a['accuracy_when_agree']:.3f} | {a['accuracy_when_contradict']:.3f} |")
-    lines += ["", "| listener | task | faithful: p(preferred) / toward the text | swapped: p / toward the text "
-              "| empty: p / right |", "|---|---|---|---|---|"]
-    for name, tasks in report.get("listener_checks", {}).items():
-        for task, r in tasks.items():
-            lines.append(f"| {name} | {task} | " + " | ".join(
-                f"{r[k]['p_preferred_mean']:.3f} / {100 * r[k]['accuracy']:.0f}%" for k in ("faithful", "swapped", "empty"))
-                + " |")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -429,23 +285,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parallel", type=int, default=0,
                         help="runs at once (0: as many as the cores and memory hold, default_parallel)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     for key, value in dict(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0").items():
         os.environ.setdefault(key, value)
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     warm_seed = {seed: seed if seed in args.warm_seeds else 0 for seed in args.seeds}
-    # every warm start first, two at a time (--report-only only names them)
-    needed = sorted(set(warm_seed.values()))
-    if args.report_only:
-        dirs = {k: d for k, d in warm_start_jobs(args.models, needed, args.agreement_seed)[0].items()
-                if (Path(d) / "config.json").is_file()}
-    else:
-        dirs = build_warm_starts(args.models, needed, args.agreement_seed)
+    dirs = warm_starts(args, sorted(set(warm_seed.values())))
     build_s = time.perf_counter() - start
+    runs, todo = recorded_and_todo(args, dirs, warm_seed)
+    parallel = args.parallel or default_parallel(len(os.sched_getaffinity(0)), args.cores_per_run, _available_gib())
+    if todo:
+        print(f"{len(todo)} runs, {parallel} at a time, {args.cores_per_run} core(s) each", flush=True)
+        _prepare_store(args.workdir)
+    runs.update(run_all(todo, args, warm_seed, parallel))
+    runs = {f"{arm}/seed{seed}": runs[f"{arm}/seed{seed}"] for seed in args.seeds for arm in args.arms
+            if f"{arm}/seed{seed}" in runs}  # seed-major, whatever order they finished in
+    add_second_listener_splits(runs, dirs, args)
+    report = build_report(runs, dirs, args, build_s=build_s, parallel=parallel if todo else None, started=start)
+    print_table(report["arms_summary"], report["contrasts"])
+    write_result(report, args.out)
+    args.out.with_suffix(".md").write_text(markdown(report))
+    plot(report["runs"], args.arms, args.plot)
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.plot}; run time {report['wall_s'] / 60:.1f} min "
+          f"(warm starts {build_s / 60:.1f} min)")
+    return report
+
+
+def warm_starts(args: argparse.Namespace, seeds: list[int]) -> dict:
+    """Every warm start, built first, two at a time (--report-only only names those that exist)."""
+    if not args.report_only:
+        return build_warm_starts(args.models, seeds, args.agreement_seed)
+    return {k: d for k, d in warm_start_jobs(args.models, seeds, args.agreement_seed)[0].items()
+            if (Path(d) / "config.json").is_file()}
+
+
+def recorded_and_todo(args: argparse.Namespace, dirs: dict, warm_seed: dict[int, int]
+                      ) -> tuple[dict[str, dict], list[tuple[str, int, list[str]]]]:
+    """The runs already recorded under --workdir (with --resume or --report-only) and those left to run,
+    seed-major: a stopped experiment has whole seeds."""
     runs: dict[str, dict] = {}
     todo = []
-    for seed in args.seeds:  # seed-major: a stopped experiment has whole seeds
+    for seed in args.seeds:
         warm = (dirs.get(("reasoner", warm_seed[seed]), ""), dirs.get(("listener", warm_seed[seed]), ""))
         for arm in args.arms:
             saved = args.workdir / f"{arm}-seed{seed}.json"
@@ -453,28 +338,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs[f"{arm}/seed{seed}"] = json.loads(saved.read_text())
             elif not args.report_only:
                 todo.append((arm, seed, run_overrides(arm, seed, args, warm)))
-    parallel = args.parallel or default_parallel(len(os.sched_getaffinity(0)), args.cores_per_run, _available_gib())
-    if todo:
-        print(f"{len(todo)} runs, {parallel} at a time, {args.cores_per_run} core(s) each", flush=True)
-        _prepare_store(args.workdir)
-    for key, record in run_all(todo, args, warm_seed, parallel).items():
-        runs[key] = record
-    runs = {f"{arm}/seed{seed}": runs[f"{arm}/seed{seed}"] for seed in args.seeds for arm in args.arms
-            if f"{arm}/seed{seed}" in runs}  # seed-major, whatever order they finished in
-    second = SecondListener(dirs[("listener", args.agreement_seed)]) if ("listener", args.agreement_seed) in dirs \
-        else None
-    for key, record in runs.items():  # the second listener reads each run's last evaluation
-        if "agreement_listener2" not in record and second is not None:
+    return runs, todo
+
+
+def add_second_listener_splits(runs: dict[str, dict], dirs: dict, args: argparse.Namespace) -> None:
+    """The second listener reads each run's last evaluation (a run that has its split keeps it)."""
+    if ("listener", args.agreement_seed) not in dirs:
+        return
+    second = SecondListener(dirs[("listener", args.agreement_seed)])
+    for record in runs.values():
+        if "agreement_listener2" not in record:
             run_dir = args.workdir / f"{record['arm']}-seed{record['seed']}"
             record["agreement_listener2"] = second_listener_split(second, run_dir, record["overrides"],
                                                                   record["eval_steps"][-1])
             write_result(record, args.workdir / f"{record['arm']}-seed{record['seed']}.json")
+
+
+def build_report(runs: dict[str, dict], dirs: dict, args: argparse.Namespace, build_s: float,
+                 parallel: int | None, started: float) -> dict[str, Any]:
+    """learning.json: the design, the runs (portable), the endpoint per arm, the contrasts and the verdict."""
     checks = {f"listener/seed{seed}": listener_check(SecondListener(d)) for (role, seed), d in sorted(dirs.items())
               if role == "listener" and (Path(d) / "sft_manifest.json").is_file()}
     used = _warm_starts_used(runs)
     runs = {key: with_summary_fields(_portable(record)) for key, record in runs.items()}
     summary, contrasts = summarise(runs, args.arms)
-    report = {
+    return {
         "design": "docs/listener.md", "config": "configs/learn_cpu.yaml", "arms": {a: ARMS[a] for a in args.arms},
         "seeds": args.seeds, "warm_seeds": args.warm_seeds, "agreement_listener_seed": args.agreement_seed,
         "steps": args.steps, "eval_every": args.eval_every, "eval_pairs": args.eval_pairs, "overrides": args.set,
@@ -485,18 +373,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warm_starts_used": used,
         "commit": _commit(),
         "warm_start_build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-        "parallel": parallel if todo else None, "cores_per_run": args.cores_per_run,  # None: nothing ran here
-        "wall_s": round(time.perf_counter() - start, 1),  # this invocation (a --report-only one runs nothing)
+        "parallel": parallel, "cores_per_run": args.cores_per_run,  # parallel None: nothing ran here
+        "wall_s": round(time.perf_counter() - started, 1),  # this invocation (a --report-only one runs nothing)
         "runs_wall_s": round(sum(r.get("wall_s", 0.0) for r in runs.values()), 1),  # the runs' own, summed
         "runs": runs,
     }
-    print_table(summary, contrasts)
-    write_result(report, args.out)
-    args.out.with_suffix(".md").write_text(markdown(report))
-    plot(runs, args.arms, args.plot)
-    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.plot}; run time {report['wall_s'] / 60:.1f} min "
-          f"(warm starts {build_s / 60:.1f} min)")
-    return report
 
 
 def run_all(todo: list[tuple[str, int, list[str]]], args: argparse.Namespace, warm_seed: dict[int, int],

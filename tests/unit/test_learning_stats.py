@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.learning import pooled_split
+from bench.learning_report import pooled_split
 from bench.learning_stats import agreement_split, bootstrap_interval, endpoint, paired_difference
 
 
