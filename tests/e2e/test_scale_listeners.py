@@ -22,7 +22,9 @@ from tests_e2e_helpers import assert_every_step_learned
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
-STEPS, PAIRS, GROUP = 40, 4, 8  # long enough to outlast a listener engine's start-up
+# Long enough to outlast the resizes (a listener engine's start-up, then the refused growth's 10 s): 40 steps
+# took 23 s once MLflow sent from its own thread, and the run ended while the growth to 3 was still waiting.
+STEPS, PAIRS, GROUP = 120, 4, 8
 
 
 def _rows(run_dir: Path) -> list[dict]:
