@@ -77,6 +77,18 @@ def resolve_dtype(dtype: str, cpu_flags: frozenset[str] | set[str], gpu_bf16: bo
     return "bfloat16" if fast else "float32"
 
 
+CPU_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes (a multiple of 32)
+
+
+def resolve_block_size(configured: int | None, on_cpu: bool) -> int | None:
+    """The KV-cache block size an engine gets: the configured one, else CPU_BLOCK_SIZE on a CPU (vLLM's CPU
+    default, 128 tokens, is longer than a pair's prompt, so its G samples shared no prefix block: a mid
+    listener scoring 16 groups of 8 took 8.9 s with 128-token blocks, 6.9 s with 32), else vLLM's own."""
+    if configured is not None:
+        return configured
+    return CPU_BLOCK_SIZE if on_cpu else None
+
+
 def host_dtype_support() -> tuple[frozenset[str], bool | None]:
     """This machine's CPU flags and whether its GPU runs bf16 (None: no GPU)."""
     import torch
@@ -93,9 +105,10 @@ def host_dtype_support() -> tuple[frozenset[str], bool | None]:
 
 def engine_kwargs(engine: EngineConfig, seed: int, max_images: int, mm_processor_kwargs: dict | None,
                   trust_remote_code: bool = False, dtype: str | None = None, cuda_graphs: bool = True,
-                  weight_transfer: str = "") -> dict:
+                  weight_transfer: str = "", block_size: int | None = None) -> dict:
     """The `vllm.LLM` arguments for one engine (pure; the CPU/GPU split is vLLM's, by platform). `dtype`:
-    the resolved `engine.dtype` (`resolve_dtype`); None passes the config's value through. `cuda_graphs`
+    the resolved `engine.dtype` (`resolve_dtype`); None passes the config's value through. `block_size`: the
+    resolved one (`resolve_block_size`); None leaves vLLM's default. `cuda_graphs`
     False: compiled but no graph capture (a prefill-only engine). `weight_transfer`: the backend of vLLM's
     weight-transfer engine ('nccl': actors/weight_sync_nccl.py), '' for none."""
     kwargs: dict[str, Any] = dict(
@@ -105,6 +118,8 @@ def engine_kwargs(engine: EngineConfig, seed: int, max_images: int, mm_processor
     )
     if mm_processor_kwargs:
         kwargs["mm_processor_kwargs"] = dict(mm_processor_kwargs)
+    if block_size is not None:
+        kwargs["block_size"] = block_size
     if not cuda_graphs and not engine.enforce_eager:
         kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
     if weight_transfer:
@@ -152,7 +167,8 @@ def build_engine(model_path: str, engine: EngineConfig, seed: int, num_threads: 
         torch._dynamo.config.disable = True  # see the module docstring: no compile in an eager CPU engine
     dtype = resolve_dtype(engine.dtype, *host_dtype_support())
     kwargs = engine_kwargs(engine, seed, max_images, mm_processor_kwargs, trust_remote_code, dtype=dtype,
-                           cuda_graphs=cuda_graphs, weight_transfer=weight_transfer)
+                           cuda_graphs=cuda_graphs, weight_transfer=weight_transfer,
+                           block_size=resolve_block_size(engine.block_size, current_platform.is_cpu()))
     llm = LLM(model=str(model_path), **kwargs, **extra)
     warm_up(llm)
     return llm

@@ -77,6 +77,12 @@ class EngineConfig(_Section):
         "a CPU with AVX512_BF16 or AMX) and float32 otherwise (actors/engine.py resolve_dtype).")
     max_model_len: int = Field(1024, gt=0, description="vLLM context length.")
     kv_cache_gib: int = Field(1, gt=0, description="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+    block_size: int | None = Field(None, gt=0, description="vLLM KV-cache block size in tokens. Prefix caching "
+                                   "shares whole blocks: the G completions of a pair (and the listener's reads of "
+                                   "them) share their prompt's KV only in the blocks it fills. None: vLLM's default "
+                                   "on a GPU (16); on a CPU 32, the smallest its attention takes (its default, "
+                                   "128, is longer than a pair's prompt, so nothing was shared; actors/engine.py "
+                                   "resolve_block_size).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU fraction for vLLM (GPU only).")
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel size (GPU only); only 1 runs "
                                       "today (pipeline/placement.py refuses more: one GPU per engine actor).")

@@ -136,6 +136,20 @@ def test_listener_engine_captures_no_cuda_graphs_and_vllm_accepts_the_arguments(
     assert CompilationConfig(**listener["compilation_config"]).cudagraph_mode.name == "NONE"
 
 
+def test_block_size_is_vllms_on_a_gpu_and_the_cpu_attentions_smallest_on_a_cpu() -> None:
+    from vllm.config import CacheConfig
+
+    from actors.engine import CPU_BLOCK_SIZE, resolve_block_size
+
+    assert resolve_block_size(None, on_cpu=False) is None  # vLLM's GPU default (16)
+    assert resolve_block_size(None, on_cpu=True) == CPU_BLOCK_SIZE == 32
+    assert resolve_block_size(64, on_cpu=True) == 64 and resolve_block_size(128, on_cpu=False) == 128
+    assert "block_size" not in engine_kwargs(EngineConfig(), 0, 2, None)
+    kwargs = engine_kwargs(load_config(GPU_7B).listener.engine, 0, 2, None, block_size=CPU_BLOCK_SIZE)
+    assert CacheConfig(block_size=kwargs["block_size"]).block_size == 32  # vLLM takes it
+    assert load_config(GPU_7B).rollout.engine.block_size is None  # the 7B config leaves vLLM's default
+
+
 # ---- vLLM's NCCL group ----------------------------------------------------------------------------------------
 
 def test_nccl_ranks_of_every_engine_worker_are_distinct_after_the_learner() -> None:
