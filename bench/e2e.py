@@ -120,8 +120,9 @@ def machine() -> dict[str, Any]:
     """What a figure was measured on and with: CPU, flags, cores, memory, date, the repository's commit."""
     model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)bench/results"],  # the benchmark's own output, written per workload
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
     from actors.engine import BF16_CPU_FLAGS
 
     flags = cpu_flags()
