@@ -20,9 +20,9 @@ ratio is TRL's FASTEST configuration's s/step over the pipeline's (median steps;
 
 Steps per run: 6 at mid, 12 at tiny. Counted: the steady steps. The first (start-up, first calls) never
 counts, nor, with `max_staleness` 1, the pipeline's last: it has no next rollout beside it, so the learner
-runs alone and the step is shorter than any steady one (mid: 17.7 s against 27 s). Per step: seconds (pipeline: wall time
-between two steps' metric rows in RUN/metrics.jsonl; TRL: between two `on_step_end` callbacks), completions/s
-and generated tokens/s, the pipeline's per-stage seconds (`time/*`, `sync/*`), and CPU utilisation: every
+runs alone and the step is shorter than any steady one (mid: 17.7 s against 27 s). Per step: seconds
+(pipeline: wall time between two steps' metric rows in RUN/metrics.jsonl; TRL: between two `on_step_end`
+callbacks), completions/s and generated tokens/s, the pipeline's per-stage seconds (`time/*`, `sync/*`), and CPU utilisation: every
 process of the run's tree is sampled every 0.25 s; busy core-seconds (user + system) in the step / (cores x
 its seconds). Peak RSS per actor kind (Ray titles an actor's process `ray::Class`).
 
@@ -104,7 +104,8 @@ def trl_command(workload: str, config: str, out: Path, models: Path) -> list[str
     reasoner, _ = checkpoints(w["size"], models)
     return [sys.executable, "-m", "bench.trl_reference", "--model", str(reasoner), "--config", config,
             "--pairs", str(w["pairs"]), "--group-size", str(w["group_size"]), "--max-new-tokens",
-            str(w["max_new_tokens"]), "--image-size", "64", "--steps", str(w["steps"]), "--lr", "1e-5", "--out", str(out)]
+            str(w["max_new_tokens"]), "--image-size", "64", "--steps", str(w["steps"]), "--lr", "1e-5",
+            "--out", str(out)]
 
 
 # ---- the machine ---------------------------------------------------------------------------------------
@@ -306,7 +307,8 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
 
 def e2e_table(result: dict[str, Any]) -> list[str]:
     out = ["", "End to end, side by side (bench/results/e2e.json, `python -m bench.e2e`): whole runs of `python -m "
-           "pipeline train` and of TRL's `GRPOTrainer` (bench/trl_reference.py), one after the other, steady steps (not the first; not the pipeline's last with staleness 1); "
+           "pipeline train` and of TRL's `GRPOTrainer` (bench/trl_reference.py), one after the other, steady steps "
+           "(not the first; not the pipeline's last with staleness 1); "
            "ratio = the fastest TRL configuration's s/step / the pipeline's", ""]
     for workload, entry in result.get("workloads", {}).items():
         m, cmp = entry["machine"], entry.get("comparison") or {}

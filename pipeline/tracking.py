@@ -5,11 +5,11 @@ metrics to a sender thread that flushes everything pending to MLflow, so the tra
 the store (a sqlite commit or an HTTP round trip took 30-50 ms per call: a tenth of a tiny CPU step, on
 the path between two generations). When the tracking server is down, metrics stay pending and are sent at
 the next successful flush, with their original step and timestamp; `close` flushes what is left and, if
-the server never returns, ends with a warning naming the local file. The MLflow run is created lazily (on the first flush that
-reaches the server) and its id is kept in `RUN_DIR/mlflow_run_id`, so a resumed run logs into the same
-MLflow run. `RUN_DIR/mlflow_sent_bytes` records how much of metrics.jsonl is on the server: a run killed
-during an outage loses its buffer with the process, and the resumed run sends those rows first. HTTP
-retries are capped so an outage costs seconds per step, not minutes.
+the server never returns, ends with a warning naming the local file. The MLflow run is created lazily (on
+the first flush that reaches the server) and its id is kept in `RUN_DIR/mlflow_run_id`, so a resumed run
+logs into the same MLflow run. `RUN_DIR/mlflow_sent_bytes` records how much of metrics.jsonl is on the
+server: a run killed during an outage loses its buffer with the process, and the resumed run sends those
+rows first. HTTP retries are capped so an outage costs the sender, and `close`, seconds, not minutes.
 
 The URI: `tracking_uri` from config, else `MLFLOW_TRACKING_URI`, else `sqlite:///./mlflow.db`.
 Credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never from config. Should
