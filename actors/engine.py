@@ -161,6 +161,8 @@ def build_engine(model_path: str, engine: EngineConfig, seed: int, num_threads: 
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    if current_platform.is_cpu():
+        logging.getLogger(_CPU_WORKER_LOGGER).addFilter(_drop_thread_count_warning)
     if current_platform.is_cpu() and engine.enforce_eager:
         import torch._dynamo
 
@@ -172,6 +174,15 @@ def build_engine(model_path: str, engine: EngineConfig, seed: int, num_threads: 
     llm = LLM(model=str(model_path), **kwargs, **extra)
     warm_up(llm)
     return llm
+
+
+_CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
+
+
+def _drop_thread_count_warning(record: logging.LogRecord) -> bool:
+    # vLLM's CPU worker warns each time torch.set_num_threads is called after its thread binding, and its
+    # multimodal processor calls it twice per request: 64 log lines a tiny listener step, none of them news.
+    return "set_num_threads" not in record.getMessage()
 
 
 def warm_up(llm: "LLM") -> None:

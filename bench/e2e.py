@@ -12,7 +12,9 @@ of `bench.trl_reference` (its defaults in fp32, without gradient checkpointing, 
 has bf16 units), every run a fresh subprocess, one after the other, on the same `make-tiny` checkpoints
 (built once under runs/bench-models), pairs, G, token budget, lr and reward (TRL's without the listener). The
 ratio is TRL's FASTEST configuration's s/step over the pipeline's (median steps; the same work per step), so
-> 1 means the pipeline is faster. Workloads (issue 14):
+> 1 means the pipeline is faster. Both sides run on the same allocator: a CPU run's driver preloads tcmalloc
+into its actors where installed (pipeline/placement.py), and TRL runs under it too (`allocator` in the JSON).
+Workloads (issue 14):
 
 - mid: 16 pairs x G=8 x <= 128 new tokens, images 64 px, the `mid` checkpoint as reasoner and listener,
   lr 1e-5, every group kept (so every step trains and syncs, as TRL does), engines at `engine.dtype: auto`;
@@ -193,12 +195,12 @@ def _interpolate(samples: list[tuple[float, float]], at: float) -> float:
     return samples[-1][1]
 
 
-def sampled_run(command: list[str], log_path: Path) -> tuple[TreeSampler, float]:
+def sampled_run(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[TreeSampler, float]:
     """Run `command` to its end while sampling its process tree; (sampler, start time). Raises on failure."""
     start = time.time()
     with log_path.open("w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **ENV})
+                                   env={**os.environ, **ENV, **(env or {})})
         sampler = TreeSampler(process.pid)
         while process.poll() is None:
             sampler.sample()
@@ -224,20 +226,35 @@ def run_pipeline(workload: str, staleness: int, workdir: Path, models: Path, ext
     # With staleness 1 the last step has no next rollout beside it (the learner runs alone): not a steady step.
     run = summarise(workload, command, steps, sampler, time.time() - start, drain_steps=1 if staleness else 0)
     precision = resolve_dtype("float32" if workload == "tiny" else "auto", cpu_flags())
-    return {**run, "side": "pipeline", "max_staleness": staleness, "engine_dtype": precision,
-            "configuration": f"max_staleness {staleness}, engines {precision}" + (f", {' '.join(extra)}" if extra else "")}
+    malloc = "tcmalloc" if allocator_env() else "glibc malloc"  # what the driver preloads into the actors
+    return {**run, "side": "pipeline", "max_staleness": staleness, "engine_dtype": precision, "allocator": malloc,
+            "configuration": f"max_staleness {staleness}, engines {precision}, {malloc}"
+                             + (f", {' '.join(extra)}" if extra else "")}
 
 
 def run_trl(workload: str, config: str, workdir: Path, models: Path) -> dict[str, Any]:
     out = workdir / f"{workload}-trl-{config}.json"
     command = trl_command(workload, config, out, models)
-    sampler, start = sampled_run(command, workdir / f"{workload}-trl-{config}.log")
+    allocator = allocator_env()
+    sampler, start = sampled_run(command, workdir / f"{workload}-trl-{config}.log", allocator)
     trl = json.loads(out.read_text())
     run = summarise(workload, command, trl_step_rows(trl, sampler), sampler, time.time() - start)
     precision = "bf16 autocast" if trl["settings"]["bf16"] else "fp32"
     checkpointing = "gradient checkpointing" if trl["settings"]["gradient_checkpointing"] else "no gradient checkpointing"
+    malloc = "tcmalloc" if allocator else "glibc malloc"
     return {**run, "side": "trl", "trl_config": config, "versions": trl["versions"], "threads": trl["threads"],
-            "configuration": f"TRL {config}: {precision}, {checkpointing}, {trl['threads']} threads"}
+            "allocator": malloc,
+            "configuration": f"TRL {config}: {precision}, {checkpointing}, {trl['threads']} threads, {malloc}"}
+
+
+def allocator_env() -> dict[str, str]:
+    """The allocator preload the pipeline's actors get on this machine (a CPU run preloads tcmalloc where
+    installed, pipeline/placement.py); TRL runs under it too, so the allocator is not what the ratio measures."""
+    from pipeline.placement import local_cluster_env, tcmalloc_path
+
+    preload = local_cluster_env({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
+                                tcmalloc=tcmalloc_path()).get("LD_PRELOAD")
+    return {"LD_PRELOAD": preload} if preload else {}
 
 
 def trl_step_rows(trl: dict[str, Any], sampler: TreeSampler) -> list[dict[str, Any]]:

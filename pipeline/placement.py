@@ -234,13 +234,38 @@ def local_cores(environ: Any = None) -> int | None:
     return max(1, min(cores, int(cap))) if cap.isdigit() else cores
 
 
-def local_cluster_env(environ: Any = None) -> dict[str, str]:
+def local_cluster_env(environ: Any = None, uses_gpu: bool = False, tcmalloc: str | None = None) -> dict[str, str]:
     """Environment the driver sets before starting a local cluster (the raylet and every actor process inherit
-    it): OpenMP threads that sleep when idle instead of spinning. With `max_staleness` 1 the learner's threads
-    and the engines' share the cores, and spinning idle threads took cycles the others needed: mid 34.53 ->
-    27.70 s/step with `OMP_WAIT_POLICY=PASSIVE` (BENCHMARKS.md, issue 26). A value already set is kept."""
+    it). A value the user already set is kept.
+    - OpenMP threads that sleep when idle instead of spinning. With `max_staleness` 1 the learner's threads and
+      the engines' share the cores, and spinning idle threads took cycles the others needed: mid 34.53 ->
+      27.70 s/step with `OMP_WAIT_POLICY=PASSIVE` (BENCHMARKS.md, issue 26).
+    - On a CPU-only run, tcmalloc (`tcmalloc`: its path, `tcmalloc_path()`) preloaded into every process, as
+      vLLM's CPU backend asks: glibc's malloc cost the engines and the learner 13% of their CPU time, tiny
+      0.515 -> 0.454 s/step (BENCHMARKS.md). `LISTENER_GRPO_TCMALLOC=0` leaves it out."""
     environ = os.environ if environ is None else environ
-    return {"OMP_WAIT_POLICY": environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {"OMP_WAIT_POLICY": environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    if tcmalloc and not uses_gpu and environ.get("LISTENER_GRPO_TCMALLOC", "1") != "0":
+        env["LD_PRELOAD"] = with_preloaded(environ.get("LD_PRELOAD", ""), tcmalloc)
+    return env
+
+
+# Where Debian/Ubuntu (`libtcmalloc-minimal4`) and Fedora/RHEL (`gperftools-libs`) install tcmalloc.
+TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                  "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4")
+
+
+def tcmalloc_path(candidates: tuple[str, ...] = TCMALLOC_PATHS) -> str | None:
+    """The first tcmalloc library present on this machine, or None."""
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def with_preloaded(ld_preload: str, library: str) -> str:
+    """`LD_PRELOAD` with `library` first, unless it already preloads an allocator (the user's choice)."""
+    entries = ld_preload.replace(":", " ").split()
+    if any("tcmalloc" in entry or "jemalloc" in entry or "mimalloc" in entry for entry in entries):
+        return ld_preload
+    return ":".join([library, *entries])
 
 
 def thread_plan(cfg: RunConfig, cores: int | None) -> ThreadPlan:

@@ -197,6 +197,7 @@ class Tracker:
         self._wake = threading.Event()
         self._closing = False
         self._sender: threading.Thread | None = None
+        self._tables_registered: list[dict[str, str]] | None = None  # the run's table list, once read
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         stamp = int(time.time() * 1000)
@@ -336,5 +337,45 @@ class Tracker:
             del batch.metrics[:len(chunk)]
         while batch.tables:
             artifact_file, columns = batch.tables[0]
-            client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+            client.log_text(self.run_id, table_json(columns), artifact_file)
+            self._register_table(client, artifact_file)
             batch.tables.pop(0)
+
+    def _register_table(self, client, artifact_file: str) -> None:
+        """List the table in the run's `mlflow.loggedArtifacts` tag (what `mlflow.load_table` and the UI's
+        table view read), newest kept where the tag's length limit cuts the list (see `table_registry`)."""
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        if self._tables_registered is None:  # once per process: a resumed run keeps its earlier entries
+            current = client.get_run(self.run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]")
+            try:
+                self._tables_registered = json.loads(current)
+            except ValueError:  # cut short by an older MLflow client's log_table: start afresh
+                self._tables_registered = []
+        self._tables_registered = table_registry(self._tables_registered, artifact_file)
+        client.set_tag(self.run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(self._tables_registered))
+
+
+MAX_TAG_VALUE_LENGTH = 8000  # MLflow's limit on a tag's value (mlflow.utils.validation)
+
+
+def table_json(columns: dict[str, list[Any]]) -> str:
+    """A table (column name -> values, all one length) in MLflow's table format: pandas' `split` orient."""
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"table columns differ in length: { {k: len(v) for k, v in columns.items()} }")
+    return json.dumps({"columns": list(columns), "data": [list(row) for row in zip(*columns.values())]},
+                      default=str)
+
+
+def table_registry(entries: list[dict[str, str]], artifact_file: str,
+                   limit: int = MAX_TAG_VALUE_LENGTH) -> list[dict[str, str]]:
+    """`entries` (the tag's list of logged tables) with `artifact_file` added, dropping the oldest until
+    its JSON fits in `limit` characters. MLflow's own `log_table` appends without a bound: one sample table
+    per step filled the tag at the 147th table and every later flush failed (pure; tested by hand in
+    tests/unit/test_tracking_tables.py)."""
+    entry = {"path": artifact_file, "type": "table"}
+    kept = [e for e in entries if e != entry] + [entry]
+    while len(kept) > 1 and len(json.dumps(kept)) > limit:
+        kept.pop(0)
+    return kept

@@ -105,10 +105,14 @@ def tiny_listener_sft_dir(tiny_sft_dirs: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster for the test run (logical CPUs and the pool's custom resource)."""
+    """A real local Ray cluster for the test run (logical CPUs and the pool's custom resource), its processes
+    started with the environment the driver gives a local cluster (tcmalloc where installed)."""
     import ray
 
+    from pipeline.placement import local_cluster_env, tcmalloc_path
+
     if not ray.is_initialized():
+        os.environ.update(local_cluster_env(tcmalloc=tcmalloc_path()))
         ray.init(num_cpus=8, resources={"rollout": 8, "listener": 8, "learner": 8}, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     yield ray

@@ -171,3 +171,34 @@ def test_a_stop_signal_during_writes_ends_the_sqlite_run_killed(tmp_path, round_
     assert run.info.status == "KILLED"
     logged = {m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "m0")}
     assert logged == set(range(step + 1)) or logged == set(range(step)), (step, max(logged))
+
+
+def test_a_sample_table_every_step_keeps_arriving_past_the_tags_limit(tmp_path, mlflow_server) -> None:
+    """MLflow's `log_table` appended each table to the run's `mlflow.loggedArtifacts` tag without a bound: with
+    one sample table per step the tag reached its 8000-character limit at the 147th table, and from then on every
+    flush failed and no table arrived. Every table now arrives; the tag lists the newest that fit."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    tracker = _tracker(tmp_path, mlflow_server.uri)
+    steps = 170
+    for step in range(steps):
+        tracker.log_metrics(step, {"loss": 1.0})
+        tracker.log_table(f"samples/step_{step:06d}.json", {"prompt": [f"pair {step}"], "reward": [step / 2]})
+        assert tracker.flush(), f"flush failed at step {step}"
+    assert tracker.close() and tracker.flush_failures == 0
+    client = MlflowClient(mlflow_server.uri)
+    stored = [a.path for a in client.list_artifacts(tracker.run_id, "samples")]
+    assert stored == [f"samples/step_{step:06d}.json" for step in range(steps)]
+    registered = json.loads(client.get_run(tracker.run_id).data.tags[MLFLOW_LOGGED_ARTIFACTS])
+    assert len(json.dumps(registered)) <= 8000 and registered[-1]["path"] == f"samples/step_{steps - 1:06d}.json"
+    assert len(registered) < steps  # the oldest fell off the list, not out of the store
+    import mlflow
+
+    experiment_id, previous = client.get_run(tracker.run_id).info.experiment_id, mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server.uri)  # load_table finds the run through the global URI's search
+    try:
+        last = client.load_table(experiment_id, f"samples/step_{steps - 1:06d}.json", run_ids=[tracker.run_id])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert last["prompt"].tolist() == [f"pair {steps - 1}"] and last["reward"].tolist() == [(steps - 1) / 2]

@@ -224,3 +224,16 @@ def test_print_config_of_the_7b_config_shows_transport_and_placement() -> None:
                              timeout=300)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
     assert "tensor_parallel_size=2 is not supported" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_cpu_workers_per_request_thread_count_warning_is_dropped_and_others_kept() -> None:
+    import logging
+
+    from actors.engine import _drop_thread_count_warning
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("vllm.v1.worker.cpu_worker", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _drop_thread_count_warning(record(
+        "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it."))
+    assert _drop_thread_count_warning(record("sleep mode is not supported on CPU, ignore it."))

@@ -73,3 +73,33 @@ def test_a_local_clusters_openmp_threads_sleep_when_idle_unless_the_user_chose()
 
     assert local_cluster_env({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert local_cluster_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_a_cpu_run_preloads_tcmalloc_where_found_and_a_gpu_run_or_the_opt_out_does_not() -> None:
+    from pipeline.placement import local_cluster_env
+
+    tc = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    assert local_cluster_env({}, tcmalloc=tc)["LD_PRELOAD"] == tc
+    assert local_cluster_env({"LD_PRELOAD": "/opt/libfoo.so"}, tcmalloc=tc)["LD_PRELOAD"] == f"{tc}:/opt/libfoo.so"
+    assert "LD_PRELOAD" not in local_cluster_env({}, uses_gpu=True, tcmalloc=tc)
+    assert "LD_PRELOAD" not in local_cluster_env({"LISTENER_GRPO_TCMALLOC": "0"}, tcmalloc=tc)
+    assert "LD_PRELOAD" not in local_cluster_env({}, tcmalloc=None)  # not installed: glibc's malloc
+
+
+def test_a_user_preloaded_allocator_is_kept() -> None:
+    from pipeline.placement import with_preloaded
+
+    assert with_preloaded("/usr/lib/libjemalloc.so.2", "/tc.so") == "/usr/lib/libjemalloc.so.2"
+    assert with_preloaded("/a.so /usr/lib/libtcmalloc.so.4", "/tc.so") == "/a.so /usr/lib/libtcmalloc.so.4"
+    assert with_preloaded("", "/tc.so") == "/tc.so"
+    assert with_preloaded("/a.so /b.so", "/tc.so") == "/tc.so:/a.so:/b.so"  # either separator is read
+
+
+def test_tcmalloc_is_the_first_candidate_present(tmp_path) -> None:
+    from pipeline.placement import tcmalloc_path
+
+    second = tmp_path / "lib64" / "libtcmalloc_minimal.so.4"
+    second.parent.mkdir()
+    second.write_bytes(b"")
+    assert tcmalloc_path((str(tmp_path / "missing.so.4"), str(second))) == str(second)
+    assert tcmalloc_path((str(tmp_path / "missing.so.4"),)) is None
