@@ -163,7 +163,7 @@ def _cap_http_retries() -> None:
 @dataclass
 class _Pending:
     metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, ms, step
-    tables: list[tuple[str, dict[str, list]]] = field(default_factory=list)  # artifact file, columns
+    tables: list[tuple[str, str]] = field(default_factory=list)  # artifact file, the table as JSON
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -210,11 +210,12 @@ class Tracker:
 
     def log_table(self, artifact_file: str, columns: dict[str, list[Any]]) -> None:
         """A table (column name -> values) as an MLflow table artifact; also kept in the run dir."""
+        text = table_json(columns)  # a malformed table fails here, in the caller, not in every later send
         local = self.run_dir / artifact_file
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(json.dumps(columns, default=str))
         with self._lock:
-            self._pending.tables.append((mlflow_safe_name(artifact_file), columns))
+            self._pending.tables.append((mlflow_safe_name(artifact_file), text))
         self._send_soon()
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -336,8 +337,8 @@ class Tracker:
             client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v, ms, step in chunk])
             del batch.metrics[:len(chunk)]
         while batch.tables:
-            artifact_file, columns = batch.tables[0]
-            client.log_text(self.run_id, table_json(columns), artifact_file)
+            artifact_file, text = batch.tables[0]
+            client.log_text(self.run_id, text, artifact_file)
             self._register_table(client, artifact_file)
             batch.tables.pop(0)
 
@@ -349,9 +350,10 @@ class Tracker:
         if self._tables_registered is None:  # once per process: a resumed run keeps its earlier entries
             current = client.get_run(self.run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]")
             try:
-                self._tables_registered = json.loads(current)
+                registered = json.loads(current)
             except ValueError:  # cut short by an older MLflow client's log_table: start afresh
-                self._tables_registered = []
+                registered = []
+            self._tables_registered = registered if isinstance(registered, list) else []
         self._tables_registered = table_registry(self._tables_registered, artifact_file)
         client.set_tag(self.run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(self._tables_registered))
 

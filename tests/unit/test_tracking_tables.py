@@ -44,3 +44,20 @@ def test_the_registry_drops_the_oldest_tables_beyond_the_tag_limit() -> None:
                                                               _entry("s/4.json")]
     assert table_registry(entries, "s/4.json", limit=156) == [*entries, _entry("s/4.json")]
     assert table_registry(entries, "s/4.json", limit=10) == [_entry("s/4.json")]  # the newest always stays
+
+
+def test_a_malformed_table_is_refused_when_logged_and_does_not_block_later_sends(tmp_path) -> None:
+    """Refused in the caller: queued, it would fail every later flush and hold back the tables after it."""
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="tables",
+                      run_name="tables", params={}, tags={})
+    with pytest.raises(ValueError, match="differ in length"):
+        tracker.log_table("samples/bad.json", {"a": [1, 2], "b": [1]})
+    tracker.log_table("samples/good.json", {"a": [1, 2], "b": [3, 4]})
+    assert tracker.close() and tracker.flush_failures == 0
+    from mlflow.tracking import MlflowClient
+
+    stored = [a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(tracker.run_id,
+                                                                                                "samples")]
+    assert stored == ["samples/good.json"]
