@@ -24,9 +24,9 @@ Steps per run: 6 at mid, 12 at tiny. Counted: the steady steps. The first (start
 counts, nor, with `max_staleness` 1, the pipeline's last: it has no next rollout beside it, so the learner
 runs alone and the step is shorter than any steady one (mid: 17.7 s against 27 s). Per step: seconds
 (pipeline: wall time between two steps' metric rows in RUN/metrics.jsonl; TRL: between two `on_step_end`
-callbacks), completions/s and generated tokens/s, the pipeline's per-stage seconds (`time/*`, `sync/*`), and CPU utilisation: every
-process of the run's tree is sampled every 0.25 s; busy core-seconds (user + system) in the step / (cores x
-its seconds). Peak RSS per actor kind (Ray titles an actor's process `ray::Class`).
+callbacks), completions/s and generated tokens/s, the pipeline's per-stage seconds (`time/*`, `sync/*`), and
+CPU utilisation: every process of the run's tree is sampled every 0.25 s; busy core-seconds (user + system)
+in the step / (cores x its seconds). Peak RSS per actor kind (Ray titles an actor's process `ray::Class`).
 
 `--scaling` sweeps the pipeline alone at one workload (mid by default): pairs per step (8, 16, 32; staleness
 1, one listener) and listener workers (1, 2) with `trainer.max_staleness` 0 and 1 (16 pairs): s/step and CPU
@@ -226,7 +226,7 @@ def run_pipeline(workload: str, staleness: int, workdir: Path, models: Path, ext
     # With staleness 1 the last step has no next rollout beside it (the learner runs alone): not a steady step.
     run = summarise(workload, command, steps, sampler, time.time() - start, drain_steps=1 if staleness else 0)
     precision = resolve_dtype("float32" if workload == "tiny" else "auto", cpu_flags())
-    malloc = "tcmalloc" if allocator_env() else "glibc malloc"  # what the driver preloads into the actors
+    malloc = allocator_name(allocator_env())  # what the driver preloads into the actors
     return {**run, "side": "pipeline", "max_staleness": staleness, "engine_dtype": precision, "allocator": malloc,
             "configuration": f"max_staleness {staleness}, engines {precision}, {malloc}"
                              + (f", {' '.join(extra)}" if extra else "")}
@@ -241,7 +241,7 @@ def run_trl(workload: str, config: str, workdir: Path, models: Path) -> dict[str
     run = summarise(workload, command, trl_step_rows(trl, sampler), sampler, time.time() - start)
     precision = "bf16 autocast" if trl["settings"]["bf16"] else "fp32"
     checkpointing = "gradient checkpointing" if trl["settings"]["gradient_checkpointing"] else "no gradient checkpointing"
-    malloc = "tcmalloc" if allocator else "glibc malloc"
+    malloc = allocator_name(allocator)
     return {**run, "side": "trl", "trl_config": config, "versions": trl["versions"], "threads": trl["threads"],
             "allocator": malloc,
             "configuration": f"TRL {config}: {precision}, {checkpointing}, {trl['threads']} threads, {malloc}"}
@@ -252,9 +252,14 @@ def allocator_env() -> dict[str, str]:
     installed, pipeline/placement.py); TRL runs under it too, so the allocator is not what the ratio measures."""
     from pipeline.placement import local_cluster_env, tcmalloc_path
 
-    preload = local_cluster_env({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
-                                tcmalloc=tcmalloc_path()).get("LD_PRELOAD")
+    preload = local_cluster_env(os.environ, tcmalloc=tcmalloc_path()).get("LD_PRELOAD", os.environ.get("LD_PRELOAD"))
     return {"LD_PRELOAD": preload} if preload else {}
+
+
+def allocator_name(env: dict[str, str]) -> str:
+    """How a run's JSON and table name the allocator of `env` (an `allocator_env()`)."""
+    preload = env.get("LD_PRELOAD", "")
+    return "tcmalloc" if "tcmalloc" in preload else f"LD_PRELOAD={preload}" if preload else "glibc malloc"
 
 
 def trl_step_rows(trl: dict[str, Any], sampler: TreeSampler) -> list[dict[str, Any]]:

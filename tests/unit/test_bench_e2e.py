@@ -142,3 +142,11 @@ def test_trl_steps_run_from_one_step_end_to_the_next(monkeypatch) -> None:
     assert [s["tokens_per_s"] for s in steps] == pytest.approx([500.0, 950.0, 900.0])
     run = summarise("tiny", ["python", "-m", "bench.trl_reference"], steps, sampler, 10.0)
     assert run["s_per_step_median"] == 2.0 and run["completions_per_s"] == pytest.approx(16.0)
+
+
+def test_the_allocator_each_side_ran_on_is_named() -> None:
+    from bench.e2e import allocator_name
+
+    assert allocator_name({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}) == "tcmalloc"
+    assert allocator_name({}) == "glibc malloc"
+    assert allocator_name({"LD_PRELOAD": "/opt/libjemalloc.so.2"}) == "LD_PRELOAD=/opt/libjemalloc.so.2"
