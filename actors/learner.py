@@ -15,9 +15,11 @@ shares a node, else rank 0's IP; a free port found on rank 0's node) and fans ev
 One step: every rank plans the same micro-batches (`pipeline.batching`) and takes its row; each
 micro-batch recomputes the completion tokens' logprobs (`pipeline.logprobs`) and adds its contribution
 to the batch loss (`pipeline.grpo.grpo_loss`, normalised by counts of the WHOLE batch). Less work per step:
-a micro-batch's sequences are packed into rows without padding between them (one row with flash-attention
-on a GPU; rows no longer than the longest sequence with SDPA: `pipeline.batching.pack_rows`); with the
-vision tower frozen, each pair's images go through the image processor and the tower once per step and
+with SDPA attention (`learner.share_prompts`, CPUs and GPUs without flash-attention) a micro-batch is one
+row in which each pair's prompt appears once and all its completions attend to it
+(`pipeline.shared_prompt`; micro-batches planned by pair: `plan_shared_micro_batches`); with
+flash-attention, or `share_prompts` off, its sequences are packed into rows without padding between them
+(`pipeline.batching.pack_rows`); with the vision tower frozen, each pair's images go through the image processor and the tower once per step and
 their features serve the pair's G completions in every micro-batch; the output head computes the
 completion tokens' logprobs in chunks, never a [tokens, vocabulary] float32 tensor.
 
@@ -62,11 +64,12 @@ from typing import Any, Literal
 from actors.engine import intra_op_threads
 from actors.learner_setup import (attention_kwargs, deepspeed_config, lr_multiplier, make_optimizer,
                                    resolve_learner_dtype, skip_shm_allreduce_build)
-from pipeline.batching import plan_micro_batches, row_tokens_for
+from pipeline.batching import plan_micro_batches, plan_shared_micro_batches, row_tokens_for
 from pipeline.config import AlgoConfig, LearnerConfig, SyncConfig
 from pipeline.grpo import LossNormalizer, aggregate, combine_metrics, grpo_loss, sft_loss
-from pipeline.logprobs import (MicroBatchInputs, VisionSpec, build_inputs, completion_logprobs, encode_images,
-                               model_rope_index, pair_key, process_images, with_image_embeds)
+from pipeline.logprobs import (MicroBatchInputs, VisionSpec, build_inputs, build_shared_inputs, completion_logprobs,
+                               encode_images, model_rope_index, pair_key, process_images, with_image_embeds)
+from pipeline.shared_prompt import use_shared_prompt_attention
 from pipeline.types import CheckpointInfo, StepMetrics, TrainBatch, TrainSequence, WeightVersion
 
 # "grpo": the clipped policy loss on the sequences' advantages; "sft": the negative log-likelihood of the
@@ -89,6 +92,7 @@ class LearnerRank:
         self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts: no rescaling
         self.engine: Any = None
         self.ref_engine: Any = None
+        self.share_prompts = False  # decided with the attention kernel (_build_engine)
         self._transports: dict[tuple, Any] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -145,14 +149,21 @@ class LearnerRank:
 
         config = deepspeed_config(self.cfg, self.world_size, with_optimizer, self.dtype)
         self._hf_ds_config = HfDeepSpeedConfig(config)  # must exist (and stay referenced) before from_pretrained
+        attention = attention_kwargs(self.device, self.dtype)
+        # Shared prompts need SDPA underneath; flash-attention's varlen packing is kept where it runs.
+        self.share_prompts = self.cfg.share_prompts and "attn_implementation" not in attention
         model = AutoModelForImageTextToText.from_pretrained(
             self.model_path, dtype=getattr(torch, self.dtype), trust_remote_code=self.trust_remote_code,
-            **attention_kwargs(self.device, self.dtype))
+            **attention)
         if not with_optimizer:
+            if self.share_prompts:
+                use_shared_prompt_attention(model)
             model.requires_grad_(False)
             engine, *_ = deepspeed.initialize(model=model, config=config)
             engine.module.eval()
             return engine
+        if self.share_prompts:
+            use_shared_prompt_attention(model)
         if self.cfg.freeze_vision:
             vision_tower(model).requires_grad_(False)
         if self.cfg.activation_checkpointing:
@@ -174,8 +185,7 @@ class LearnerRank:
         sequences = batch.sequences
         if not sequences:
             raise ValueError(f"step {batch.step}: empty TrainBatch")
-        lengths = [len(s.prompt_token_ids) + len(s.completion_token_ids) for s in sequences]
-        plan = plan_micro_batches(lengths, self.world_size, self.cfg.micro_batch_tokens)[self.rank]
+        plan = self._plan(sequences)
         normalizer = LossNormalizer.from_lengths([len(s.completion_token_ids) for s in sequences],
                                                  max_tokens=self.max_new_tokens)
         lr = float(self.engine.get_lr()[0])
@@ -214,6 +224,15 @@ class LearnerRank:
                       micro_batches=float(len(plan)))
         return StepMetrics(step=batch.step, values=values)
 
+    def _plan(self, sequences: tuple[TrainSequence, ...]) -> list[tuple[int, ...]]:
+        """This rank's micro-batches (sequence indices), planned alike on every rank."""
+        if self.share_prompts:
+            return plan_shared_micro_batches(
+                [len(s.prompt_token_ids) for s in sequences], [len(s.completion_token_ids) for s in sequences],
+                [pair_key(s) for s in sequences], self.world_size, self.cfg.micro_batch_tokens)[self.rank]
+        lengths = [len(s.prompt_token_ids) + len(s.completion_token_ids) for s in sequences]
+        return plan_micro_batches(lengths, self.world_size, self.cfg.micro_batch_tokens)[self.rank]
+
     def _encode_new_pairs(self, sequences: list[TrainSequence], images: dict, features: dict) -> None:
         """Add to `features` (frozen tower) the micro-batch's pairs not encoded yet this step, so each pair's
         images go through the tower once and serve its G completions in every micro-batch. Exactly one
@@ -232,9 +251,13 @@ class LearnerRank:
         """(loss contribution, metrics, real tokens, positions run) of one micro-batch."""
         import torch
 
-        row_tokens = row_tokens_for(self.engine.module.config._attn_implementation, self.cfg.micro_batch_tokens)
-        inputs: MicroBatchInputs = build_inputs(sequences, self.processor.image_processor, self.vision,
-                                                model_rope_index(self.engine), row_tokens, images)
+        if self.share_prompts:
+            inputs = build_shared_inputs(sequences, self.processor.image_processor, self.vision,
+                                         model_rope_index(self.engine), images)
+        else:
+            row_tokens = row_tokens_for(self.engine.module.config._attn_implementation, self.cfg.micro_batch_tokens)
+            inputs = build_inputs(sequences, self.processor.image_processor, self.vision,
+                                  model_rope_index(self.engine), row_tokens, images)
         inputs = inputs.to(self.device, pixel_dtype=getattr(torch, self.dtype))
         if features is not None:
             self._encode_new_pairs(sequences, images, features)

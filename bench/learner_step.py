@@ -3,6 +3,7 @@
     python -m bench.learner_step                              # mid, fp32 and auto, 1 thread
     python -m bench.learner_step --sizes tiny,mid --dtypes float32,bfloat16 --threads 2 --steps 3
     python -m bench.learner_step --dtypes bfloat16 --steps 0    # the gap only (one step), no timing
+    python -m bench.learner_step --dtypes auto --threads 2 --layouts shared,rows   # shared prompts vs rows
 
 Work: `--pairs` synthetic pairs (64 px images) x `--group` completions of 16..`--max-new` tokens, the
 mid workload of bench.e2e (16 x 8 x <= 128). The rollout logprobs of the batch are those of a plain fp32
@@ -18,6 +19,7 @@ threads) and prints a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -91,21 +93,22 @@ def build_batch(model_dir: Path, pairs: int, group: int, max_new: int, seed: int
 
 
 def measure(size: str, dtype: str, threads: int, steps: int, pairs: int, group: int, max_new: int,
-            reference: bool = True) -> dict:
+            reference: bool = True, layout: str = "shared") -> dict:
     from actors.learner import LearnerRank
     from actors.weight_group import free_port
     from pipeline.config import AlgoConfig, LearnerConfig
 
     model_dir = checkpoint(size)
     batch = build_batch(model_dir, pairs, group, max_new, reference=reference)
-    learner = LearnerConfig(num_ranks=1, zero_stage=0, dtype=dtype, num_cpus=threads, lr=1e-6)
+    learner = LearnerConfig(num_ranks=1, zero_stage=0, dtype=dtype, num_cpus=threads, lr=1e-6,
+                            share_prompts=layout == "shared")
     rank = LearnerRank(str(model_dir), learner, AlgoConfig(), rank=0, world_size=1, max_new_tokens=max_new)
     rank.setup("127.0.0.1", free_port())
     first = rank.train_step(batch)
     seconds = [rank.train_step(batch).values["step_seconds"] for _ in range(steps)]
     values = first.values
     return {
-        "size": size, "dtype": dtype, "threads": threads, "sequences": len(batch.sequences),
+        "size": size, "dtype": dtype, "layout": layout, "threads": threads, "sequences": len(batch.sequences),
         "tokens": values["tokens"], "padded_tokens": values.get("padded_tokens"),
         "micro_batches": values["micro_batches"], "first_step_s": values["step_seconds"],
         "step_s_median": statistics.median(seconds) if seconds else None, "step_s_all": seconds,
@@ -117,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="mid")
     parser.add_argument("--dtypes", default="float32,auto")
+    parser.add_argument("--layouts", default="shared", help="micro-batch layouts, comma-separated: shared "
+                        "(each pair's prompt once: learner.share_prompts, the default) and/or rows (one "
+                        "sequence per row, packed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=16)
@@ -133,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     flags, gpu = host_dtype_support()
     rows = []
     for size in args.sizes.split(","):
-        for dtype in args.dtypes.split(","):
+        for dtype, layout in itertools.product(args.dtypes.split(","), args.layouts.split(",")):
             start = time.perf_counter()
             row = measure(size, dtype, args.threads, args.steps, args.pairs, args.group, args.max_new,
-                          reference=not args.no_reference)
+                          reference=not args.no_reference, layout=layout)
             row["wall_s"] = time.perf_counter() - start
             rows.append(row)
-            print(f"{size:5s} {dtype:9s} step {row['step_s_median'] or row['first_step_s']:.2f} s  "
+            print(f"{size:5s} {dtype:9s} {layout:6s} step {row['step_s_median'] or row['first_step_s']:.2f} s  "
                   f"tokens {row['tokens']:.0f} "
                   f"(positions {row['padded_tokens']})  gap {row['logp_gap_to_fp32_token_mean']}", flush=True)
     write_result({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "label": args.label,

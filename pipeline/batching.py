@@ -86,6 +86,60 @@ def plan_micro_batches(lengths: Sequence[int], world_size: int, token_budget: in
     return [mbs + [()] * (count - len(mbs)) for mbs in per_rank]
 
 
+def plan_shared_micro_batches(prompt_lengths: Sequence[int], completion_lengths: Sequence[int],
+                              prompt_ids: Sequence[object], world_size: int,
+                              token_budget: int) -> list[list[MicroBatch]]:
+    """[rank][micro-batch] -> sequence indices, for the shared-prompt layout (pipeline/shared_prompt.py),
+    where a micro-batch costs each distinct prompt once plus its completions: sum(P) + sum(C).
+
+    The unit is a pair's sequences (those with the same `prompt_ids` entry), so a prompt is shared by as
+    many of its completions as fit: a pair that alone exceeds the budget is cut into chunks of completions,
+    each with its prompt. Units are sharded over ranks (longest first onto the lightest rank) and packed
+    first-fit decreasing into micro-batches of at most `token_budget` (a unit longer than the budget, i.e.
+    one prompt and one completion, gets its own). Every rank gets the same count, padded with `()`."""
+    if token_budget <= 0:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    units = pair_units(prompt_lengths, completion_lengths, prompt_ids, token_budget)
+    cost = [prompt_lengths[unit[0]] + sum(completion_lengths[i] for i in unit) for unit in units]
+    shards = shard_sequences(cost, world_size)
+    per_rank = []
+    for shard in shards:
+        bins: list[list[int]] = []
+        fill: list[int] = []
+        for u in sorted(shard, key=lambda u: (-cost[u], u)):
+            slot = next((b for b in range(len(bins)) if fill[b] + cost[u] <= token_budget), None)
+            if slot is None:
+                bins.append([])
+                fill.append(0)
+                slot = len(bins) - 1
+            bins[slot].extend(units[u])
+            fill[slot] += cost[u]
+        per_rank.append([tuple(sorted(b)) for b in bins])
+    count = max(1, max(len(mbs) for mbs in per_rank))
+    return [mbs + [()] * (count - len(mbs)) for mbs in per_rank]
+
+
+def pair_units(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], prompt_ids: Sequence[object],
+               token_budget: int) -> list[tuple[int, ...]]:
+    """Sequence indices grouped by prompt (first appearance order), a group cut where its prompt plus its
+    completions would exceed `token_budget` (at least one completion per unit)."""
+    groups: dict[object, list[int]] = {}
+    for index, key in enumerate(prompt_ids):
+        groups.setdefault(key, []).append(index)
+    units: list[tuple[int, ...]] = []
+    for members in groups.values():
+        chunk: list[int] = []
+        fill = prompt_lengths[members[0]]
+        for index in members:
+            if chunk and fill + completion_lengths[index] > token_budget:
+                units.append(tuple(chunk))
+                chunk, fill = [], prompt_lengths[members[0]]
+            chunk.append(index)
+            fill += completion_lengths[index]
+        units.append(tuple(chunk))
+    return units
+
+
 def pack_rows(lengths: Sequence[int], row_tokens: int | None) -> list[list[int]]:
     """Positions in `lengths` -> rows of at most max(`row_tokens`, longest) tokens, first-fit decreasing
     (deterministic: ties by index); each row keeps its sequences in index order, rows ordered by their first

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.batching import pack_rows
+from pipeline.shared_prompt import SHARED_PROMPT_ATTENTION, SharedPromptLayout
 from pipeline.types import TrainSequence
 
 # (input_ids [1, L], mm_token_type_ids [1, L], image_grid_thw [n, 3]) -> mrope positions [3, 1, L]
@@ -93,9 +94,10 @@ class MicroBatchInputs:
     advantages_B: torch.Tensor  # [B] float32
     num_tokens: int  # real (prompt + completion) tokens
     image_embeds: tuple | None = None  # per image [tokens, hidden], row order; replaces pixel_values
+    shared_prompts: SharedPromptLayout | None = None  # one row, each prompt once (build_shared_inputs)
 
     def to(self, device: torch.device | str, pixel_dtype: torch.dtype) -> "MicroBatchInputs":
-        moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value
+        moved = {name: value.to(device) if isinstance(value, (torch.Tensor, SharedPromptLayout)) else value
                  for name, value in vars(self).items()}
         moved["pixel_values"] = moved["pixel_values"].to(pixel_dtype)
         return MicroBatchInputs(**moved)
@@ -150,6 +152,64 @@ def build_inputs(sequences: Sequence[TrainSequence], image_processor, spec: Visi
         num_tokens=sum(lengths))
 
 
+def build_shared_inputs(sequences: Sequence[TrainSequence], image_processor, spec: VisionSpec,
+                        rope_index: RopeIndex | None = None, images: dict | None = None) -> MicroBatchInputs:
+    """The shared-prompt layout (pipeline/shared_prompt.py): ONE row, each distinct prompt once followed by
+    its completions, no padding. A completion continues its prompt's positions (text and mrope), and its
+    first token is predicted by the prompt's last state, which every completion of the prompt reads."""
+    if not sequences:
+        raise ValueError("build_shared_inputs needs at least one sequence")
+    images = images if images is not None else process_images(sequences, image_processor, spec)
+    groups: dict[tuple[str, bytes], list[int]] = {}
+    for b, seq in enumerate(sequences):
+        groups.setdefault(pair_key(seq), []).append(b)
+    lengths = [len(s.prompt_token_ids) + len(s.completion_token_ids) for s in sequences]
+    N = sum(len(sequences[members[0]].prompt_token_ids) for members in groups.values()) + sum(
+        len(s.completion_token_ids) for s in sequences)
+    B, T = len(sequences), max(max(len(s.completion_token_ids) for s in sequences), 1)
+    input_ids_N = torch.full((N,), spec.pad_token_id, dtype=torch.int64)
+    position_ids_4N = torch.zeros((4, N), dtype=torch.int64)
+    positions_BT = torch.zeros((B, T), dtype=torch.int64)
+    targets_BT = torch.zeros((B, T), dtype=torch.int64)
+    mask_BT = torch.zeros((B, T), dtype=torch.bool)
+    rollout_logp_BT = torch.zeros((B, T), dtype=torch.float32)
+    prompt_spans, completion_spans, image_keys = [], [], []
+    start = 0
+    for u, (key, members) in enumerate(groups.items()):
+        prompt = _as_int64(sequences[members[0]].prompt_token_ids)
+        P = len(prompt)
+        prompt_spans.append((start, P))
+        input_ids_N[start: start + P] = torch.from_numpy(prompt)
+        position_ids_4N[0, start: start + P] = torch.arange(P)
+        image_keys += [(key, 0), (key, 1)]
+        prompt_last, start = start + P - 1, start + P
+        for b in members:
+            seq = sequences[b]
+            C = len(seq.completion_token_ids)
+            ids = torch.from_numpy(_as_int64(list(seq.prompt_token_ids) + list(seq.completion_token_ids)))
+            mrope_3L = _mrope_positions(ids, images[key].grid_thw, spec, rope_index)
+            if b == members[0]:
+                position_ids_4N[1:, start - P: start] = mrope_3L[:, :P]
+            input_ids_N[start: start + C] = ids[P:]
+            position_ids_4N[0, start: start + C] = torch.arange(P, P + C)
+            position_ids_4N[1:, start: start + C] = mrope_3L[:, P:]
+            positions_BT[b, 0] = prompt_last
+            positions_BT[b, 1:C] = start + torch.arange(C - 1)
+            targets_BT[b, :C] = ids[P:]
+            mask_BT[b, :C] = True
+            rollout_logp_BT[b, :C] = torch.as_tensor(seq.rollout_logprobs, dtype=torch.float32)
+            completion_spans.append((start, C, u))
+            start += C
+    pairs = [images[key] for key, i in image_keys[::2]]
+    return MicroBatchInputs(
+        input_ids_RN=input_ids_N[None], position_ids_4RN=position_ids_4N[:, None],
+        pixel_values=torch.cat([p.pixel_values for p in pairs]),
+        image_grid_thw=torch.cat([p.grid_thw for p in pairs]), image_keys=tuple(image_keys),
+        positions_BT=positions_BT, targets_BT=targets_BT, mask_BT=mask_BT, rollout_logp_BT=rollout_logp_BT,
+        advantages_B=torch.tensor([s.advantage for s in sequences], dtype=torch.float32),
+        num_tokens=sum(lengths), shared_prompts=SharedPromptLayout.from_spans(prompt_spans, completion_spans))
+
+
 def _mrope_positions(ids_L: torch.Tensor, grid_thw: torch.Tensor, spec: VisionSpec,
                      rope_index: RopeIndex | None) -> torch.Tensor:
     """[3, L] mrope positions of one unpadded sequence."""
@@ -201,6 +261,9 @@ def completion_logprobs(model, inputs: MicroBatchInputs, temperature: float = 1.
     index_K = inputs.positions_BT[inputs.mask_BT]
     targets_K = inputs.targets_BT[inputs.mask_BT]
     kwargs = dict(input_ids=inputs.input_ids_RN, position_ids=inputs.position_ids_4RN, use_cache=False)
+    if inputs.shared_prompts is not None:
+        _check_shared_prompt_attention(model)
+        kwargs["shared_prompts"] = inputs.shared_prompts
     if inputs.image_embeds is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -288,6 +351,14 @@ def _chunk_logits(hidden_CH, weight_VH, bias_V, temperature: float) -> torch.Ten
     logits_CV = torch.nn.functional.linear(hidden_CH.to(weight_VH.dtype), weight_VH, bias_V)
     logits_CV = logits_CV.to(_accumulation_dtype(weight_VH))
     return logits_CV / temperature if temperature != 1.0 else logits_CV
+
+
+def _check_shared_prompt_attention(model) -> None:
+    """Any other attention would read the shared-prompt row as one sequence: completions seeing each other."""
+    found = _inner_model(model).language_model.config._attn_implementation
+    if found != SHARED_PROMPT_ATTENTION:
+        raise ValueError(f"shared-prompt inputs need the text model's attention to be {SHARED_PROMPT_ATTENTION!r} "
+                         f"(pipeline.shared_prompt.use_shared_prompt_attention), not {found!r}")
 
 
 def _check_placeholders(seq: TrainSequence, grid_thw: torch.Tensor, spec: VisionSpec) -> None:

@@ -307,3 +307,33 @@ def test_tiny_qwen_bf16_logprob_gap_to_fp32_is_bounded(tiny) -> None:
     gap = (bf16 - fp32).abs()[inputs.mask_BT]
     assert bf16.dtype == torch.float32 and 0 < gap.max()  # computed in bf16, returned in fp32
     assert gap.mean() < 0.01 and gap.max() < 0.05, (gap.mean(), gap.max())
+
+
+def test_tiny_qwen_shared_prompt_layout_equals_each_sequence_alone(tiny) -> None:
+    """The shared-prompt layout (each pair's prompt once, its completions after it, one row) gives the
+    logprobs, GRPO loss and every gradient of each sequence run alone, at temperature 0.7, with the
+    prompt's tokens run once per pair: 2 prompts + 4 completions instead of 4 (prompt + completion)."""
+    from pipeline.logprobs import build_shared_inputs
+    from pipeline.shared_prompt import use_shared_prompt_attention
+
+    model, processor, spec, sequences = tiny
+    shared_model = copy.deepcopy(model)
+    use_shared_prompt_attention(shared_model)
+    inputs = build_shared_inputs(sequences, processor.image_processor, spec, model_rope_index(model))
+    P = [len(s.prompt_token_ids) for s in sequences]
+    C = [len(s.completion_token_ids) for s in sequences]
+    assert inputs.input_ids_RN.shape == (1, P[0] + P[2] + sum(C))
+    assert inputs.num_tokens == sum(P) + sum(C)  # what the one-sequence-per-row layout runs
+    new = _loss_and_grads(shared_model, lambda: completion_logprobs(shared_model, inputs, 0.7), inputs, sequences)
+    ref = _loss_and_grads(model, lambda: _per_sequence_reference(model, processor, sequences, 0.7), inputs, sequences)
+    _assert_same(new, ref, inputs.mask_BT)
+
+
+def test_shared_prompt_inputs_refuse_a_model_without_the_shared_prompt_attention(tiny) -> None:
+    """Plain SDPA would read the row as one sequence (completions attending to each other): refused."""
+    from pipeline.logprobs import build_shared_inputs
+
+    model, processor, spec, sequences = tiny
+    inputs = build_shared_inputs(sequences, processor.image_processor, spec, model_rope_index(model))
+    with pytest.raises(ValueError, match="shared-prompt inputs need"):
+        completion_logprobs(model, inputs)
