@@ -196,7 +196,7 @@ class LearnerRank:
                                 self.processor.image_processor, self.vision)  # once per pair
         features: dict | None = {} if self.cfg.freeze_vision else None
         parts: list[dict[str, float]] = []
-        tokens = padded = 0
+        tokens = positions = 0
         own_norm = None
         for index, micro in enumerate(plan):
             last = index == len(plan) - 1
@@ -213,10 +213,10 @@ class LearnerRank:
             if micro:
                 parts.append(metrics)
                 tokens += n_tokens
-                padded += n_positions
+                positions += n_positions
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = own_norm if grad_norm is None else grad_norm
-        values = self._reduce_metrics(parts, tokens, padded)
+        values = self._reduce_metrics(parts, tokens, positions)
         seconds = time.perf_counter() - start
         values.update(grad_norm=float(grad_norm if grad_norm is not None else float("nan")), lr=lr,
                       step_seconds=seconds, tokens_per_s=values["tokens"] / seconds,
@@ -286,12 +286,13 @@ class LearnerRank:
         metrics["loss"] = loss.detach()
         return loss, {k: float(v) for k, v in metrics.items()}, inputs.num_tokens, positions
 
-    def _reduce_metrics(self, parts: list[dict[str, float]], tokens: int, padded: int) -> dict[str, float]:
-        """Combine the micro-batches' metrics over all ranks (grpo's additive/min/max rules); `padded_tokens`
-        (positions run, padding included) beside `tokens` (real ones) shows what padding costs."""
+    def _reduce_metrics(self, parts: list[dict[str, float]], tokens: int, positions: int) -> dict[str, float]:
+        """Combine the micro-batches' metrics over all ranks (grpo's additive/min/max rules). `tokens`: the
+        sequences' own (prompt + completion each); `positions`: what the model ran, padding included and each
+        shared prompt once, so `positions / tokens` is what the layout costs (< 1: prompts shared)."""
         import torch.distributed as dist
 
-        mine = {**combine_metrics(parts), "tokens": float(tokens), "padded_tokens": float(padded)}
+        mine = {**combine_metrics(parts), "tokens": float(tokens), "positions": float(positions)}
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine)
         return combine_metrics(everyone)

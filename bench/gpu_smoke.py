@@ -229,7 +229,7 @@ def _section_zero3(ctx: dict, defaults: bool = False) -> dict:
     out = {"zero": deepspeed_config(cfg, 1, dtype=rank.dtype)["zero_optimization"], "dtype": rank.dtype,
            "step_s": [v["step_seconds"] for v in steps], "tokens": best["tokens"],
            "tokens_per_s": best["tokens"] / best["step_seconds"], "peak_gib": _peak_gib(ctx["device"]),
-           "micro_batches": best["micro_batches"], "positions": best["padded_tokens"],
+           "micro_batches": best["micro_batches"], "positions": best["positions"],
            "logp_gap": first.values["learner_rollout_logp_diff"] if ctx.get("plain_logprobs") else None,
            "first_loss": first.values["loss"], "grad_norm": first.values["grad_norm"]}
     del rank

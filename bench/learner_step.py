@@ -109,7 +109,7 @@ def measure(size: str, dtype: str, threads: int, steps: int, pairs: int, group: 
     values = first.values
     return {
         "size": size, "dtype": dtype, "layout": layout, "threads": threads, "sequences": len(batch.sequences),
-        "tokens": values["tokens"], "padded_tokens": values.get("padded_tokens"),
+        "tokens": values["tokens"], "positions": values["positions"],
         "micro_batches": values["micro_batches"], "first_step_s": values["step_seconds"],
         "step_s_median": statistics.median(seconds) if seconds else None, "step_s_all": seconds,
         "logp_gap_to_fp32_token_mean": values["learner_rollout_logp_diff"] if reference else None,
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{size:5s} {dtype:9s} {layout:6s} step {row['step_s_median'] or row['first_step_s']:.2f} s  "
                   f"tokens {row['tokens']:.0f} "
-                  f"(positions {row['padded_tokens']})  gap {row['logp_gap_to_fp32_token_mean']}", flush=True)
+                  f"(positions {row['positions']:.0f})  gap {row['logp_gap_to_fp32_token_mean']}", flush=True)
     write_result({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "label": args.label,
                   "cpu": platform.processor() or platform.machine(), "cpu_bf16_flags": sorted(
                       flags & {"avx512_bf16", "amx_bf16", "amx_tile"}), "gpu_bf16": gpu,

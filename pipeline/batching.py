@@ -11,7 +11,7 @@ stand-in sequence with zero loss weight.
 The cost of a micro-batch is its padded size, `len(mb) * longest`, since sequences are right-padded to the
 longest one. A sequence longer than the budget gets a micro-batch of its own. Micro-batches are cut from
 the sequences sorted by length, so the padding is only the length spread inside one micro-batch (the
-learner reports `padded_tokens` beside `tokens`).
+learner reports the `positions` it ran beside `tokens`).
 
 Rows inside a micro-batch (`pack_rows`): the learner lays a micro-batch's sequences back to back in rows
 without padding between them (pipeline/logprobs.py: each sequence's positions restart at 0, so attention
@@ -22,9 +22,16 @@ of n tokens in one row cost (kn)^2 of attention against k n^2 in k rows. There a
 micro-batch's longest sequence, so short sequences share a row and a micro-batch never costs more than
 its padded form (rows x longest row <= sequences x longest sequence).
 
+Shared prompts (`plan_shared_micro_batches`, the learner's default with SDPA): a micro-batch is one row in
+which each pair's prompt appears once, before its completions (pipeline/shared_prompt.py), so it costs
+sum(P) + sum(C) and the planning unit is a pair's sequences, kept together as far as the budget allows.
+
     plan_micro_batches(lengths=[90, 40, 40, 30], world_size=2, token_budget=100)
     # -> [[(0,), ()], [(1, 2), (3,)]]: rank 0 pads with an empty micro-batch
     pack_rows(lengths=[90, 40, 40, 30], row_tokens=0)    # -> [[0], [1, 2], [3]]: rows of <= 90 tokens
+    plan_shared_micro_batches(prompt_lengths=[10, 10, 20], completion_lengths=[5, 8, 6],
+                              prompt_ids=["a", "a", "b"], world_size=1, token_budget=30)
+    # -> [[(2,), (0, 1)]]: pair b costs 20 + 6 = 26, pair a 10 + 5 + 8 = 23: a micro-batch each, longest first
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def test_each_zero_stage_takes_the_same_learning_step(stage, ranks, run, ray_loc
         group.shutdown()
     assert all(np.array_equal(before[name], run["before"][name]) for name in before)  # same start
     assert first["micro_batches"] >= 2 and first["learner_rollout_logp_diff"] < 1e-4
-    assert first["padded_tokens"] >= first["tokens"] == run["first"].values["tokens"]  # padding is counted apart
+    assert first["tokens"] == run["first"].values["tokens"]
+    assert first["positions"] < first["tokens"]  # shared prompts: a pair's prompt once for its two completions
     assert first["loss"] == pytest.approx(run["first"].values["loss"], rel=1e-5, abs=1e-7)
     assert first["grad_norm"] == pytest.approx(run["first"].values["grad_norm"], rel=1e-4)
     changed = {name for name in before if not np.array_equal(before[name], after[name])}
@@ -211,3 +212,26 @@ def test_bf16_mixed_precision_steps_near_the_fp32_step_with_bf16_weights(run, ra
     assert all(np.array_equal(exported[n], base[n]) for n in base if n.startswith("visual."))  # frozen
     assert all(np.array_equal(exported[n], after[n]) for n in trained)  # what the engines run
     assert json.loads((policy / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_shared_prompts_take_the_step_of_one_sequence_per_row(run, ray_local, tiny_reasoner_dir,
+                                                             tiny_train_batch) -> None:
+    """`learner.share_prompts: false` (each sequence with its own copy of the prompt, packed in rows): the
+    same loss, gradient norm and updated weights as the module's shared-prompt step (2 ranks, ZeRO-3), which
+    ran fewer positions for the same tokens."""
+    from actors.learner import LearnerGroup
+
+    group = LearnerGroup(str(tiny_reasoner_dir), LEARNER.model_copy(update={"share_prompts": False}), ALGO, seed=0,
+                         max_new_tokens=64)
+    try:
+        rows = group.train_step(tiny_train_batch).values
+        after = group.gathered_state_dict(include_frozen=True)
+    finally:
+        group.shutdown()
+    shared = run["first"].values
+    assert rows["tokens"] == shared["tokens"] and rows["positions"] >= rows["tokens"] > shared["positions"]
+    assert rows["loss"] == pytest.approx(shared["loss"], rel=1e-5, abs=1e-7)
+    assert rows["grad_norm"] == pytest.approx(shared["grad_norm"], rel=1e-4)
+    assert rows["learner_rollout_logp_diff"] < 1e-4
+    for name in after:
+        np.testing.assert_allclose(after[name], run["after_one"][name], rtol=0, atol=0.1 * LEARNER.lr, err_msg=name)

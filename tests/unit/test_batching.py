@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from pipeline.batching import (pack_by_token_budget, pack_rows, padded_tokens, plan_micro_batches, row_tokens_for,
-                               shard_sequences)
+from pipeline.batching import (pack_by_token_budget, pack_rows, padded_tokens, pair_units, plan_micro_batches,
+                               plan_shared_micro_batches, row_tokens_for, shard_sequences)
 
 
 def test_docstring_example() -> None:
@@ -180,3 +180,65 @@ def test_pack_rows_keeps_every_sequence_once_and_each_row_within_capacity() -> N
 def test_row_tokens_follow_the_attention_kernel() -> None:
     assert row_tokens_for("flash_attention_2", 16384) == 16384  # varlen: the whole micro-batch in one row
     assert row_tokens_for("sdpa", 16384) == 0 and row_tokens_for("eager", 4096) == 0
+
+
+# ---- shared prompts: micro-batches planned by pair ------------------------------------------------------
+
+def test_shared_plan_docstring_example() -> None:
+    assert plan_shared_micro_batches([10, 10, 20], [5, 8, 6], ["a", "a", "b"], world_size=1,
+                                     token_budget=30) == [[(2,), (0, 1)]]
+
+
+def test_pair_units_cut_a_pair_where_its_prompt_and_completions_pass_the_budget() -> None:
+    """Pair a (prompt 10): 10 + 5 = 15, + 30 would be 45 > 40, so 1 starts a unit (40), 2 another (18);
+    pair b (prompt 20): 20 + 4 + 6 = 30 stays whole."""
+    units = pair_units([10, 10, 10, 20, 20], [5, 30, 8, 4, 6], ["a", "a", "a", "b", "b"], token_budget=40)
+    assert units == [(0,), (1,), (2,), (3, 4)]
+
+
+def test_shared_plan_packs_pair_units_first_fit_decreasing() -> None:
+    """Units cost 15, 40, 18 and 30 (above). One rank: 40 fills a micro-batch, 30 opens the next, 18 fits
+    with neither and opens a third, 15 joins it (33). Two ranks: 40 and 15 on rank 0 (55 < 30 + 18), 30
+    and 18 on rank 1, each in two micro-batches."""
+    args = ([10, 10, 10, 20, 20], [5, 30, 8, 4, 6], ["a", "a", "a", "b", "b"])
+    assert plan_shared_micro_batches(*args, world_size=1, token_budget=40) == [[(1,), (3, 4), (0, 2)]]
+    assert plan_shared_micro_batches(*args, world_size=2, token_budget=40) == [[(1,), (0,)], [(3, 4), (2,)]]
+
+
+def test_shared_plan_gives_a_prompt_and_completion_over_the_budget_its_own_micro_batch() -> None:
+    """Pair a: 50 + 60 = 110 and 50 + 70 = 120, each over 100 alone; pair b's 6 joins neither."""
+    assert plan_shared_micro_batches([50, 50, 5], [60, 70, 1], ["a", "a", "b"], world_size=1,
+                                     token_budget=100) == [[(1,), (0,), (2,)]]
+
+
+def test_shared_plan_of_an_empty_batch_is_one_empty_micro_batch_per_rank() -> None:
+    assert plan_shared_micro_batches([], [], [], world_size=2, token_budget=10) == [[()], [()]]
+    with pytest.raises(ValueError, match="token_budget"):
+        plan_shared_micro_batches([1], [1], ["a"], world_size=1, token_budget=0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shared_plan_invariants_on_random_batches(seed: int) -> None:
+    """Every sequence once; the same count per rank; a micro-batch of several units within the budget
+    (each prompt counted once); a pair that fits the budget whole stays in one micro-batch."""
+    rng = random.Random(seed)
+    pairs, group = rng.randint(1, 12), rng.randint(1, 8)
+    prompt_of = {p: rng.randint(5, 60) for p in range(pairs)}
+    ids = [p for p in range(pairs) for _ in range(group)]
+    rng.shuffle(ids)
+    prompts, completions = [prompt_of[p] for p in ids], [rng.randint(1, 80) for _ in ids]
+    world, budget = rng.randint(1, 3), rng.randint(60, 400)
+    plan = plan_shared_micro_batches(prompts, completions, ids, world, budget)
+    assert len({len(mbs) for mbs in plan}) == 1
+    placed = sorted(i for mbs in plan for mb in mbs for i in mb)
+    assert placed == list(range(len(ids)))
+    where = {i: (r, m) for r, mbs in enumerate(plan) for m, mb in enumerate(mbs) for i in mb}
+    for mbs in plan:
+        for mb in mbs:
+            cost = sum(prompt_of[p] for p in {ids[i] for i in mb}) + sum(completions[i] for i in mb)
+            single_unit = len({ids[i] for i in mb}) == 1
+            assert cost <= budget or single_unit
+    for p in range(pairs):
+        members = [i for i in range(len(ids)) if ids[i] == p]
+        if prompt_of[p] + sum(completions[i] for i in members) <= budget:
+            assert len({where[i] for i in members}) == 1
