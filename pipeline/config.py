@@ -133,7 +133,9 @@ class AutoscaleConfig(_Section):
 class ListenerConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Listener engines in the pool (resizable live); with "
                              "autoscale.enabled, the size it starts at, within [min_workers, max_workers].")
-    max_in_flight: int = Field(4, gt=0, description="Score requests in flight per listener (backpressure).")
+    max_in_flight: int = Field(64, gt=0, description="Score requests in flight per listener (backpressure); "
+                               "the requests a worker holds go to its engine as one call, so a cap far below a "
+                               "step's completions splits the scoring into many small calls.")
     num_cpus: float = Field(1, ge=0, description="CPUs per listener.")
     num_gpus: float = Field(0, ge=0, description="GPUs per listener.")
     resource: str = Field("listener", description="Ray custom resource the pool asks for, so it scales alone.")
