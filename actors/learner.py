@@ -19,9 +19,10 @@ with SDPA attention (`learner.share_prompts`, CPUs and GPUs without flash-attent
 row in which each pair's prompt appears once and all its completions attend to it
 (`pipeline.shared_prompt`; micro-batches planned by pair: `plan_shared_micro_batches`); with
 flash-attention, or `share_prompts` off, its sequences are packed into rows without padding between them
-(`pipeline.batching.pack_rows`); with the vision tower frozen, each pair's images go through the image processor and the tower once per step and
-their features serve the pair's G completions in every micro-batch; the output head computes the
-completion tokens' logprobs in chunks, never a [tokens, vocabulary] float32 tensor.
+(`pipeline.batching.pack_rows`); with the vision tower frozen, each pair's images go through the image
+processor and the tower once per step and their features serve the pair's G completions in every
+micro-batch; the output head computes the completion tokens' logprobs in chunks, never a [tokens,
+vocabulary] float32 tensor.
 
 Precision (`learner.dtype`, `auto` resolved per machine; actors/learner_setup.py holds the engine's setup):
 float32, or bf16/fp16 mixed precision with fp32 master weights and fp32 gradient accumulation
@@ -67,8 +68,8 @@ from actors.learner_setup import (attention_kwargs, deepspeed_config, lr_multipl
 from pipeline.batching import plan_micro_batches, plan_shared_micro_batches, row_tokens_for
 from pipeline.config import AlgoConfig, LearnerConfig, SyncConfig
 from pipeline.grpo import LossNormalizer, aggregate, combine_metrics, grpo_loss, sft_loss
-from pipeline.logprobs import (MicroBatchInputs, VisionSpec, build_inputs, build_shared_inputs, completion_logprobs,
-                               encode_images, model_rope_index, pair_key, process_images, with_image_embeds)
+from pipeline.logprobs import (VisionSpec, build_inputs, build_shared_inputs, completion_logprobs, encode_images,
+                               model_rope_index, pair_key, process_images, with_image_embeds)
 from pipeline.shared_prompt import use_shared_prompt_attention
 from pipeline.types import CheckpointInfo, StepMetrics, TrainBatch, TrainSequence, WeightVersion
 
@@ -155,15 +156,13 @@ class LearnerRank:
         model = AutoModelForImageTextToText.from_pretrained(
             self.model_path, dtype=getattr(torch, self.dtype), trust_remote_code=self.trust_remote_code,
             **attention)
+        if self.share_prompts:
+            use_shared_prompt_attention(model)
         if not with_optimizer:
-            if self.share_prompts:
-                use_shared_prompt_attention(model)
             model.requires_grad_(False)
             engine, *_ = deepspeed.initialize(model=model, config=config)
             engine.module.eval()
             return engine
-        if self.share_prompts:
-            use_shared_prompt_attention(model)
         if self.cfg.freeze_vision:
             vision_tower(model).requires_grad_(False)
         if self.cfg.activation_checkpointing:

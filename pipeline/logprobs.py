@@ -15,6 +15,10 @@ had a row of its own. Position ids are [4, R, N]: that text row, then Qwen2.5-VL
 sequence per row is the old right-padded layout; the learner packs more per row where the attention kernel
 makes it cheaper (see `pipeline.batching`).
 
+Layout (shared prompts, `build_shared_inputs`): one row in which each pair's prompt appears once, followed
+by its completions; the model must run `pipeline.shared_prompt`'s attention, which keeps every token to what
+its own sequence would show it (`completion_logprobs` refuses such inputs on any other attention).
+
 Logprobs: only the hidden states that predict real completion tokens (K of them) reach the output head,
 and the head computes log p(target) in chunks of rows (`ChunkedTokenLogprobs`), recomputing each chunk's
 logits in backward, so no [K, V] (let alone [B, L, V]) float32 logits exist at once; peak is one chunk.

@@ -40,3 +40,26 @@ def test_chunked_head_in_bf16_matches_the_full_log_softmax() -> None:
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
     for got, want in zip(grads, full_grads):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_shared_prompt_attention_in_bf16_on_cuda_matches_dense_attention() -> None:
+    """The learner's shared-prompt attention (two batched SDPA calls with masks) on the GPU in bf16 against
+    one dense fp32 attention over the row with the mask written out: 2 prompts, 3 completions."""
+    from pipeline.shared_prompt import SharedPromptLayout, layout_attention
+
+    prompts, completions = [(0, 40), (90, 30)], [(40, 20, 0), (60, 30, 0), (120, 7, 1)]
+    N = 127
+    allowed = torch.zeros(N, N, dtype=torch.bool)
+    for start, length in prompts:
+        allowed[start:start + length, start:start + length] = torch.ones(length, length, dtype=torch.bool).tril()
+    for start, length, u in completions:
+        p_start, p_length = prompts[u]
+        allowed[start:start + length, p_start:p_start + p_length] = True
+        allowed[start:start + length, start:start + length] = torch.ones(length, length, dtype=torch.bool).tril()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, N, 32, device="cuda", generator=gen).bfloat16() for _ in range(3))
+    layout = SharedPromptLayout.from_spans(prompts, completions).to("cuda")
+    shared = layout_attention(q, k, v, layout, 0.2)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=allowed.cuda(), scale=0.2).transpose(0, 1)
+    torch.testing.assert_close(shared.float(), dense, rtol=2e-2, atol=2e-2)
