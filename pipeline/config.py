@@ -202,7 +202,7 @@ class LearnerConfig(_Section):
     share_prompts: bool = Field(True, description="Run each pair's prompt (its text and image tokens) once per "
                                 "micro-batch and let all its completions attend to it (pipeline/shared_prompt.py): "
                                 "the same logprobs and gradients through fewer tokens (bench.e2e mid: 27.6k -> "
-                                "17.0k a step). Where the learner's attention is SDPA (CPUs, GPUs without "
+                                "16.8k positions a step). Where the learner's attention is SDPA (CPUs, GPUs without "
                                 "flash-attention); with flash-attention each micro-batch is one packed row.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen.")

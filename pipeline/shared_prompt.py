@@ -47,6 +47,7 @@ class SharedPromptLayout:
     completion_prompt_S: torch.Tensor  # [S] int64: the prompt each completion reads
     prompt_mask_U1PP: torch.Tensor  # [U, 1, P, P] causal within the prompt
     completion_mask_S1CK: torch.Tensor  # [S, 1, C, P + C]: its whole prompt, then causal within itself
+    row_of_valid_V: torch.Tensor  # [N] row position of each valid prompt slot, then each valid completion slot
     positions: int  # N, the row's length
 
     @classmethod
@@ -54,12 +55,12 @@ class SharedPromptLayout:
                    completion_spans: Sequence[tuple[int, int, int]]) -> "SharedPromptLayout":
         """`prompt_spans`: (start, length) of each prompt; `completion_spans`: (start, length, prompt) of each
         completion. Together they must cover the row 0..N-1 exactly once."""
-        prompt_index_UP, prompt_valid_UP = _span_index([(s, n) for s, n in prompt_spans])
+        prompt_index_UP, prompt_valid_UP = _span_index(prompt_spans)
         completion_index_SC, completion_valid_SC = _span_index([(s, n) for s, n, _ in completion_spans])
         completion_prompt_S = torch.tensor([u for _, _, u in completion_spans], dtype=torch.int64)
         positions = sum(n for _, n in prompt_spans) + sum(n for _, n, _ in completion_spans)
-        covered = torch.cat([prompt_index_UP[prompt_valid_UP], completion_index_SC[completion_valid_SC]])
-        if not torch.equal(covered.sort().values, torch.arange(positions)):
+        row_of_valid_V = torch.cat([prompt_index_UP[prompt_valid_UP], completion_index_SC[completion_valid_SC]])
+        if not torch.equal(row_of_valid_V.sort().values, torch.arange(positions)):
             raise ValueError("prompt and completion spans must cover the row 0..N-1 exactly once")
         P, C = prompt_index_UP.shape[1], completion_index_SC.shape[1]
         causal_PP = torch.ones(P, P, dtype=torch.bool).tril()
@@ -68,7 +69,8 @@ class SharedPromptLayout:
         reads_prompt_SCP = prompt_valid_UP[completion_prompt_S][:, None, :].expand(-1, C, -1)
         own_SCC = causal_CC[None] & completion_valid_SC[:, None, :]
         return cls(prompt_index_UP, prompt_valid_UP, completion_index_SC, completion_valid_SC, completion_prompt_S,
-                   prompt_mask_UPP[:, None], torch.cat([reads_prompt_SCP, own_SCC], dim=2)[:, None], positions)
+                   prompt_mask_UPP[:, None], torch.cat([reads_prompt_SCP, own_SCC], dim=2)[:, None], row_of_valid_V,
+                   positions)
 
     def to(self, device: torch.device | str) -> "SharedPromptLayout":
         return SharedPromptLayout(**{f.name: _moved(getattr(self, f.name), device) for f in fields(self)})
@@ -106,11 +108,9 @@ def layout_attention(query_HND: torch.Tensor, key_HND: torch.Tensor, value_HND: 
     completion_SHCD = sdpa(gather(query_HND, layout.completion_index_SC), key_SHKD, value_SHKD,
                            attn_mask=layout.completion_mask_S1CK, scale=scaling)
     # Back to row order; the padded query slots (past a prompt's or completion's end) are dropped.
-    rows = torch.cat([layout.prompt_index_UP[layout.prompt_valid_UP],
-                      layout.completion_index_SC[layout.completion_valid_SC]])
     values = torch.cat([prompt_UHPD.transpose(1, 2)[layout.prompt_valid_UP],
                         completion_SHCD.transpose(1, 2)[layout.completion_valid_SC]])
-    return values.new_zeros((layout.positions, *values.shape[1:])).index_copy(0, rows, values)
+    return values.new_zeros((layout.positions, *values.shape[1:])).index_copy(0, layout.row_of_valid_V, values)
 
 
 def shared_prompt_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

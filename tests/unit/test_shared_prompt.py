@@ -34,6 +34,7 @@ def test_layout_indices_and_masks_by_hand() -> None:
     assert LAYOUT.completion_index_SC.tolist() == [[3, 4], [5, 0]]
     assert LAYOUT.completion_valid_SC.tolist() == [[T, T], [T, F]]
     assert LAYOUT.completion_prompt_S.tolist() == [0, 0] and LAYOUT.positions == 6
+    assert LAYOUT.row_of_valid_V.tolist() == [0, 1, 2, 3, 4, 5]  # prompt slots, then completions 0 and 1
     assert LAYOUT.prompt_mask_U1PP[0, 0].tolist() == [[T, F, F], [T, T, F], [T, T, T]]
     # [prompt keys | own keys]; completion 1's second query is padding and still sees the prompt (no NaN row)
     assert LAYOUT.completion_mask_S1CK[:, 0].tolist() == [
