@@ -28,6 +28,10 @@ callbacks), completions/s and generated tokens/s, the pipeline's per-stage secon
 CPU utilisation: every process of the run's tree is sampled every 0.25 s; busy core-seconds (user + system)
 in the step / (cores x its seconds). Peak RSS per actor kind (Ray titles an actor's process `ray::Class`).
 
+`--variants compiled` adds a pipeline run per staleness with that variant's overrides (PIPELINE_VARIANTS:
+compiled engines), its ratio beside the default's; every run also records its first step's seconds from
+the process start (start-up included), the cost a variant may move out of the steady steps.
+
 `--scaling` sweeps the pipeline alone at one workload (mid by default): pairs per step (8, 16, 32; staleness
 1, one listener) and listener workers (1, 2) with `trainer.max_staleness` 0 and 1 (16 pairs): s/step and CPU
 use, into bench/results/e2e_scaling.json (plot: `python -m bench.report`, e2e_scaling.png).
@@ -73,6 +77,12 @@ WORKLOADS: dict[str, dict[str, Any]] = {
              "overrides": ["data.pairs_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=64",
                            "rollout.engine.dtype=float32", "listener.engine.dtype=float32", "trainer.steps=12",
                            *COMMON]},
+}
+# Pipeline variants measured beside the defaults with `--variants`: switches a user may flip, each with a
+# cost the steady s/step does not show (so never what the targets are read from).
+PIPELINE_VARIANTS: dict[str, list[str]] = {
+    # torch.compile'd vLLM engines (vLLM's own default; the CPU configs run eager to start fast)
+    "compiled": ["rollout.engine.enforce_eager=false", "listener.engine.enforce_eager=false"],
 }
 SCALING_PAIRS = (8, 16, 32)
 SCALING_LISTENERS = (1, 2)
@@ -309,6 +319,7 @@ def summarise(workload: str, command: list[str], steps: list[dict[str, Any]], sa
         "cpu_utilisation": statistics.mean(s["cpu_utilisation"] for s in counted),
         "stages_s_mean": {k: statistics.mean(s["stages_s"].get(k, 0.0) for s in counted) for k in stage_keys},
         "peak_rss_mib_by_kind": {k: round(v / 2**20) for k, v in sorted(sampler.peak_rss_by_kind.items())},
+        "first_step_s": steps[0]["seconds"] if steps else float("nan"),  # from the process start: start-up too
         "cores": os.cpu_count(), "wall_s_whole_run": wall_s, "steps": steps,
     }
 
@@ -340,7 +351,8 @@ def e2e_table(result: dict[str, Any]) -> list[str]:
                 + (f", load average {m['load_average_at_start'][0]:.1f} at the start (other jobs: noisier figures)"
                    if m.get("load_average_at_start", [0])[0] > 1.5 * m["cores"] else ""), "",
                 "| side | configuration | s/step (median, range) | completions/s | tokens/s | CPU util | "
-                "vs fastest TRL | learn s | rollout wait s |", "|---|---|---|---|---|---|---|---|---|"]
+                "vs fastest TRL | learn s | rollout wait s | first step s (start-up included) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for name, run in sorted(entry["runs"].items(), key=lambda kv: (kv[1]["side"] != "pipeline", kv[0])):
             st, (low, high) = run["stages_s_mean"], run["s_per_step_range"]
             ratio = cmp.get("ratios", {}).get(name)
@@ -348,9 +360,14 @@ def e2e_table(result: dict[str, Any]) -> list[str]:
             stages = [f"{st[k]:.2f}" if k in st else "" for k in ("time/learn_s", "time/rollout_wait_s")]
             out.append(f"| {run['side']} | {run['configuration']} | {run['s_per_step_median']:.2f} ({low:.2f}-"
                        f"{high:.2f}) | {run['completions_per_s']:.2f} | {run['tokens_per_s']:.0f} | "
-                       f"{100 * run['cpu_utilisation']:.0f}% | {mark} | {' | '.join(stages)} |")
+                       f"{100 * run['cpu_utilisation']:.0f}% | {mark} | {' | '.join(stages)} | "
+                       f"{_seconds(run.get('first_step_s'))} |")
         out.append("")
     return out
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None or value != value else f"{value:.1f}"  # older entries: none recorded
 
 
 def e2e_plot(result: dict[str, Any], path: Path) -> Path | None:
@@ -367,7 +384,8 @@ def e2e_plot(result: dict[str, Any], path: Path) -> Path | None:
     for ax, (workload, entry) in zip(axes[0], workloads.items()):
         runs = sorted(entry["runs"].items(), key=lambda kv: (kv[1]["side"] != "trl", kv[0]))
         ratios = (entry.get("comparison") or {}).get("ratios", {})
-        labels = [run.get("trl_config", f"pipeline\nstaleness {run.get('max_staleness')}") for _, run in runs]
+        labels = [run.get("trl_config", f"pipeline\nstaleness {run.get('max_staleness')}"
+                          + (f"\n{run['variant']}" if run.get("variant") else "")) for _, run in runs]
         values = [run["s_per_step_median"] for _, run in runs]
         ax.bar(range(len(values)), values, color=["grey" if r["side"] == "trl" else "tab:blue" for _, r in runs])
         for x, (name, _) in enumerate(runs):
@@ -417,9 +435,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             configs, skipped = trl_configs_here(args.trl_configs, here["bf16_units"])
             runs: dict[str, dict[str, Any]] = {}
             for staleness in args.staleness:
-                print(f"== {workload}: python -m pipeline train, trainer.max_staleness={staleness}", flush=True)
-                runs[f"{workload}-s{staleness}"] = _report(run_pipeline(workload, staleness, Path(tmp), args.models,
-                                                                        args.set))
+                for variant in ["", *args.variants]:
+                    name = f"{workload}-s{staleness}" + (f"-{variant}" if variant else "")
+                    extra = [*args.set, *PIPELINE_VARIANTS.get(variant, [])]
+                    print(f"== {workload}: python -m pipeline train, trainer.max_staleness={staleness} {' '.join(extra)}",
+                          flush=True)
+                    run = run_pipeline(workload, staleness, Path(tmp), args.models, extra, name=name)
+                    runs[name] = _report({**run, "variant": variant} if variant else run)
             for config in configs:
                 print(f"== {workload}: TRL GRPOTrainer, {config}", flush=True)
                 runs[f"{workload}-trl-{config}"] = _report(run_trl(workload, config, Path(tmp), args.models))
@@ -467,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for every pipeline run (recorded in each run's command)")
+    parser.add_argument("--variants", nargs="*", choices=list(PIPELINE_VARIANTS), default=[],
+                        help="pipeline variants run beside the defaults (PIPELINE_VARIANTS), each with its own ratio")
     parser.add_argument("--scaling", action="store_true", help="the scaling sweep instead (pipeline only)")
     parser.add_argument("--scaling-workload", choices=list(WORKLOADS), default="mid")
     parser.add_argument("--scaling-pairs", nargs="+", type=int, default=list(SCALING_PAIRS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.e2e import WORKLOADS, comparison, e2e_table, step_rows, summarise, trl_configs_here
+from bench.e2e import PIPELINE_VARIANTS, WORKLOADS, comparison, e2e_table, step_rows, summarise, trl_configs_here
 
 
 class Samples:
@@ -47,6 +47,7 @@ def test_per_step_seconds_rates_and_cpu_utilisation(monkeypatch) -> None:
     assert run["completions_per_s"] == pytest.approx(64 / 4) and run["tokens_per_s"] == pytest.approx(1920 / 4)
     assert run["cpu_utilisation"] == pytest.approx((0.5 + 0.75) / 2)
     assert run["peak_rss_mib_by_kind"] == {"learner": 512, "rollout": 2048}
+    assert run["first_step_s"] == 10.0  # from the process start: the start-up is in it
 
 
 def test_with_staleness_1_the_pipelines_last_step_is_not_steady_and_not_counted(monkeypatch) -> None:
@@ -82,6 +83,28 @@ def test_the_ratio_is_against_the_fastest_trl_configuration_of_the_same_invocati
     assert "**tiny**: measured 2026-12-05 04:00 UTC, commit abcdef0, AMD EPYC, 2 cores, bf16 units no" in table
     assert "| pipeline | pipeline | 0.50 (0.50-0.50) | 64.00 | 1000 | 50% | **1.20x** | 0.25 |  |" in table
     assert "| trl | trl | 0.60 (0.60-0.60) | 53.33 | 1000 | 50% | fastest TRL |  |  |" in table
+
+
+def test_a_variant_gets_its_own_ratio_and_each_run_shows_its_first_step() -> None:
+    runs = {"tiny-s1": _run("pipeline", 0.5, first_step_s=30.0),
+            "tiny-s1-compiled": _run("pipeline", 0.4, variant="compiled", first_step_s=47.5,
+                                     configuration="max_staleness 1, rollout.engine.enforce_eager=false"),
+            "tiny-trl-no_gc": _run("trl", 0.6, trl_config="no_gc")}
+    cmp = comparison(runs)
+    assert cmp["ratios"] == pytest.approx({"tiny-s1": 1.2, "tiny-s1-compiled": 1.5})
+    table = "\n".join(e2e_table({"workloads": {"tiny": {"machine": _machine(), "runs": runs, "comparison": cmp}}}))
+    assert "| pipeline | pipeline | 0.50 (0.50-0.50) | 64.00 | 1000 | 50% | **1.20x** | 0.25 |  | 30.0 |" in table
+    assert ("| pipeline | max_staleness 1, rollout.engine.enforce_eager=false | 0.40 (0.40-0.40) | 80.00 | 1000 | 50% "
+            "| **1.50x** | 0.25 |  | 47.5 |") in table
+    assert "| trl | trl | 0.60 (0.60-0.60) | 53.33 | 1000 | 50% | fastest TRL |  |  |  |" in table  # none recorded
+
+
+def test_every_variant_is_overrides_the_config_accepts() -> None:
+    from pipeline.config import load_config
+
+    cfg = load_config("configs/tiny_cpu.yaml", PIPELINE_VARIANTS["compiled"])
+    assert cfg.rollout.engine.enforce_eager is False and cfg.listener.engine.enforce_eager is False
+    assert load_config("configs/tiny_cpu.yaml").rollout.engine.enforce_eager is True  # the default it departs from
 
 
 def test_bf16_configurations_run_only_on_cpus_with_bf16_units() -> None:
