@@ -249,6 +249,8 @@ def run_trl(workload: str, config: str, workdir: Path, models: Path) -> dict[str
     sampler, start = sampled_run(command, workdir / f"{workload}-trl-{config}.log", allocator)
     trl = json.loads(out.read_text())
     run = summarise(workload, command, trl_step_rows(trl, sampler), sampler, time.time() - start)
+    if trl["steps"]:  # its step rows run from train(); the first step's figure, like the pipeline's, from the process start
+        run["first_step_s"] = trl["steps"][0]["end"] - start
     precision = "bf16 autocast" if trl["settings"]["bf16"] else "fp32"
     checkpointing = "gradient checkpointing" if trl["settings"]["gradient_checkpointing"] else "no gradient checkpointing"
     malloc = allocator_name(allocator)

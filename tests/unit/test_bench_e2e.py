@@ -167,6 +167,26 @@ def test_trl_steps_run_from_one_step_end_to_the_next(monkeypatch) -> None:
     assert run["s_per_step_median"] == 2.0 and run["completions_per_s"] == pytest.approx(16.0)
 
 
+def test_trls_first_step_counts_from_its_process_start_like_the_pipelines(monkeypatch, tmp_path) -> None:
+    import json
+
+    import bench.e2e as e2e
+
+    trl = {"train_start": 130.0, "steps": [{"step": 1, "end": 134.0, "completions": 32, "tokens": 2000},
+                                           {"step": 2, "end": 136.0, "completions": 32, "tokens": 1900}],
+           "settings": {"bf16": False, "gradient_checkpointing": False}, "versions": {}, "threads": 2}
+
+    def process_started_at_100(command, log_path, env=None):  # no subprocess: the run's JSON is written here
+        (tmp_path / "tiny-trl-no_gc.json").write_text(json.dumps(trl))
+        return Samples([(100.0, 0.0), (136.0, 60.0)]), 100.0
+
+    monkeypatch.setattr(e2e, "sampled_run", process_started_at_100)
+    monkeypatch.setattr(e2e, "checkpoints", lambda size, models: (models / "reasoner", models / "listener"))
+    run = e2e.run_trl("tiny", "no_gc", tmp_path, tmp_path)
+    assert run["first_step_s"] == 34.0  # imports and model loading (30 s before train()) included
+    assert [s["seconds"] for s in run["steps"]] == [4.0, 2.0]  # the steps themselves still from train()
+
+
 def test_the_allocator_each_side_ran_on_is_named() -> None:
     from bench.e2e import allocator_name
 
