@@ -3,6 +3,7 @@
     make bench-setup                                     # once: TRL into .venv (the `bench` extra, pinned)
     python -m bench.e2e                                  # mid and tiny: the pipeline, then TRL's configurations
     python -m bench.e2e --workloads tiny                 # one workload (about 4 min on 2 cores; mid about 25)
+    python -m bench.e2e --workloads tiny --repeats 3     # three rounds in rotation, pooled
     python -m bench.e2e --workloads mid --trl-configs no_gc bf16 --staleness 1
     python -m bench.e2e --scaling                        # the scaling sweep at mid (pipeline only), its own JSON
 
@@ -27,6 +28,10 @@ runs alone and the step is shorter than any steady one (mid: 17.7 s against 27 s
 callbacks), completions/s and generated tokens/s, the pipeline's per-stage seconds (`time/*`, `sync/*`), and
 CPU utilisation: every process of the run's tree is sampled every 0.25 s; busy core-seconds (user + system)
 in the step / (cores x its seconds). Peak RSS per actor kind (Ray titles an actor's process `ray::Class`).
+
+`--repeats N` runs every configuration N times in rotation (pipeline, its variants, TRL's, then again) and
+pools each configuration's counted steps: this machine's speed drifts by 10-30% over minutes (other jobs on
+the host), which a tiny run of half-second steps cannot average out alone; each round's median is kept.
 
 `--variants compiled` adds a pipeline run per staleness with that variant's overrides (PIPELINE_VARIANTS:
 compiled engines), its ratio beside the default's; every run also records its first step's seconds from
@@ -309,21 +314,46 @@ def summarise(workload: str, command: list[str], steps: list[dict[str, Any]], sa
               wall_s: float, drain_steps: int = 0) -> dict[str, Any]:
     """A run's steady steps: without the warm-up step and the last `drain_steps`."""
     counted = steps[WARMUP_STEPS:len(steps) - drain_steps]
+    return {
+        "workload": workload, "command": " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", ""),
+        "steps_counted": [s["step"] for s in counted], **step_figures(counted),
+        "peak_rss_mib_by_kind": {k: round(v / 2**20) for k, v in sorted(sampler.peak_rss_by_kind.items())},
+        "first_step_s": steps[0]["seconds"] if steps else float("nan"),  # from the process start: start-up too
+        "cores": os.cpu_count(), "wall_s_whole_run": wall_s, "steps": steps,
+    }
+
+
+def step_figures(counted: list[dict[str, Any]]) -> dict[str, Any]:
+    """s/step (median, range), rates, CPU use and mean stage seconds over the counted steps."""
     seconds = sum(s["seconds"] for s in counted)
     stage_keys = sorted({k for s in counted for k in s["stages_s"]})
     return {
-        "workload": workload, "command": " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", ""),
-        "steps_counted": [s["step"] for s in counted],
         "s_per_step_median": statistics.median(s["seconds"] for s in counted),
         "s_per_step_range": [min(s["seconds"] for s in counted), max(s["seconds"] for s in counted)],
         "completions_per_s": sum(s["completions"] for s in counted) / seconds,
         "tokens_per_s": sum(s["tokens"] for s in counted) / seconds,
         "cpu_utilisation": statistics.mean(s["cpu_utilisation"] for s in counted),
         "stages_s_mean": {k: statistics.mean(s["stages_s"].get(k, 0.0) for s in counted) for k in stage_keys},
-        "peak_rss_mib_by_kind": {k: round(v / 2**20) for k, v in sorted(sampler.peak_rss_by_kind.items())},
-        "first_step_s": steps[0]["seconds"] if steps else float("nan"),  # from the process start: start-up too
-        "cores": os.cpu_count(), "wall_s_whole_run": wall_s, "steps": steps,
     }
+
+
+def pooled(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeats of one configuration (run in rotation with the others) as one entry: its figures over every
+    repeat's counted steps, so a drift of the machine during the invocation reaches every side alike; each
+    repeat's own median and first step are kept."""
+    if len(repeats) == 1:
+        return repeats[0]
+    counted = [s for run in repeats for s in run["steps"] if s["step"] in run["steps_counted"]]
+    peak: dict[str, int] = {}
+    for run in repeats:
+        for kind, mib in run["peak_rss_mib_by_kind"].items():
+            peak[kind] = max(peak.get(kind, 0), mib)
+    return {**repeats[0], **step_figures(counted), "peak_rss_mib_by_kind": peak,
+            "first_step_s": statistics.median(run["first_step_s"] for run in repeats),
+            "repeats": [{key: run[key] for key in ("s_per_step_median", "first_step_s", "steps_counted", "steps",
+                                                   "wall_s_whole_run")} for run in repeats],
+            "steps_counted": [s["step"] for s in counted], "steps": [],  # per repeat, under "repeats"
+            "wall_s_whole_run": sum(run["wall_s_whole_run"] for run in repeats)}
 
 
 def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -350,6 +380,8 @@ def e2e_table(result: dict[str, Any]) -> list[str]:
         out += [f"**{workload}**: measured {m['date_utc']} UTC, commit {m['git_commit'][:7]}"
                 f"{' (uncommitted changes)' if m.get('git_tree_dirty') else ''}, {m['cpu_model']}, {m['cores']} cores, "
                 f"bf16 units {'yes' if m['bf16_units'] else 'no'}"
+                + (f", {entry['rounds']} rounds in rotation (figures over every round's steps)"
+                   if entry.get("rounds", 1) > 1 else "")
                 + (f", load average {m['load_average_at_start'][0]:.1f} at the start (other jobs: noisier figures)"
                    if m.get("load_average_at_start", [0])[0] > 1.5 * m["cores"] else ""), "",
                 "| side | configuration | s/step (median, range) | completions/s | tokens/s | CPU util | "
@@ -435,25 +467,38 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         for workload in args.workloads:
             here = machine()
             configs, skipped = trl_configs_here(args.trl_configs, here["bf16_units"])
-            runs: dict[str, dict[str, Any]] = {}
-            for staleness in args.staleness:
-                for variant in ["", *args.variants]:
-                    name = f"{workload}-s{staleness}" + (f"-{variant}" if variant else "")
-                    extra = [*args.set, *PIPELINE_VARIANTS.get(variant, [])]
-                    print(f"== {workload}: python -m pipeline train, trainer.max_staleness={staleness} {' '.join(extra)}",
-                          flush=True)
-                    run = run_pipeline(workload, staleness, Path(tmp), args.models, extra, name=name)
-                    runs[name] = _report({**run, "variant": variant} if variant else run)
-            for config in configs:
-                print(f"== {workload}: TRL GRPOTrainer, {config}", flush=True)
-                runs[f"{workload}-trl-{config}"] = _report(run_trl(workload, config, Path(tmp), args.models))
+            repeats: dict[str, list[dict[str, Any]]] = {}
+            for repeat in range(args.repeats):  # in rotation: each configuration once per round
+                for name, run_one in side_runs(workload, args, configs, Path(tmp) / f"r{repeat}"):
+                    print(f"== {workload} (round {repeat + 1}/{args.repeats}): {name}", flush=True)
+                    repeats.setdefault(name, []).append(_report(run_one()))
+            runs = {name: pooled(each) for name, each in repeats.items()}
             result["workloads"][workload] = {"machine": here, "runs": runs, "comparison": comparison(runs),
+                                             "rounds": args.repeats,
                                              "trl_skipped": {c: "no bf16 units (AVX512_BF16/AMX)" for c in skipped}}
             write_result(result, args.out)
     print("\n".join(e2e_table(result)))
     e2e_plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
     return result
+
+
+def side_runs(workload: str, args: argparse.Namespace, configs: list[str], workdir: Path):
+    """(name, a call running it) for one round of the invocation: the pipeline (defaults, then each variant)
+    at each staleness, then TRL's configurations."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for staleness in args.staleness:
+        for variant in ["", *args.variants]:
+            name = f"{workload}-s{staleness}" + (f"-{variant}" if variant else "")
+            extra = [*args.set, *PIPELINE_VARIANTS.get(variant, [])]
+
+            def run(staleness=staleness, variant=variant, name=name, extra=extra) -> dict[str, Any]:
+                result = run_pipeline(workload, staleness, workdir, args.models, extra, name=name)
+                return {**result, "variant": variant} if variant else result
+
+            yield name, run
+    for config in configs:
+        yield f"{workload}-trl-{config}", lambda config=config: run_trl(workload, config, workdir, args.models)
 
 
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
@@ -491,6 +536,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for every pipeline run (recorded in each run's command)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every configuration in rotation, pooled per configuration (tiny: 3; the "
+                             "machine's speed drifts over minutes and tiny steps are half a second)")
     parser.add_argument("--variants", nargs="*", choices=list(PIPELINE_VARIANTS), default=[],
                         help="pipeline variants run beside the defaults (PIPELINE_VARIANTS), each with its own ratio")
     parser.add_argument("--scaling", action="store_true", help="the scaling sweep instead (pipeline only)")
@@ -499,6 +547,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scaling-listeners", nargs="+", type=int, default=list(SCALING_LISTENERS))
     parser.add_argument("--scaling-out", type=Path, default=SCALING_RESULTS)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     return scaling(args) if args.scaling else compare(args)
 
 

@@ -193,3 +193,53 @@ def test_the_allocator_each_side_ran_on_is_named() -> None:
     assert allocator_name({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}) == "tcmalloc"
     assert allocator_name({}) == "glibc malloc"
     assert allocator_name({"LD_PRELOAD": "/opt/libjemalloc.so.2"}) == "LD_PRELOAD=/opt/libjemalloc.so.2"
+
+
+def _steps(first: float, seconds: list[float]) -> list[dict]:
+    return [{"step": i, "seconds": s, "completions": 32, "tokens": 640, "cpu_utilisation": 0.5, "stages_s": {}}
+            for i, s in enumerate([first, *seconds])]
+
+
+def test_rounds_run_every_configuration_in_rotation_and_pool_each_ones_steps(monkeypatch, tmp_path) -> None:
+    import importlib.util
+
+    import bench.e2e as e2e
+
+    calls: list[tuple[str, str]] = []
+    pipeline_rounds = iter([[1.0, 1.2], [1.4, 1.6]])  # the machine slows down between the rounds
+    trl_rounds = iter([[2.0, 2.0], [3.0, 3.0]])
+
+    def pipeline(workload, staleness, workdir, models, extra=(), name=None):  # no run: its steps by hand
+        calls.append((workdir.name, name))
+        run = summarise(workload, ["python", "-m", "pipeline"], _steps(30.0, next(pipeline_rounds)), Samples([]), 40.0)
+        return {**run, "side": "pipeline", "max_staleness": staleness, "configuration": "defaults"}
+
+    def trl(workload, config, workdir, models):
+        calls.append((workdir.name, f"{workload}-trl-{config}"))
+        run = summarise(workload, ["python", "-m", "bench.trl_reference"], _steps(10.0, next(trl_rounds)),
+                        Samples([]), 20.0)
+        return {**run, "side": "trl", "trl_config": config, "configuration": config}
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "trl" else find_spec(name, *a))
+    monkeypatch.setattr(e2e, "run_pipeline", pipeline)
+    monkeypatch.setattr(e2e, "run_trl", trl)
+    monkeypatch.setattr(e2e, "e2e_plot", lambda result, path: None)
+    result = e2e.main(["--workloads", "tiny", "--trl-configs", "no_gc", "--repeats", "2", "--out",
+                       str(tmp_path / "e2e.json")])
+    assert calls == [("r0", "tiny-s1"), ("r0", "tiny-trl-no_gc"), ("r1", "tiny-s1"), ("r1", "tiny-trl-no_gc")]
+    entry = result["workloads"]["tiny"]
+    ours, theirs = entry["runs"]["tiny-s1"], entry["runs"]["tiny-trl-no_gc"]
+    assert ours["s_per_step_median"] == pytest.approx(1.3) and ours["s_per_step_range"] == [1.0, 1.6]
+    assert [r["s_per_step_median"] for r in ours["repeats"]] == pytest.approx([1.1, 1.5])
+    assert ours["completions_per_s"] == pytest.approx(4 * 32 / 5.2) and ours["first_step_s"] == 30.0
+    assert theirs["s_per_step_median"] == 2.5
+    assert entry["rounds"] == 2 and entry["comparison"]["ratios"] == pytest.approx({"tiny-s1": 2.5 / 1.3})
+    assert "2 rounds in rotation" in "\n".join(e2e_table(result))
+
+
+def test_one_round_is_the_run_itself() -> None:
+    from bench.e2e import pooled
+
+    run = summarise("tiny", ["python"], _steps(30.0, [1.0, 2.0]), Samples([]), 40.0)
+    assert pooled([run]) is run
