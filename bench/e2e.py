@@ -363,9 +363,15 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         return None
     fastest = min(trl, key=lambda name: trl[name]["s_per_step_median"])
     best = trl[fastest]["s_per_step_median"]
-    return {"fastest_trl": fastest, "fastest_trl_s_per_step": best,
-            "ratios": {name: best / run["s_per_step_median"] for name, run in runs.items()
-                       if run["side"] == "pipeline"}}
+    pipeline = {name: run for name, run in runs.items() if run["side"] == "pipeline"}
+    out = {"fastest_trl": fastest, "fastest_trl_s_per_step": best,
+           "ratios": {name: best / run["s_per_step_median"] for name, run in pipeline.items()}}
+    rounds = {len(run.get("repeats", [])) for run in runs.values()}
+    if len(rounds) == 1 and (count := rounds.pop()) > 1:  # each round's ratio: how far the machine's drift moved it
+        fastest_per_round = [min(run["repeats"][i]["s_per_step_median"] for run in trl.values()) for i in range(count)]
+        out["ratios_per_round"] = {name: [f / r["s_per_step_median"] for f, r in zip(fastest_per_round, run["repeats"])]
+                                   for name, run in pipeline.items()}
+    return out
 
 
 # ---- the table and the plot (also rendered by bench.report) --------------------------------------------
@@ -391,6 +397,8 @@ def e2e_table(result: dict[str, Any]) -> list[str]:
             st, (low, high) = run["stages_s_mean"], run["s_per_step_range"]
             ratio = cmp.get("ratios", {}).get(name)
             mark = "fastest TRL" if name == cmp.get("fastest_trl") else (f"**{ratio:.2f}x**" if ratio else "")
+            if name in cmp.get("ratios_per_round", {}):
+                mark += " (rounds " + ", ".join(f"{r:.2f}" for r in cmp["ratios_per_round"][name]) + ")"
             stages = [f"{st[k]:.2f}" if k in st else "" for k in ("time/learn_s", "time/rollout_wait_s")]
             out.append(f"| {run['side']} | {run['configuration']} | {run['s_per_step_median']:.2f} ({low:.2f}-"
                        f"{high:.2f}) | {run['completions_per_s']:.2f} | {run['tokens_per_s']:.0f} | "

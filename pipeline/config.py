@@ -73,7 +73,7 @@ class DataConfig(_Section):
 class EngineConfig(_Section):
     enforce_eager: bool = Field(True, description=(
         "vLLM: no torch.compile and no CUDA graphs: fast engine start. false compiles (vLLM's own default): on "
-        "the 2-core CPU benchmark (BENCHMARKS.md) steps 5-14% faster for about 12-23 s more start-up, worth it "
+        "the 2-core CPU benchmark (BENCHMARKS.md) steps 5-9% faster for 12-23 s more start-up: worth it "
         "for a run of a few hundred steps or more."))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="vLLM dtype; 'auto' is bfloat16 where the hardware runs it fast (a GPU with bf16, "

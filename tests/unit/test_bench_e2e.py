@@ -235,7 +235,9 @@ def test_rounds_run_every_configuration_in_rotation_and_pool_each_ones_steps(mon
     assert ours["completions_per_s"] == pytest.approx(4 * 32 / 5.2) and ours["first_step_s"] == 30.0
     assert theirs["s_per_step_median"] == 2.5
     assert entry["rounds"] == 2 and entry["comparison"]["ratios"] == pytest.approx({"tiny-s1": 2.5 / 1.3})
-    assert "2 rounds in rotation" in "\n".join(e2e_table(result))
+    assert entry["comparison"]["ratios_per_round"]["tiny-s1"] == pytest.approx([2.0 / 1.1, 3.0 / 1.5])
+    table = "\n".join(e2e_table(result))
+    assert "2 rounds in rotation" in table and "**1.92x** (rounds 1.82, 2.00)" in table
 
 
 def test_one_round_is_the_run_itself() -> None:
