@@ -141,9 +141,11 @@ def test_listener_killed_mid_step_loses_no_score(busy_run, ray_local) -> None:
     cfg, actors, policy = busy_run
     pairs = list(synthetic_pairs(0, PAIRS, start=200))
     before = ray_local.get(actors.listener_pool.stats.remote())
-    thread, box = _in_thread(lambda: grpo_step(3, pairs, actors, cfg, policy))
-    time.sleep(1.0)  # rollouts running; the listener's requests come when a shard is done
     (listener,) = ray_local.get(actors.listener_pool.workers.remote())
+    thread, box = _in_thread(lambda: grpo_step(3, pairs, actors, cfg, policy))
+    # Killed as the step starts: its score requests come only once a shard is generated, so they meet the
+    # dead worker. (Killing it 1 s in raced the listener, which scores a shard in one engine call and was
+    # sometimes done by then.)
     ray_local.kill(listener, no_restart=True)
     thread.join(timeout=600)
     assert "error" not in box, box.get("error")
