@@ -232,14 +232,14 @@ def main() -> str:
     lines = targets_table(results) + detail_tables(results)
     plots(results)
     e2e = load("e2e")
-    if e2e:  # whole runs, the pipeline and TRL side by side (bench/e2e.py renders its own table and plot)
-        from bench.e2e import e2e_plot, e2e_table
+    if e2e:  # whole runs, the pipeline and TRL side by side (bench/e2e_render.py: the same table and plot bench.e2e prints)
+        from bench.e2e_render import e2e_plot, e2e_table
 
         lines += e2e_table(e2e)
         e2e_plot(e2e, RESULTS / "e2e.png")
     scaling = load("e2e_scaling")
     if scaling:  # python -m bench.e2e --scaling
-        from bench.e2e import scaling_table
+        from bench.e2e_render import scaling_table
 
         lines += scaling_table(scaling)
         scaling_plot(scaling, RESULTS / "e2e_scaling.png")

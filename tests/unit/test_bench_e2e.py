@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.e2e import PIPELINE_VARIANTS, WORKLOADS, comparison, e2e_table, step_rows, summarise, trl_configs_here
+from bench.e2e import PIPELINE_VARIANTS, WORKLOADS, comparison, step_rows, summarise, trl_configs_here
+from bench.e2e_render import e2e_table
 
 
 class Samples:
@@ -138,7 +139,7 @@ def test_the_workloads_are_the_issues() -> None:
 
 
 def test_the_scaling_sweep_renders_one_table_and_one_plot(tmp_path) -> None:
-    from bench.e2e import scaling_table
+    from bench.e2e_render import scaling_table
     from bench.report import scaling_plot
 
     runs = {f"mid-p{p}-l{L}-s{s}": {**_run("pipeline", 10.0 * p / 16 + L - s), "pairs": p, "listeners": L,
